@@ -1,0 +1,1 @@
+"""The DeepSpeed learner. The only package that touches DeepSpeed."""

@@ -1,0 +1,215 @@
+"""The `rig` command line. Each subcommand is a thin shell over a library function.
+
+Errors a user can cause (bad path, bad config, missing optional dependency) print one line,
+``error: ...``, and exit with code 2; ``rig --debug ...`` shows the traceback instead. Anything
+else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from rig.errors import UserError
+
+app = typer.Typer(
+    help="rig-rl: RL fine-tuning of RIG-style policies that reason, act and imagine.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+envs_app = typer.Typer(help="List the registered envs and play them with scripted or random agents.", no_args_is_help=True)
+config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True)
+app.add_typer(envs_app, name="envs")
+app.add_typer(config_app, name="config")
+
+_STATE = {"debug": False}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="preset YAML layered over configs/defaults.yaml (e.g. configs/debug.yaml)"),
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="key=value overrides, e.g. env.num_envs=8 env.kwargs.length=500", show_default=False),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"rig-rl {version('rig-rl')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks for user errors too")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    _STATE["debug"] = debug
+
+
+# -- rig config -----------------------------------------------------------------------------------
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
+    """Print the resolved configuration (defaults + preset + overrides) after validating it."""
+    from rig.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config, overrides or [])), nl=False)
+
+
+# -- rig envs -------------------------------------------------------------------------------------
+
+
+@envs_app.command("list")
+def envs_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
+    """The registered envs with their observation and action spaces."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rig.envinfo import describe_envs
+
+    rows = describe_envs()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Registered envs (any other Gymnasium pixel env works by its id too)")
+    for column in ("id", "observation", "actions", "example actions", "description"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["id"], row["observation"], row["actions"], row["examples"], row["description"])
+    Console().print(table)
+
+
+@envs_app.command("play")
+def envs_play(
+    env: Annotated[str | None, typer.Option("--env", help="env id (default: env.id of the config)")] = None,
+    agent: Annotated[str, typer.Option("--agent", help="random | scripted (scripted: Crafter only)")] = "random",
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="steps per env to play")] = None,
+    episodes: Annotated[int | None, typer.Option("--episodes", min=1, help="stop after this many finished episodes")] = None,
+    num_envs: Annotated[int | None, typer.Option("--num-envs", min=1, help="envs in parallel (default: env.num_envs)")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", min=0, help="seed (default: run.seed)")] = None,
+    record: Annotated[Path | None, typer.Option("--record", help="write env 0 to this .mp4 file")] = None,
+    video_size: Annotated[int, typer.Option("--video-size", min=16, help="video side in pixels")] = 256,
+    config: ConfigOpt = None,
+    overrides: Overrides = None,
+) -> None:
+    """Play an env with an agent; print episode statistics (return, length, Crafter score)."""
+    from rig.config import load_config, save_config
+
+    if steps is None and episodes is None:
+        raise UserError("give --steps N and/or --episodes N")
+    if record is not None and record.suffix.lower() != ".mp4":
+        raise UserError(f"--record {record}: the video must be an .mp4 file")
+    extra = [f"env.id={env}"] if env else []
+    extra += [f"env.num_envs={num_envs}"] if num_envs else []
+    extra += [f"run.seed={seed}"] if seed is not None else []
+    cfg = load_config(config, [*(overrides or []), *extra])
+    run_dir = _run_dir(cfg, "play")
+    save_config(cfg, run_dir)
+
+    from rich.console import Console
+
+    from rig.play import play, write_result
+    from rig.report import print_play_result
+
+    console = Console(stderr=True)
+    total = steps if steps is not None else None
+    with _progress(console, total, "steps" if steps else "episodes") as update:
+        def on_step(done_steps: int, done_episodes: int) -> None:
+            update(done_steps if steps else done_episodes)
+
+        try:
+            result = play(cfg, agent, steps, episodes, record=record, video_size=video_size, progress=on_step)
+        except ValueError as err:  # an agent that cannot play this env, a bad env kwarg value
+            raise UserError(str(err)) from err
+    stats_path = write_result(result, run_dir)
+    print_play_result(result, cfg, agent)
+    if record:
+        typer.echo(f"video: {record}")
+    typer.echo(f"run folder: {run_dir} (config.yaml, {stats_path.name})")
+
+
+def _run_dir(cfg, command: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{command}-{stamp}"
+    path, k = base, 1
+    while path.exists():  # never reuse (and so never overwrite) an existing run folder
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+class _progress:
+    """A rich progress bar on stderr (quiet when stderr is not a terminal)."""
+
+    def __init__(self, console, total: int | None, unit: str):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn(f"[bold]playing ({unit})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=not console.is_terminal,
+        )  # fmt: skip
+        self._task = self._progress.add_task("play", total=total)
+
+    def __enter__(self):
+        self._progress.start()
+        return lambda n: self._progress.update(self._task, completed=n)
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+
+
+# -- entry point ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry: run the app, turning user errors into one line and exit code 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=args, prog_name="rig", standalone_mode=False)
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        return 130
+    except typer.TyperException as err:  # usage errors (bad flag, bad value): exit code 2
+        err.show()
+        return err.exit_code
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        if debug or _STATE["debug"]:
+            traceback.print_exc()
+        typer.echo(f"error: {err}", err=True)
+        return 2
+    return 0
+
+
+def _is_user_error(err: Exception) -> bool:
+    from envs.errors import MissingDependencyError
+
+    return isinstance(err, UserError | MissingDependencyError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Typed, validated configuration, layered from YAML files and ``key=value`` overrides.
+
+Layers, later ones win, merged key by key (a preset only names what it changes):
+
+1. ``configs/defaults.yaml``: every key, the single source of default values;
+2. a preset file (``--config configs/debug.yaml``), or none;
+3. ``key=value`` overrides from the command line (``env.num_envs=8``), values read as YAML.
+
+The merged tree is validated by pydantic models whose fields mirror the YAML sections one to one
+(a section is the keyword arguments of one constructor). Unknown keys, wrong types and
+out-of-range values are rejected before anything starts, as one line naming the file (or
+"command line"), the key path and what was expected. The resolved config is saved in every
+run's folder by :func:`save_config`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+from rig.errors import ConfigError
+
+CONFIG_DIR = Path(os.environ.get("RIG_CONFIG_DIR", Path(__file__).resolve().parents[1] / "configs"))
+DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
+COMMAND_LINE = "command line"
+
+
+class Section(BaseModel):
+    # strict: YAML already gives typed values, so "3" for an int is a mistake worth reporting.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run name, used in folder names")
+    output_dir: str = Field(min_length=1, description="where run folders are created")
+    seed: int = Field(ge=0, description="seeds envs, agents and (later) the model")
+
+
+class EnvConfig(Section):
+    id: str = Field(description="registered env id, see `rig envs list`")
+    size: int = Field(ge=9, le=1024, description="observation side in pixels")
+    num_envs: int = Field(ge=1, le=4096, description="envs stepped together per process")
+    vectorization: Literal["sync", "async"] = Field(description="in-process or subprocess envs")
+    kwargs: dict[str, Any] = Field(description="extra keyword arguments of the env constructor")
+
+    @field_validator("id")
+    @classmethod
+    def _known_id(cls, value: str) -> str:
+        from envs import check_env_id
+
+        check_env_id(value)  # ValueError -> reported by pydantic with the key path
+        return value
+
+    @field_validator("kwargs")
+    @classmethod
+    def _known_kwargs(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        from envs import env_kwargs
+
+        env_id = info.data.get("id")
+        accepted = None if env_id is None else env_kwargs(env_id)
+        if accepted is None:  # bad id (reported on its own) or a constructor taking **kwargs
+            return value
+        accepted = accepted - {"size"}  # size has its own key, env.size
+        for key in value:
+            if key not in accepted:
+                raise PydanticCustomError(
+                    "unknown_env_kwarg",
+                    "{env_id} takes no argument '{key}' (it takes: {accepted})",
+                    {"key": key, "env_id": env_id, "accepted": ", ".join(sorted(accepted))},
+                )
+        return value
+
+
+class Config(Section):
+    run: RunConfig
+    env: EnvConfig
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """Defaults, then ``preset`` (a YAML path), then ``key=value`` overrides; validated."""
+    tree: dict[str, Any] = {}
+    sources: dict[tuple[str, ...], str] = {}
+    _merge(tree, _read_yaml(DEFAULTS_FILE), _display(DEFAULTS_FILE), sources)
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {str(path)!r} does not exist (presets live in {CONFIG_DIR})"
+            )
+        _merge(tree, _read_yaml(path), _display(path), sources)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _merge(tree, _nest(key, value), COMMAND_LINE, sources)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, sources)) from None
+
+
+def save_config(config: Config, run_dir: Path) -> Path:
+    """Write the resolved config to ``run_dir/config.yaml`` (loadable as a preset)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    path.write_text(dump_config(config))
+    return path
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            f"{_display(path)}:{where} is not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{_display(path)}: expected a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key.strip()):
+        raise ConfigError(
+            f"override {item!r} is not of the form section.key=value (e.g. env.num_envs=8)"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: keep it as the string the user typed
+    return key.strip(), value
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _merge(tree: dict, layer: dict, source: str, sources: dict, prefix: tuple = ()) -> None:
+    """Merge ``layer`` into ``tree`` in place, remembering which source set each key path.
+
+    Sections merge key by key; a free-form mapping value (``env.kwargs``) is one value, so a
+    later layer replaces it whole (``env.kwargs={}`` clears what a preset set)."""
+    for key, value in layer.items():
+        path = (*prefix, str(key))
+        section = _model_at(path) is not None
+        if section and isinstance(value, dict) and isinstance(tree.get(key), dict):
+            sources.setdefault(path, source)
+            _merge(tree[key], value, source, sources, path)
+        else:
+            tree[key] = value
+            sources[path] = source
+            _mark_children(value, source, sources, path)
+
+
+def _mark_children(value: Any, source: str, sources: dict, path: tuple) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            sources[(*path, str(k))] = source
+            _mark_children(v, source, sources, (*path, str(k)))
+
+
+def _describe(err: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
+    """One line for the first validation error: source, key path, what was expected."""
+    first = err.errors(include_url=False)[0]
+    loc = tuple(str(p) for p in first["loc"])
+    if first["type"] == "unknown_env_kwarg":  # point at the offending key inside env.kwargs
+        loc = (*loc, str(first["ctx"]["key"]))
+    source = _source_of(loc, sources)
+    key = ".".join(loc) or "<top level>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        section_model = _model_at(loc[:-1])
+        allowed = sorted(section_model.model_fields) if section_model else []
+        guess = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean {guess[0]!r}?" if guess else ""
+        return f"{source}: unknown key {key!r} (allowed here: {', '.join(allowed)}){hint}"
+    if kind == "missing":
+        return f"{source}: {key}: required key is missing"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{shown}"
+
+
+def _source_of(loc: tuple[str, ...], sources: dict) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in sources:
+            return sources[loc[:n]]
+    return _display(DEFAULTS_FILE)
+
+
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            return None
+        model = field.annotation
+    return model
+
+
+def _display(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

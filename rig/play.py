@@ -1,0 +1,141 @@
+"""`rig envs play`: run an agent in vectorised envs, record env 0 to a video, summarise episodes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import envs
+from envs.agents import make_agent
+from envs.crafter_env import ACHIEVEMENTS
+from envs.stats import summarize
+from envs.vector import EpisodeTracker, make_vector, unbatch_info
+from rig.config import Config
+
+
+@dataclass
+class PlayResult:
+    finished: list[dict[str, Any]]
+    unfinished: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    invalid_actions: int
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / max(self.seconds, 1e-9)
+
+
+def play(
+    config: Config,
+    agent_name: str,
+    steps: int | None,
+    episodes: int | None,
+    record: Path | None = None,
+    video_size: int = 256,
+    progress: Any = None,
+) -> PlayResult:
+    """Play until ``steps`` vector steps (per env) or ``episodes`` finished episodes, whichever
+    is given; ``progress(steps_done, episodes_done)`` is called after every step."""
+    cfg = config.env
+    venv = make_vector(cfg.id, cfg.num_envs, size=cfg.size, vectorization=cfg.vectorization, **cfg.kwargs)
+    codec = envs.get_codec(venv)
+    n = cfg.num_envs
+    agents = [make_agent(agent_name, cfg.id, len(codec), seed=config.run.seed * 1000 + i) for i in range(n)]
+    writer = _VideoWriter(record, video_size, fps=venv.metadata.get("render_fps", 10)) if record else None
+    tracker = EpisodeTracker(n)
+    crafter_like = cfg.id == "rig/Crafter-v0"
+    start = time.perf_counter()
+    done_steps = 0
+    try:
+        obs, infos = venv.reset(seed=config.run.seed)
+        for agent in agents:
+            agent.reset()
+        if writer:
+            writer.add(obs[0])
+        while (steps is None or done_steps < steps) and (episodes is None or len(tracker.finished) < episodes):
+            actions = np.array([agents[i].act(obs[i], unbatch_info(infos, i)) for i in range(n)])
+            obs, rewards, terminated, truncated, infos = venv.step(actions)
+            done_steps += 1
+            for episode in tracker.step(rewards, terminated, truncated, infos):
+                agents[episode["env"]].reset()
+                if writer and episode["env"] == 0:
+                    writer.add(infos["final_obs"][0])
+            if writer:
+                writer.add(obs[0])
+            if progress:
+                progress(done_steps, len(tracker.finished))
+        seconds = time.perf_counter() - start
+        unfinished = _unfinished(tracker, infos, crafter_like)
+    finally:
+        venv.close()
+        if writer:
+            writer.close()
+    finished = tracker.finished if episodes is None else tracker.finished[:episodes]
+    result = PlayResult(finished, unfinished, done_steps * n, seconds, codec.invalid_count)
+    achievements = ACHIEVEMENTS if crafter_like else None
+    result.summary = {
+        "finished": summarize(finished, achievements),
+        "all": summarize(finished + unfinished, achievements),
+    }
+    return result
+
+
+def _unfinished(tracker: EpisodeTracker, infos: dict, crafter_like: bool) -> list[dict[str, Any]]:
+    """The episodes still running when play stopped, as far as they got (``unfinished: True``)."""
+    out = []
+    for i, length in enumerate(tracker.lengths):
+        if length == 0:
+            continue
+        episode = {"env": i, "return": float(tracker.returns[i]), "length": int(length), "unfinished": True}
+        if crafter_like:
+            achievements = unbatch_info(infos, i)["achievements"]
+            episode["unlocked"] = sorted(k for k, v in achievements.items() if v > 0)
+        out.append(episode)
+    return out
+
+
+def write_result(result: PlayResult, run_dir: Path) -> Path:
+    path = run_dir / "stats.json"
+    payload = {
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "steps_per_second": result.steps_per_second,
+        "invalid_actions": result.invalid_actions,
+        "summary": result.summary,
+        "episodes": result.finished + result.unfinished,
+    }
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+class _VideoWriter:
+    """MP4 (H.264) through imageio's ffmpeg plugin; frames upscaled by pixel repetition so tiny
+    64x64 game frames stay crisp and the size suits the codec (multiples of 16)."""
+
+    def __init__(self, path: Path, size: int, fps: int):
+        import imageio.v2 as imageio
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.size = size
+        self._writer = imageio.get_writer(str(path), fps=fps, codec="libx264", quality=8, macro_block_size=16)
+        self.frames = 0
+
+    def add(self, frame: np.ndarray) -> None:
+        h, w = frame.shape[:2]
+        scale = max(1, self.size // max(h, w))
+        big = np.repeat(np.repeat(frame, scale, axis=0), scale, axis=1)
+        pad_h, pad_w = (-big.shape[0]) % 16, (-big.shape[1]) % 16
+        if pad_h or pad_w:
+            big = np.pad(big, ((0, pad_h), (0, pad_w), (0, 0)))
+        self._writer.append_data(big)
+        self.frames += 1
+
+    def close(self) -> None:
+        self._writer.close()

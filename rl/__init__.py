@@ -1,0 +1,1 @@
+"""The RIG policy, its sequence format, losses and advantage estimation. Never imports Ray or DeepSpeed."""

@@ -1,0 +1,148 @@
+"""Config layering and the CLI's error contract: one line naming key and file, exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rig.cli import main
+from rig.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_layers_defaults_preset_overrides():
+    cfg = load_config(DEBUG, ["env.size=96", "run.seed=5"])
+    assert cfg.run.name == "debug"  # from the preset
+    assert cfg.env.vectorization == "sync"  # from the defaults
+    assert cfg.env.size == 96 and cfg.run.seed == 5  # from the command line
+    assert cfg.env.kwargs == {"length": 1000}
+    assert load_config(DEBUG, ["env.kwargs={}"]).env.kwargs == {}  # a mapping value replaces whole
+
+
+def test_every_preset_validates():
+    for preset in sorted((ROOT / "configs").glob("*.yaml")):
+        load_config(preset)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["env.num_envs=0"], "command line: env.num_envs: Input should be greater than or equal to 1 (got 0)"),
+        (["env.num_envs=-3"], "command line: env.num_envs: Input should be greater than or equal to 1 (got -3)"),
+        (["env.num_env=3"], "unknown key 'env.num_env' (allowed here: id, kwargs, num_envs, size, vectorization); did you mean 'num_envs'?"),
+        (["env.size=big"], "command line: env.size: Input should be a valid integer (got 'big')"),
+        (["env.id=Pong-v9"], "command line: env.id: unknown env id 'Pong-v9'"),
+        (["env.vectorization=threads"], "env.vectorization: Input should be 'sync' or 'async'"),
+        (["env.kwargs={lenght: 3}"], "env.kwargs.lenght: rig/Crafter-v0 takes no argument 'lenght'"),
+        (["nonsense"], "override 'nonsense' is not of the form section.key=value"),
+    ],
+)
+def test_bad_overrides(capsys, args, expected):
+    code, out, err = run_cli(capsys, "config", "show", "--config", DEBUG, *args)
+    assert code == 2
+    assert expected in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
+    assert "Traceback" not in err and out == ""
+
+
+def test_bad_file_values_name_the_file(tmp_path, capsys):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(yaml.safe_dump({"env": {"num_envs": 2, "size": "large"}}))
+    code, _, err = run_cli(capsys, "config", "show", "-c", str(preset))
+    assert code == 2 and "mine.yaml: env.size: Input should be a valid integer (got 'large')" in err
+    preset.write_text(yaml.safe_dump({"trainer": {"lr": 1}}))
+    code, _, err = run_cli(capsys, "config", "show", "-c", str(preset))
+    assert code == 2 and "mine.yaml: unknown key 'trainer'" in err
+    preset.write_text("env: [unclosed")
+    code, _, err = run_cli(capsys, "config", "show", "-c", str(preset))
+    assert code == 2 and "mine.yaml" in err and "not valid YAML" in err
+
+
+def test_missing_config_file(capsys):
+    code, _, err = run_cli(capsys, "config", "show", "-c", "no/such.yaml")
+    assert code == 2 and err == "error: config file 'no/such.yaml' does not exist (presets live in " + str(ROOT / "configs") + ")\n"
+
+
+def test_debug_flag_shows_traceback(capsys):
+    code, _, err = run_cli(capsys, "--debug", "config", "show", "env.num_envs=0")
+    assert code == 2 and "Traceback" in err and "ConfigError" in err
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "0")
+    assert code == 2 and "--steps" in err
+    code, _, err = run_cli(capsys, "envs", "play", "--episodes", "1", "--record", "out.gif")
+    assert code == 2 and err == "error: --record out.gif: the video must be an .mp4 file\n"
+    code, _, err = run_cli(capsys, "envs", "play")
+    assert code == 2 and "--steps" in err
+
+
+def test_help_for_every_command(capsys):
+    for args in ([], ["envs"], ["envs", "list"], ["envs", "play"], ["config"], ["config", "show"]):
+        code, out, _ = run_cli(capsys, *args, "--help")
+        assert code == 0 and "Usage: rig" in out
+
+
+def test_process_exit_code_and_no_traceback(in_tmp):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rig.cli", "envs", "play", "--steps", "5", "env.num_envs=0"],
+        capture_output=True, text=True, cwd=in_tmp, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "error: command line: env.num_envs: Input should be greater than or equal to 1 (got 0)\n"
+    assert not (in_tmp / "runs").exists(), "a rejected config must not create a run folder"
+
+
+def test_envs_list(capsys):
+    code, out, _ = run_cli(capsys, "envs", "list", "--json")
+    rows = {row["id"]: row for row in json.loads(out)}
+    assert code == 0
+    assert rows["rig/Crafter-v0"]["actions"] == "Discrete(17)"
+    assert rows["rig/Crafter-v0"]["observation"] == "(64, 64, 3) uint8"
+    assert rows["rig/Catch-v0"]["noop"] == "stay"
+    assert rows["rig/FakeMineRL-v0"]["noop"] == "noop"
+    assert set(rows) >= {"rig/Crafter-v0", "rig/MineRL-v0", "rig/FakeMineRL-v0", "rig/Catch-v0"}
+
+
+def test_play_writes_run_folder_video_and_stats(in_tmp, capsys):
+    import imageio.v3 as iio
+
+    video = in_tmp / "catch.mp4"
+    code, out, err = run_cli(
+        capsys, "envs", "play", "--env", "rig/Catch-v0", "--episodes", "6", "--num-envs", "2",
+        "--record", str(video), "env.kwargs={}", "env.size=32",
+    )  # fmt: skip
+    assert code == 0, err
+    frames = iio.imread(video)
+    assert frames.ndim == 4 and frames.shape[-1] == 3 and len(frames) >= 20
+    (run_dir,) = (in_tmp / "runs").iterdir()
+    assert run_dir.name.startswith("rig-play-")
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.env.id == "rig/Catch-v0" and saved.env.num_envs == 2
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["summary"]["finished"]["episodes"] == 6
+    assert all(e["length"] == 7 for e in stats["episodes"] if not e.get("unfinished"))
+    assert "6 finished episode(s)" in out
+
+
+def test_play_crafter_prints_score(in_tmp, capsys):
+    code, out, err = run_cli(
+        capsys, "envs", "play", "--agent", "random", "--steps", "30", "--num-envs", "1",
+        "env.kwargs={length: 20}",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "Crafter score %" in out and "1 finished episode(s)" in out

@@ -1,0 +1,161 @@
+"""Envs: the Gymnasium contract, seeds, termination vs truncation, the generic adapter, vectors."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from envs.crafter_env import ACHIEVEMENTS
+from envs.pixel import PixelAdapter
+from envs.vector import EpisodeTracker, make_vector, unbatch_info
+
+
+def _rollout(env, seed, steps, action_seed=0):
+    obs, _ = env.reset(seed=seed)
+    rng = np.random.default_rng(action_seed)
+    frames, rewards = [obs], []
+    for _ in range(steps):
+        obs, reward, terminated, truncated, _ = env.step(int(rng.integers(env.action_space.n)))
+        frames.append(obs)
+        rewards.append(reward)
+        if terminated or truncated:
+            break
+    return np.stack(frames), np.array(rewards)
+
+
+@pytest.mark.parametrize(
+    ("env_id", "kwargs"),
+    [("rig/Crafter-v0", {"length": 50}), ("rig/Catch-v0", {}), ("rig/FakeMineRL-v0", {})],
+)
+def test_check_env(env_id, kwargs):
+    env = envs.make(env_id, size=32, **kwargs)
+    check_env(env.unwrapped if env_id != "rig/Catch-v0" else env, skip_render_check=True)
+    assert env.observation_space == gym.spaces.Box(0, 255, (32, 32, 3), np.uint8)
+    assert isinstance(env.action_space, gym.spaces.Discrete)
+    assert env.action_space.n == len(envs.get_codec(env))
+    env.close()
+
+
+def test_crafter_seed_determinism():
+    a, b = envs.make("rig/Crafter-v0", length=60), envs.make("rig/Crafter-v0", length=60)
+    frames_a, rewards_a = _rollout(a, seed=7, steps=60)
+    frames_b, rewards_b = _rollout(b, seed=7, steps=60)
+    np.testing.assert_array_equal(frames_a, frames_b)
+    np.testing.assert_array_equal(rewards_a, rewards_b)
+    other, _ = _rollout(a, seed=8, steps=0)
+    assert not np.array_equal(other[0], frames_a[0]), "a different seed should give another world"
+
+
+def test_crafter_episodes_after_a_seed_repeat():
+    env = envs.make("rig/Crafter-v0", length=5)
+    first = [env.reset(seed=3)[0], env.reset()[0]]
+    second = [env.reset(seed=3)[0], env.reset()[0]]
+    np.testing.assert_array_equal(first[0], second[0])
+    np.testing.assert_array_equal(first[1], second[1])
+    assert not np.array_equal(first[0], first[1])
+
+
+def test_crafter_time_limit_truncates():
+    env = envs.make("rig/Crafter-v0", length=3)
+    env.reset(seed=0)
+    flags = [env.step(0)[2:4] for _ in range(3)]
+    assert flags == [(False, False), (False, False), (False, True)]
+
+
+def test_crafter_death_terminates():
+    env = envs.make("rig/Crafter-v0", length=100)
+    env.reset(seed=0)
+    env.unwrapped._env._player.health = 0  # as if a zombie had just hit
+    _, _, terminated, truncated, info = env.step(0)
+    assert terminated and not truncated
+    assert info["discount"] == 0.0
+
+
+def test_crafter_info_and_size():
+    env = envs.make("rig/Crafter-v0", size=96, length=10)
+    obs, info = env.reset(seed=0)
+    assert obs.shape == (96, 96, 3) and obs.dtype == np.uint8
+    assert set(info["achievements"]) == set(ACHIEVEMENTS)
+    assert info["inventory"]["health"] == 9
+    assert info["semantic"].shape == (64, 64)
+    assert tuple(info["player_pos"]) == (32, 32)
+    _, _, _, _, info = env.step(envs.get_codec(env).decode("move_left"))
+    assert info["action_text"] == "move_left"
+    assert info["facing"] == (-1, 0)
+
+
+def test_crafter_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="size must be at least 9"):
+        envs.make("rig/Crafter-v0", size=4)
+    with pytest.raises(ValueError, match="length"):
+        envs.make("rig/Crafter-v0", length=0)
+
+
+def test_catch_through_the_generic_adapter():
+    env = envs.make("rig/Catch-v0", size=16)
+    assert isinstance(env, PixelAdapter)
+    codec = envs.get_codec(env)
+    assert codec.vocab == ("left", "stay", "right") and codec.noop == "stay"
+    frames_a, rewards_a = _rollout(env, seed=1, steps=20)
+    frames_b, rewards_b = _rollout(env, seed=1, steps=20)
+    np.testing.assert_array_equal(frames_a, frames_b)
+    assert len(rewards_a) == 7 and rewards_a[-1] in (-1.0, 1.0)  # 8 rows: the ball lands at step 7
+
+
+def test_generic_adapter_renders_state_envs():
+    pytest.importorskip("pygame", reason="CartPole's renderer needs pygame")
+    env = envs.make("CartPole-v1", size=32, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (32, 32, 3) and obs.max() > 0
+    assert envs.get_codec(env).vocab == ("action_0", "action_1")
+
+
+def test_generic_adapter_rejects_unsuitable_envs():
+    with pytest.raises(ValueError, match="Discrete actions"):
+        PixelAdapter(gym.make("Pendulum-v1"))
+    with pytest.raises(ValueError, match="render_mode='rgb_array'"):
+        PixelAdapter(gym.make("CartPole-v1"))
+
+
+def test_unknown_env_id_suggests_ours():
+    with pytest.raises(ValueError, match="did you mean 'rig/Crafter-v0'"):
+        envs.make("Crafter-v0")
+    with pytest.raises(ValueError, match="cannot import module"):
+        envs.check_env_id("not_a_module_xyz:Foo-v0")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_vector_autoreset_same_step(mode):
+    venv = make_vector("rig/Catch-v0", num_envs=3, size=16, vectorization=mode)
+    tracker = EpisodeTracker(3)
+    obs, _ = venv.reset(seed=0)
+    for _ in range(6):
+        obs, rewards, terminated, truncated, infos = venv.step(np.ones(3, np.int64))
+        assert not tracker.step(rewards, terminated, truncated, infos)
+    obs, rewards, terminated, truncated, infos = venv.step(np.ones(3, np.int64))
+    ended = tracker.step(rewards, terminated, truncated, infos)
+    # Catch with 8 rows lasts 7 steps: all three ended at the 7th step, in that same call...
+    assert terminated.all() and len(ended) == 3
+    assert all(e["length"] == 7 and e["return"] in (-1.0, 1.0) for e in ended)
+    # ...and were reset in it: obs is the next episode's first frame (ball on the top row),
+    # the final frame (ball on the bottom row) is in final_obs.
+    assert obs[:, :2].max() > 0
+    assert infos["final_obs"][0][-4:].max() > 0
+    venv.close()
+
+
+def test_vector_tracks_crafter_achievements():
+    venv = make_vector("rig/Crafter-v0", num_envs=2, length=20)
+    tracker = EpisodeTracker(2)
+    venv.reset(seed=0)
+    for _ in range(20):
+        _, rewards, terminated, truncated, infos = venv.step(np.zeros(2, np.int64))
+        tracker.step(rewards, terminated, truncated, infos)
+    assert len(tracker.finished) == 2
+    assert all(e["truncated"] and e["length"] == 20 and "unlocked" in e for e in tracker.finished)
+    info0 = unbatch_info(infos, 0)
+    assert info0["semantic"].shape == (64, 64)
+    venv.close()
