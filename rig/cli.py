@@ -8,6 +8,7 @@ else is a bug and shows its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -106,18 +107,17 @@ def envs_play(
     overrides: Overrides = None,
 ) -> None:
     """Play an env with an agent; print episode statistics (return, length, Crafter score)."""
-    from rig.config import load_config, save_config
+    from rig.config import load_config
 
     if steps is None and episodes is None:
         raise UserError("give --steps N and/or --episodes N")
-    if record is not None and record.suffix.lower() != ".mp4":
-        raise UserError(f"--record {record}: the video must be an .mp4 file")
+    if record is not None:
+        _check_writable_file(record, "--record", suffix=".mp4")
     extra = [f"env.id={env}"] if env else []
     extra += [f"env.num_envs={num_envs}"] if num_envs else []
     extra += [f"run.seed={seed}"] if seed is not None else []
     cfg = load_config(config, [*(overrides or []), *extra])
     run_dir = _run_dir(cfg, "play")
-    save_config(cfg, run_dir)
 
     from rich.console import Console
 
@@ -131,7 +131,9 @@ def envs_play(
             update(done_steps if steps else done_episodes)
 
         try:
-            result = play(cfg, agent, steps, episodes, record=record, video_size=video_size, progress=on_step)
+            result = play(
+                cfg, agent, steps, episodes, record=record, video_size=video_size, progress=on_step, run_dir=run_dir
+            )
         except ValueError as err:  # an agent that cannot play this env, a bad env kwarg value
             raise UserError(str(err)) from err
     stats_path = write_result(result, run_dir)
@@ -141,9 +143,33 @@ def envs_play(
     typer.echo(f"run folder: {run_dir} (config.yaml, {stats_path.name})")
 
 
+def _check_writable_file(path: Path, flag: str, suffix: str) -> None:
+    """Fail early, before any work, if ``path`` cannot be written (wrong suffix, a folder,
+    an unwritable or impossible parent)."""
+    if path.suffix.lower() != suffix:
+        raise UserError(f"{flag} {path}: the file must end in {suffix}")
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {path}: cannot create folder {str(parent)!r} ({err.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: folder {str(parent)!r} is not writable")
+
+
 def _run_dir(cfg, command: str) -> Path:
+    """A fresh run folder path (not created yet). The output folder must be creatable."""
+    out = Path(cfg.run.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"run.output_dir {str(out)!r}: cannot create it ({err.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise UserError(f"run.output_dir {str(out)!r} is not writable")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{command}-{stamp}"
+    base = out / f"{cfg.run.name}-{command}-{stamp}"
     path, k = base, 1
     while path.exists():  # never reuse (and so never overwrite) an existing run folder
         k += 1

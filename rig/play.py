@@ -15,7 +15,7 @@ from envs.agents import make_agent
 from envs.crafter_env import ACHIEVEMENTS
 from envs.stats import summarize
 from envs.vector import EpisodeTracker, make_vector, unbatch_info
-from rig.config import Config
+from rig.config import Config, save_config
 
 
 @dataclass
@@ -40,15 +40,26 @@ def play(
     record: Path | None = None,
     video_size: int = 256,
     progress: Any = None,
+    run_dir: Path | None = None,
 ) -> PlayResult:
     """Play until ``steps`` vector steps (per env) or ``episodes`` finished episodes, whichever
-    is given; ``progress(steps_done, episodes_done)`` is called after every step."""
+    comes first; ``progress(steps_done, episodes_done)`` is called after every step.
+
+    Envs and agents are built before anything is written, so a bad env argument or an agent
+    that cannot play the env raises ValueError with no run folder left behind; then the resolved
+    config goes to ``run_dir/config.yaml``."""
     cfg = config.env
     venv = make_vector(cfg.id, cfg.num_envs, size=cfg.size, vectorization=cfg.vectorization, **cfg.kwargs)
-    codec = envs.get_codec(venv)
-    n = cfg.num_envs
-    agents = [make_agent(agent_name, cfg.id, len(codec), seed=config.run.seed * 1000 + i) for i in range(n)]
-    writer = _VideoWriter(record, video_size, fps=venv.metadata.get("render_fps", 10)) if record else None
+    try:
+        codec = envs.get_codec(venv)
+        n = cfg.num_envs
+        agents = [make_agent(agent_name, cfg.id, len(codec), seed=config.run.seed * 1000 + i) for i in range(n)]
+        if run_dir is not None:
+            save_config(config, run_dir)
+        writer = _VideoWriter(record, video_size, fps=venv.metadata.get("render_fps", 10)) if record else None
+    except BaseException:
+        venv.close()
+        raise
     tracker = EpisodeTracker(n)
     crafter_like = cfg.id == "rig/Crafter-v0"
     start = time.perf_counter()

@@ -38,9 +38,17 @@ fi
 echo "[setup] installing PyTorch ($TORCH, $RIG_DEVICE)"
 if ! python -c "import torch" >/dev/null 2>&1; then
   if [ "$RIG_DEVICE" = cpu ]; then
-    # A wheel pip can see without an index (find-links, a cache) first; else PyTorch's CPU index.
-    pip install --quiet --no-index "$TORCH" 2>/dev/null \
-      || pip install --quiet "$TORCH" --index-url https://download.pytorch.org/whl/cpu
+    # A CPU wheel that pip can see without an index (find-links, a wheelhouse) is used first,
+    # with its dependencies from the normal index; else PyTorch's own CPU index.
+    wheels="$VENV/.torch-wheel"
+    rm -rf "$wheels"
+    if pip download --quiet --no-index --no-deps --dest "$wheels" "$TORCH" >/dev/null 2>&1; then
+      pip install --quiet "$wheels"/torch-*.whl
+    else
+      pip install --quiet "$TORCH" --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple
+    fi
+    rm -rf "$wheels"
   else
     pip install --quiet "$TORCH"
   fi
