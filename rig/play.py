@@ -49,7 +49,10 @@ def play(
     that cannot play the env raises ValueError with no run folder left behind; then the resolved
     config goes to ``run_dir/config.yaml``."""
     cfg = config.env
-    venv = make_vector(cfg.id, cfg.num_envs, size=cfg.size, vectorization=cfg.vectorization, **cfg.kwargs)
+    try:
+        venv = make_vector(cfg.id, cfg.num_envs, size=cfg.size, vectorization=cfg.vectorization, **cfg.kwargs)
+    except ValueError as err:
+        raise ValueError(f"env {cfg.id} with env.size={cfg.size}, env.kwargs={cfg.kwargs}: {err}") from err
     try:
         codec = envs.get_codec(venv)
         n = cfg.num_envs

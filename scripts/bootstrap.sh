@@ -21,6 +21,9 @@ if [ -z "${RIG_DEVICE:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then RIG_DEVICE=cuda; else RIG_DEVICE=cpu; fi
 fi
 
+# pip, minus one harmless warning some pip configurations print once per package.
+pipq() { pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PYTHON" -m venv "$VENV"
@@ -43,18 +46,18 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     wheels="$VENV/.torch-wheel"
     rm -rf "$wheels"
     if pip download --quiet --no-index --no-deps --dest "$wheels" "$TORCH" >/dev/null 2>&1; then
-      pip install --quiet "$wheels"/torch-*.whl
+      pipq install --quiet "$wheels"/torch-*.whl
     else
-      pip install --quiet "$TORCH" --index-url https://download.pytorch.org/whl/cpu \
+      pipq install --quiet "$TORCH" --index-url https://download.pytorch.org/whl/cpu \
         --extra-index-url https://pypi.org/simple
     fi
     rm -rf "$wheels"
   else
-    pip install --quiet "$TORCH"
+    pipq install --quiet "$TORCH"
   fi
 fi
 echo "[setup] installing rig-rl[$EXTRAS] (first time: a few minutes)"
-pip install --quiet -e "$ROOT[$EXTRAS]"
+pipq install --quiet -e "$ROOT[$EXTRAS]"
 python - <<'PY'
 import torch
 print(f"[setup] torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")

@@ -86,7 +86,7 @@ def test_usage_errors_exit_2(capsys):
     code, _, err = run_cli(capsys, "envs", "play", "--steps", "0")
     assert code == 2 and "--steps" in err
     code, _, err = run_cli(capsys, "envs", "play", "--episodes", "1", "--record", "out.gif")
-    assert code == 2 and err == "error: --record out.gif: the video must be an .mp4 file\n"
+    assert code == 2 and err == "error: --record out.gif: the file must end in .mp4\n"
     code, _, err = run_cli(capsys, "envs", "play")
     assert code == 2 and "--steps" in err
 
@@ -146,3 +146,29 @@ def test_play_crafter_prints_score(in_tmp, capsys):
     )  # fmt: skip
     assert code == 0, err
     assert "Crafter score %" in out and "1 finished episode(s)" in out
+
+
+def test_bad_env_values_and_paths_leave_nothing_behind(in_tmp, capsys):
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "env.kwargs={length: -4}")
+    assert code == 2
+    assert err == "error: env rig/Crafter-v0 with env.size=64, env.kwargs={'length': -4}: length must be >= 1 or None, got -4\n"
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "--env", "rig/Catch-v0", "--agent", "scripted")
+    assert code == 2 and err == "error: the scripted agent plays only rig/Crafter-v0, not rig/Catch-v0\n"
+    assert not any((in_tmp / "runs").iterdir()), "no run folder for a run that never started"
+    (in_tmp / "file").write_text("x")
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "--record", "file/x.mp4")
+    assert code == 2 and err.startswith("error: --record file/x.mp4: cannot create folder 'file'")
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "run.output_dir=file/runs")
+    assert code == 2 and err.startswith("error: run.output_dir 'file/runs': cannot create it")
+
+
+def test_missing_optional_dependency_is_a_user_error(in_tmp, capsys):
+    pytest.importorskip("gymnasium")
+    try:
+        import minerl  # noqa: F401
+
+        pytest.skip("minerl is installed here; the missing-dependency path cannot be shown")
+    except ImportError:
+        pass
+    code, _, err = run_cli(capsys, "envs", "play", "--steps", "1", "--env", "rig/MineRL-v0")
+    assert code == 2 and err.startswith("error: minerl is not installed") and "JDK 8" in err
