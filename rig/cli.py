@@ -8,9 +8,7 @@ else is a bug and shows its traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -108,16 +106,17 @@ def envs_play(
 ) -> None:
     """Play an env with an agent; print episode statistics (return, length, Crafter score)."""
     from rig.config import load_config
+    from rig.runs import check_writable_file, new_run_dir
 
     if steps is None and episodes is None:
         raise UserError("give --steps N and/or --episodes N")
     if record is not None:
-        _check_writable_file(record, "--record", suffix=".mp4")
+        check_writable_file(record, "--record", suffix=".mp4")
     extra = [f"env.id={env}"] if env else []
     extra += [f"env.num_envs={num_envs}"] if num_envs else []
     extra += [f"run.seed={seed}"] if seed is not None else []
     cfg = load_config(config, [*(overrides or []), *extra])
-    run_dir = _run_dir(cfg, "play")
+    run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name, "play")
 
     from rich.console import Console
 
@@ -141,40 +140,6 @@ def envs_play(
     if record:
         typer.echo(f"video: {record}")
     typer.echo(f"run folder: {run_dir} (config.yaml, {stats_path.name})")
-
-
-def _check_writable_file(path: Path, flag: str, suffix: str) -> None:
-    """Fail early, before any work, if ``path`` cannot be written (wrong suffix, a folder,
-    an unwritable or impossible parent)."""
-    if path.suffix.lower() != suffix:
-        raise UserError(f"{flag} {path}: the file must end in {suffix}")
-    if path.is_dir():
-        raise UserError(f"{flag} {path}: is a folder; give a file name")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{flag} {path}: cannot create folder {str(parent)!r} ({err.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{flag} {path}: folder {str(parent)!r} is not writable")
-
-
-def _run_dir(cfg, command: str) -> Path:
-    """A fresh run folder path (not created yet). The output folder must be creatable."""
-    out = Path(cfg.run.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"run.output_dir {str(out)!r}: cannot create it ({err.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise UserError(f"run.output_dir {str(out)!r} is not writable")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = out / f"{cfg.run.name}-{command}-{stamp}"
-    path, k = base, 1
-    while path.exists():  # never reuse (and so never overwrite) an existing run folder
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
 
 
 class _progress:

@@ -159,7 +159,7 @@ def test_bad_env_values_and_paths_leave_nothing_behind(in_tmp, capsys):
     code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "--record", "file/x.mp4")
     assert code == 2 and err.startswith("error: --record file/x.mp4: cannot create folder 'file'")
     code, _, err = run_cli(capsys, "envs", "play", "--steps", "3", "run.output_dir=file/runs")
-    assert code == 2 and err.startswith("error: run.output_dir 'file/runs': cannot create it")
+    assert code == 2 and err.startswith("error: run.output_dir 'file/runs': cannot create folder 'file/runs'")
 
 
 def test_missing_optional_dependency_is_a_user_error(in_tmp, capsys):
