@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from importlib.metadata import entry_points
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
 
 ROOT = Path(__file__).resolve().parents[1]
 
