@@ -64,11 +64,11 @@ def play(
         venv.close()
         raise
     tracker = EpisodeTracker(n)
-    crafter_like = cfg.id == "rig/Crafter-v0"
     start = time.perf_counter()
     done_steps = 0
     try:
         obs, infos = venv.reset(seed=config.run.seed)
+        crafter_like = "achievements" in infos  # score achievements for any env that reports them
         for agent in agents:
             agent.reset()
         if writer:
