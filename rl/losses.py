@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rl.shapes import require_same_shape, require_tensor
+from rl.shapes import require_matching, require_same_shape, require_tensor
 
 LOSS_NAMES = ("policy", "value", "entropy", "kl", "next_frame", "reward", "continue")
 POLICY_REDUCTIONS = ("sequence", "token")
@@ -109,13 +109,9 @@ def policy_loss(
     problem (e.g. old log-probs from a different inference engine) and shows in ``ratio_max``.
     """
     layout = "(B, L)"
-    require_tensor("logprobs", logprobs, 2, layout)
-    require_tensor("old_logprobs", old_logprobs, 2, layout)
-    require_tensor("token_mask", token_mask, 2, layout)
-    require_tensor("reasoning_mask", reasoning_mask, 2, layout)
-    require_same_shape(
-        layout, "logprobs", logprobs,
-        old_logprobs=old_logprobs, token_mask=token_mask, reasoning_mask=reasoning_mask,
+    require_matching(
+        layout, 2, logprobs=logprobs, old_logprobs=old_logprobs,
+        token_mask=token_mask, reasoning_mask=reasoning_mask,
     )  # fmt: skip
     require_tensor("advantages", advantages, 1, "(B,)")
     if advantages.shape[0] != logprobs.shape[0]:

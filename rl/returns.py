@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rl.shapes import require_same_shape, require_tensor
+from rl.shapes import require_matching, require_same_shape, require_tensor
 
 _FLOATS = (torch.float32, torch.float64)
 
@@ -96,14 +96,9 @@ def gae(
     (the critic's regression target).
     """
     layout = "(T, B) time-major"
-    require_tensor("rewards", rewards, 2, layout)
-    require_tensor("values", values, 2, layout)
-    require_tensor("next_values", next_values, 2, layout)
-    require_tensor("terminated", terminated, 2, layout)
-    require_tensor("truncated", truncated, 2, layout)
-    require_same_shape(
-        layout, "rewards", rewards,
-        values=values, next_values=next_values, terminated=terminated, truncated=truncated,
+    require_matching(
+        layout, 2, rewards=rewards, values=values, next_values=next_values,
+        terminated=terminated, truncated=truncated,
     )  # fmt: skip
     for name, x in (("rewards", rewards), ("values", values), ("next_values", next_values)):
         _require_float(name, x)

@@ -22,3 +22,11 @@ def require_same_shape(layout: str, ref_name: str, ref: Tensor, **others: Tensor
                 f"{name} has shape {tuple(x.shape)} but {ref_name} has shape "
                 f"{tuple(ref.shape)}; both must be {layout}"
             )
+
+
+def require_matching(layout: str, ndim: int, **tensors: object) -> None:
+    """Each of ``tensors`` is a tensor with ``ndim`` dims, all of the first one's shape."""
+    for name, x in tensors.items():
+        require_tensor(name, x, ndim, layout)
+    (ref_name, ref), *others = tensors.items()
+    require_same_shape(layout, ref_name, ref, **dict(others))
