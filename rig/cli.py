@@ -75,6 +75,7 @@ def config_show(config: ConfigOpt = None, overrides: Overrides = None) -> None:
 def envs_list(as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False) -> None:
     """The registered envs with their observation and action spaces."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from rig.envinfo import describe_envs
@@ -86,8 +87,9 @@ def envs_list(as_json: Annotated[bool, typer.Option("--json", help="machine-read
     table = Table(title="Registered envs (any other Gymnasium pixel env works by its id too)")
     for column in ("id", "observation", "actions", "example actions", "description"):
         table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["id"], row["observation"], row["actions"], row["examples"], row["description"])
+    for row in rows:  # escaped: '[minerl]' or 'camera:[0,10]' are text, not rich markup
+        cells = (row["id"], row["observation"], row["actions"], row["examples"], row["description"])
+        table.add_row(*(escape(c) for c in cells))
     Console().print(table)
 
 

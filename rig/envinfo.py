@@ -17,13 +17,14 @@ def describe_envs(size: int = 64) -> list[dict[str, Any]]:
         except MissingDependencyError as err:  # minerl is an optional extra
             # Same adapter, same spaces and codec: describe it through the MineRL-shaped env.
             env = envs.make("rig/FakeMineRL-v0", size=size)
-            row["description"] += f" [not installed: {str(err).splitlines()[0]}]"
+            row["description"] += " [not installed here]"
+            row["missing"] = str(err)
         try:
             codec = envs.get_codec(env)
             obs = env.observation_space
             row["observation"] = f"{tuple(obs.shape)} {obs.dtype}"
             row["actions"] = f"Discrete({env.action_space.n})"
-            row["examples"] = ", ".join(repr(t) for t in _examples(codec.vocab))
+            row["examples"] = ", ".join(repr(t) for t in _examples(codec.vocab, codec.noop))
             row["noop"] = codec.noop
         finally:
             env.close()
@@ -31,9 +32,10 @@ def describe_envs(size: int = 64) -> list[dict[str, Any]]:
     return rows
 
 
-def _examples(vocab, k: int = 3) -> list[str]:
-    """A few entries spread over the vocabulary (the first is usually the no-op)."""
-    if len(vocab) <= k:
-        return list(vocab)
-    step = (len(vocab) - 1) / (k - 1)
-    return [vocab[round(i * step)] for i in range(k)]
+def _examples(vocab, noop: str, k: int = 3) -> list[str]:
+    """The no-op, then entries spread over the rest of the vocabulary."""
+    rest = [v for v in vocab if v != noop]
+    if len(rest) < k:
+        return [noop, *rest]
+    step = len(rest) / k
+    return [noop, *(rest[int(i * step + step / 2)] for i in range(k - 1))]

@@ -172,3 +172,11 @@ def test_missing_optional_dependency_is_a_user_error(in_tmp, capsys):
         pass
     code, _, err = run_cli(capsys, "envs", "play", "--steps", "1", "--env", "rig/MineRL-v0")
     assert code == 2 and err.startswith("error: minerl is not installed") and "JDK 8" in err
+
+
+def test_envs_list_table_shows_brackets_as_text(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = run_cli(capsys, "envs", "list")
+    assert code == 0
+    assert "'forward, sprint, jump, camera:[5,0]'" in out  # not swallowed as rich markup
+    assert "rig/Catch-v0" in out and "'noop', 'move_up', 'place_furnace'" in out
