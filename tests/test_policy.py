@@ -138,3 +138,24 @@ def test_bad_frames_are_rejected(policy):
         policy.act(np.zeros((1, 32, 32, 3), np.uint8), TASK, 2)
     with pytest.raises(ValueError, match="uint8"):
         policy.act(np.zeros((1, 64, 64, 3), np.float32), TASK, 2)
+
+
+def test_plays_a_whole_crafter_episode(policy):
+    """Whole loop in miniature: the tiny policy drives two real Crafter envs to the time limit."""
+    from envs.vector import EpisodeTracker, make_vector
+
+    venv = make_vector("rig/Crafter-v0", num_envs=2, length=12)
+    tracker = EpisodeTracker(2)
+    obs, _ = venv.reset(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    taken = []
+    for _ in range(12):
+        out = policy.act(obs, TASK, max_reasoning_tokens=4, temperature=1.0, generator=gen)
+        assert all(policy.codec.vocab[int(a)] == t for a, t in zip(out.actions, out.action_texts, strict=True))
+        obs, rewards, terminated, truncated, infos = venv.step(out.actions.numpy())
+        tracker.step(rewards, terminated, truncated, infos)
+        taken.extend(out.action_texts)
+    venv.close()
+    assert len(tracker.finished) == 2
+    assert all(e["length"] == 12 and (e["truncated"] or e["terminated"]) for e in tracker.finished)
+    assert len(set(taken)) > 1, "a sampling policy should not repeat one action 24 times"
