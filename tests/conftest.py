@@ -27,3 +27,26 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a fresh working directory so run folders land in tmp_path/runs."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def tiny_policy():
+    """The tiny-preset policy on Crafter's codec, in eval mode, shared by the policy tests.
+
+    A random model almost never writes <end> among ~800 tokens; an untied output bias on <end>
+    makes rows stop their reasoning at different lengths, which every layout must survive
+    (imagined frames then start at padded, row-dependent positions too)."""
+    import torch
+
+    from envs.crafter_env import crafter_codec
+    from rl.policy import RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()
+    old = policy.model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[policy.ids.end] = 5.5
+    policy.model.lm_head = head
+    return policy
