@@ -30,7 +30,7 @@ Pixels: frames go in as ``x / 127.5 - 1`` (``RigPolicy.pixel_values``); the VQ d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -149,18 +149,6 @@ def _prefix(policy: RigPolicy, act_out: ActOutput) -> tuple[Tensor, Tensor]:
     return embeds, attn
 
 
-def _lm(policy: RigPolicy, embeds: Tensor, attn: Tensor, pos: Tensor, cache: Any = None,
-        use_cache: bool = False) -> tuple[Tensor, Any]:  # fmt: skip
-    out = policy.model.model.language_model(
-        inputs_embeds=embeds,
-        attention_mask=attn.long(),
-        position_ids=pos,
-        past_key_values=cache,
-        use_cache=use_cache,
-    )
-    return out.last_hidden_state, out.past_key_values
-
-
 # -- sampling and teacher forcing ------------------------------------------------------------------
 
 
@@ -180,7 +168,7 @@ def imagine(
     G = policy.image_tokens
     embeds, attn = _prefix(policy, act_out)
     pos = attn.long().cumsum(1).sub(1).clamp_min(0)
-    hidden, cache = _lm(policy, embeds, attn, pos, use_cache=True)
+    hidden, cache = policy.hidden(None, attn, pos, inputs_embeds=embeds, use_cache=True)
     h = hidden[:, -1]  # (B, D) at <Imagine:>: predicts code 0
     ones = torch.ones(attn.shape[0], 1, dtype=torch.bool, device=attn.device)
     codes, logps = [], []
@@ -191,7 +179,14 @@ def imagine(
         logps.append(logp.gather(1, code).squeeze(1))
         attn = torch.cat([attn, ones], 1)
         pos = attn.long().sum(1, keepdim=True).sub(1)  # (B, 1)
-        hidden, cache = _lm(policy, code_embeds(policy, code), attn, pos, cache, use_cache=True)
+        hidden, cache = policy.hidden(
+            None,
+            attn,
+            pos,
+            past_key_values=cache,
+            use_cache=True,
+            inputs_embeds=code_embeds(policy, code),
+        )
         h = hidden[:, -1]  # after the last iteration: the hidden state after code G-1
     code_t = torch.stack(codes, 1)  # (B, G)
     reward_pred, cont_logit = heads(h)
@@ -223,7 +218,7 @@ def teacher_forced(
     embeds = torch.cat([embeds, code_embeds(policy, codes).to(embeds.dtype)], 1)
     attn = torch.cat([attn, torch.ones_like(codes, dtype=torch.bool)], 1)
     pos = attn.long().cumsum(1).sub(1).clamp_min(0)
-    hidden, _ = _lm(policy, embeds, attn, pos)
+    hidden, _ = policy.hidden(None, attn, pos, inputs_embeds=embeds)
     return code_logits(policy, hidden[:, start : start + G]), hidden[:, -1]
 
 

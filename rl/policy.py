@@ -196,17 +196,20 @@ class RigPolicy(nn.Module):
 
     def hidden(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         attention_mask: Tensor,
         position_ids: Tensor,
         pixel_values: Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        inputs_embeds: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
-        """Last hidden states (B, T, D) of the LM over ``input_ids`` (B, T), and the cache.
+        """Last hidden states (B, T, D) of the LM over ``input_ids`` (B, T), or over ready
+        ``inputs_embeds`` (B, T, D) (imagined VQ codes enter that way), and the cache.
         ``attention_mask`` covers the cached positions too: (B, past + T)."""
         out = self.model.model(
             input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
