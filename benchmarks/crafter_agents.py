@@ -33,6 +33,7 @@ def run_episode(task: tuple[str, int, int]) -> dict:
     agent_name, seed, length = task
     import envs
     from envs.agents import make_agent
+    from envs.stats import unlocked_from_counts
 
     env = envs.make("rig/Crafter-v0", length=length)
     agent = make_agent(agent_name, "rig/Crafter-v0", env.action_space.n, seed=seed)
@@ -49,7 +50,7 @@ def run_episode(task: tuple[str, int, int]) -> dict:
     return {
         "agent": agent_name, "seed": seed, "return": total, "length": steps,
         "terminated": terminated, "truncated": truncated, "seconds": seconds,
-        "unlocked": sorted(k for k, v in info["achievements"].items() if v > 0),
+        "unlocked": unlocked_from_counts(info["achievements"]),
     }  # fmt: skip
 
 

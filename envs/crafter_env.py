@@ -163,7 +163,3 @@ class CrafterEnv(gym.Env):
             "discount": float(discount),
             "reward": float(reward),
         }
-
-    def unlocked(self) -> set[str]:
-        """Achievements unlocked so far this episode."""
-        return {k for k, v in self._env._player.achievements.items() if v > 0}

@@ -56,9 +56,9 @@ def crafter_score(rates_percent: Mapping[str, float]) -> float:
     return math.exp(mean_log) - 1.0
 
 
-def unlocked_from_counts(achievement_counts: Mapping[str, int]) -> set[str]:
-    """Names with a positive count in crafter's ``info["achievements"]``."""
-    return {name for name, count in achievement_counts.items() if int(count) > 0}
+def unlocked_from_counts(achievement_counts: Mapping[str, int]) -> list[str]:
+    """Names with a positive count in crafter's ``info["achievements"]``, sorted."""
+    return sorted(name for name, count in achievement_counts.items() if int(count) > 0)
 
 
 def summarize(episodes: Sequence[Mapping], achievements: Sequence[str] | None = None) -> dict:

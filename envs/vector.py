@@ -24,6 +24,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AsyncVectorEnv, AutoresetMode, SyncVectorEnv
 
+from envs.stats import unlocked_from_counts
+
 VECTORIZATION_MODES = ("sync", "async")
 
 
@@ -86,7 +88,7 @@ class EpisodeTracker:
             }
             final = unbatch_info(infos.get("final_info", {}), int(i))
             if "achievements" in final:
-                episode["unlocked"] = sorted(k for k, v in final["achievements"].items() if v > 0)
+                episode["unlocked"] = unlocked_from_counts(final["achievements"])
             ended.append(episode)
             self.returns[i] = 0.0
             self.lengths[i] = 0

@@ -13,7 +13,7 @@ import numpy as np
 import envs
 from envs.agents import make_agent
 from envs.crafter_env import ACHIEVEMENTS
-from envs.stats import summarize
+from envs.stats import summarize, unlocked_from_counts
 from envs.vector import EpisodeTracker, make_vector, unbatch_info
 from rig.config import Config, save_config
 
@@ -109,8 +109,7 @@ def _unfinished(tracker: EpisodeTracker, infos: dict, crafter_like: bool) -> lis
             continue
         episode = {"env": i, "return": float(tracker.returns[i]), "length": int(length), "unfinished": True}
         if crafter_like:
-            achievements = unbatch_info(infos, i)["achievements"]
-            episode["unlocked"] = sorted(k for k, v in achievements.items() if v > 0)
+            episode["unlocked"] = unlocked_from_counts(unbatch_info(infos, i)["achievements"])
         out.append(episode)
     return out
 

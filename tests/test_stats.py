@@ -7,7 +7,7 @@ import math
 import pytest
 
 from envs.crafter_env import ACHIEVEMENTS
-from envs.stats import crafter_score, episode_return, success_rates, summarize
+from envs.stats import crafter_score, episode_return, success_rates, summarize, unlocked_from_counts
 
 
 def test_crafter_score_hand_worked():
@@ -61,3 +61,7 @@ def test_summarize():
     assert out["score"] == pytest.approx(51 ** (1 / 22) - 1)
     assert episode_return([0.1, -0.1, 1.0]) == pytest.approx(1.0)
     assert summarize([]) == {"episodes": 0}
+
+
+def test_unlocked_from_counts():
+    assert unlocked_from_counts({"wake_up": 2, "collect_wood": 1, "eat_cow": 0}) == ["collect_wood", "wake_up"]
