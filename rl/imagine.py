@@ -20,8 +20,12 @@ logits for the G codes are ``generation_head(hidden[:, P+L : P+L+G])``. The hidd
 imagined frame) feeds the reward and continue heads (:class:`WorldHeads`).
 
 Positions are ``cumsum(attention) - 1`` over the whole row, exactly as ``act``/``evaluate``, so
-the KV-cached sampler (:func:`imagine`) and the one-forward recomputation
-(:func:`next_frame_logits`) give the same log-probs to float32 rounding.
+the KV-cached sampler (``RigPolicy.imagine``, and the lookahead of ``RigPolicy.act``, both through
+:func:`sample_frame`) and the one-forward recomputation (:func:`teacher_forced`,
+``RigPolicy.evaluate(batch, next_codes)``) give the same log-probs to float32 rounding.
+
+Within a lookahead (``act(..., lookahead=n)``) an imagined frame is closed by ``<end>`` and the
+next segment (``<reasoning>``, or ``<review>`` after the last one) follows it.
 
 Pixels: frames go in as ``x / 127.5 - 1`` (``RigPolicy.pixel_values``); the VQ decoder's output
 ``y`` (nominally in [-1, 1]) comes back as ``uint8(round((clamp(y, -1, 1) + 1) * 127.5))``, HWC.
@@ -36,10 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rl.losses import symexp
-
 if TYPE_CHECKING:
-    from rl.policy import ActOutput, RigPolicy
+    from rl.policy import ActOutput, RigPolicy, _Stream
 
 
 @dataclass
@@ -74,11 +76,6 @@ class WorldHeads(nn.Module):
             nn.init.zeros_(head[-1].weight)
             nn.init.zeros_(head[-1].bias)
         nn.init.constant_(self.cont[-1].bias, 3.0)
-
-    @classmethod
-    def for_policy(cls, policy: RigPolicy) -> WorldHeads:
-        param = next(policy.model.parameters())
-        return cls(int(policy.model.config.text_config.hidden_size)).to(param.device)
 
     def forward(self, hidden: Tensor) -> tuple[Tensor, Tensor]:
         """(..., D) hidden -> (reward_pred (...), continue_logit (...)), float32."""
@@ -123,103 +120,40 @@ def code_log_probs(logits: Tensor, codes: Tensor, temperature: float) -> Tensor:
     return logp.gather(-1, codes.long().unsqueeze(-1)).squeeze(-1)
 
 
-# -- the prefix: prompt + generated + <Imagine:> -------------------------------------------------
-
-
-def _prefix(policy: RigPolicy, act_out: ActOutput) -> tuple[Tensor, Tensor]:
-    """LM input embeddings (B, P + L + 1, D) of prompt + generated + ``<Imagine:>`` with the
-    observed frame's SigLIP features at the ``<image>`` placeholders, and the attention (bool)."""
-    dev = policy.device
-    prompt = act_out.prompt_ids.to(dev)
-    batch = prompt.shape[0]
-    marker = torch.full((batch, 1), policy.ids.imagine, dtype=torch.int64, device=dev)
-    ids = torch.cat([prompt, act_out.tokens.to(dev), marker], 1)  # (B, P + L + 1)
-    attn = torch.cat(
-        [torch.ones_like(prompt, dtype=torch.bool), act_out.attention_mask.to(dev),
-         torch.ones_like(marker, dtype=torch.bool)], 1,
-    )  # fmt: skip
-    m = policy.model.model
-    embeds = m.get_input_embeddings()(ids)  # (B, T, D)
-    feats = m.get_image_features(policy.pixel_values(act_out.frames), return_dict=True)
-    feats = feats.pooler_output.to(embeds.dtype)  # (B, G, D)
-    place = (ids == policy.model.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
-    if int(place.sum()) != feats.shape[0] * feats.shape[1]:
-        raise ValueError("the prompt's <image> placeholders do not match the frame's features")
-    embeds = embeds.masked_scatter(place, feats.reshape(-1))
-    return embeds, attn
-
-
 # -- sampling and teacher forcing ------------------------------------------------------------------
 
 
-@torch.no_grad()
-def imagine(
+def sample_frame(
     policy: RigPolicy,
-    heads: WorldHeads,
-    act_out: ActOutput,
-    temperature: float = 1.0,
+    stream: _Stream,
+    temperature: float,
     generator: torch.Generator | None = None,
-) -> ImagineOutput:
-    """Sample the imagined next frame after each row's action: prefill prompt + generated +
-    ``<Imagine:>`` once, then G codes one by one with the KV cache (each fed back through the
-    generation embeddings); decode them to pixels and read reward/continue after the last code."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    G = policy.image_tokens
-    embeds, attn = _prefix(policy, act_out)
-    pos = attn.long().cumsum(1).sub(1).clamp_min(0)
-    hidden, cache = policy.hidden(None, attn, pos, inputs_embeds=embeds, use_cache=True)
-    h = hidden[:, -1]  # (B, D) at <Imagine:>: predicts code 0
-    ones = torch.ones(attn.shape[0], 1, dtype=torch.bool, device=attn.device)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Feed ``<Imagine:>`` to a decoding stream (``rl.policy._Stream``, its rows just past an
+    action), then sample G codes one by one, each fed back through the generation embeddings.
+    Returns the codes (B, G) int64, their log-probs (B, G) float32 under the tempered softmax,
+    and the hidden state (B, D) after the last code (the world heads' input)."""
+    h = stream.feed_marker(policy.ids.imagine)  # (B, D) at <Imagine:>: predicts code 0
     codes, logps = [], []
-    for _ in range(G):
+    for _ in range(policy.image_tokens):
         logp = torch.log_softmax(code_logits(policy, h) / temperature, -1)  # (B, V)
         code = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
         codes.append(code.squeeze(1))
         logps.append(logp.gather(1, code).squeeze(1))
-        attn = torch.cat([attn, ones], 1)
-        pos = attn.long().sum(1, keepdim=True).sub(1)  # (B, 1)
-        hidden, cache = policy.hidden(
-            None,
-            attn,
-            pos,
-            past_key_values=cache,
-            use_cache=True,
-            inputs_embeds=code_embeds(policy, code),
-        )
-        h = hidden[:, -1]  # after the last iteration: the hidden state after code G-1
-    code_t = torch.stack(codes, 1)  # (B, G)
-    reward_pred, cont_logit = heads(h)
-    return ImagineOutput(
-        codes=code_t,
-        log_probs=torch.stack(logps, 1).float(),
-        frames=decode_codes(policy, code_t),
-        reward=symexp(reward_pred),
-        continue_prob=torch.sigmoid(cont_logit),
-        reward_pred=reward_pred,
-        continue_logit=cont_logit,
-        temperature=float(temperature),
-    )
+        h = stream.feed(code.squeeze(1), code=True)
+    return torch.stack(codes, 1), torch.stack(logps, 1).float(), h
 
 
 def teacher_forced(
     policy: RigPolicy, act_out: ActOutput, next_codes: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """One forward (no cache, with gradients) over prompt + generated + ``<Imagine:>`` + the
+    """One forward (no cache, with gradients) over the act sequence + ``<Imagine:>`` + the
     given codes (B, G). Returns generation-head logits (B, G, V) float32, where ``[:, g]`` is
     read at position ``P + L + g`` and predicts ``next_codes[:, g]``, and the hidden state
-    (B, D) after the last code (for :class:`WorldHeads`)."""
-    G = policy.image_tokens
-    if next_codes.ndim != 2 or next_codes.shape[1] != G:
-        raise ValueError(f"next_codes must be (B, {G}), got {tuple(next_codes.shape)}")
-    embeds, attn = _prefix(policy, act_out)
-    start = embeds.shape[1] - 1  # position of <Imagine:>
-    codes = next_codes.to(policy.device)
-    embeds = torch.cat([embeds, code_embeds(policy, codes).to(embeds.dtype)], 1)
-    attn = torch.cat([attn, torch.ones_like(codes, dtype=torch.bool)], 1)
-    pos = attn.long().cumsum(1).sub(1).clamp_min(0)
-    hidden, _ = policy.hidden(None, attn, pos, inputs_embeds=embeds)
-    return code_logits(policy, hidden[:, start : start + G]), hidden[:, -1]
+    (B, D) after the last code (for :class:`WorldHeads`). ``RigPolicy.evaluate(batch,
+    next_codes)`` gives the same from the learner's one forward."""
+    hidden, _, start = policy.forward_sequence(act_out, next_codes)
+    return code_logits(policy, hidden[:, start : start + policy.image_tokens]), hidden[:, -1]
 
 
 def next_frame_logits(policy: RigPolicy, act_out: ActOutput, next_codes: Tensor) -> Tensor:
@@ -230,5 +164,5 @@ def next_frame_logits(policy: RigPolicy, act_out: ActOutput, next_codes: Tensor)
 
 __all__ = [
     "ImagineOutput", "WorldHeads", "code_embeds", "code_log_probs", "code_logits",
-    "decode_codes", "frame_codes", "imagine", "next_frame_logits", "teacher_forced",
+    "decode_codes", "frame_codes", "next_frame_logits", "sample_frame", "teacher_forced",
 ]  # fmt: skip

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -202,10 +203,12 @@ def save_pretrained_dir(
     *,
     preset: str | None = None,
     overwrite: bool = False,
+    extra_files: dict[str, Callable[[Path], None]] | None = None,
 ) -> Path:
     """Write a checkpoint directory atomically: weights (safetensors), ``config.json``, the
     tokenizer and ``rig_policy.json`` (``format_version``, ``preset``, ``image_size``,
-    ``image_tokens_per_frame`` and ``extra``).
+    ``image_tokens_per_frame`` and ``extra``). ``extra_files`` maps a file name to a function
+    that writes it (given its path), for what the policy keeps beside the Janus weights.
 
     Everything is written into a temporary sibling ``.NAME.tmp-*`` which is renamed to ``path``
     only when complete; a crash leaves ``path`` as it was and the temporary removed. An existing
@@ -231,6 +234,8 @@ def save_pretrained_dir(
             "extra": dict(extra or {}),
         }
         (tmp / RIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
         if path.exists():
             old = path.parent / f".{path.name}.old-{tag}"
             path.rename(old)

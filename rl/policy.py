@@ -1,16 +1,25 @@
-"""The RIG policy: one Janus transformer that reads the frame, writes reasoning, then an action.
+"""The RIG policy: one Janus transformer that reads the frame, writes reasoning, then an action,
+and can imagine what its action leads to before committing (lookahead with review).
 
-One env step is one sequence (lookahead 0; imagination and review come later)::
+One env step is one sequence (full layout and diagrams: docs/policy.md)::
 
-    prompt (P tokens, identical for every row of a batch)                      generated (L columns)
-    <bos> <task> task-text <end> <observation> <image> x G <end> <reasoning> | r1 .. rk <end> <action> a1 .. am <end>
-                                                                    p = P-1  | 0 ..              c           .. L-1
+    prompt (P columns, left-padded per row)                                    generated (L columns)
+    <bos> <task> text <end>                                        task (per row)
+    [<observation> <image> x G <end> <action> a <end>] x k         history: the last k steps
+    <observation> <image> x G <end>                                the frame now
+    [<reasoning> r <end> <action> a <end> <Imagine:> c x G <end>] x n     lookahead (n >= 0)
+    [<review>] <reasoning>                                      |  r1 .. rk <end> <action> a1 .. am <end>
 
-The segment layout is ``rl.tokenizer``'s (each segment closed by ``<end>``). ``<image>`` x G are
-placeholders where the model puts the SigLIP features of the observed frame (G =
-``image_tokens_per_frame``). Frames are normalised as ``x / 127.5 - 1`` (mean = std = 0.5, what
-the released Janus checkpoints' ``preprocessor_config.json`` uses; transformers'
-``JanusImageProcessor`` class default is CLIP's mean/std, which we do not use).
+``<image>`` x G are placeholders where the model puts the SigLIP features of an observed frame
+(G = ``image_tokens_per_frame``); ``c x G`` are VQ codes of an imagined frame, which enter the LM
+through the generation embeddings (``prompt_codes`` marks their columns). Frames are normalised as
+``x / 127.5 - 1`` (mean = std = 0.5, what the released Janus checkpoints'
+``preprocessor_config.json`` uses; transformers' ``JanusImageProcessor`` class default is CLIP's
+mean/std, which we do not use).
+
+The policy gradient acts on the generated columns only (the final reasoning and action); the
+lookahead chain is context the policy wrote for itself, like the history: ``evaluate`` reads it
+back from the prompt, so the learner scores the final decision under exactly what ``act`` saw.
 
 Off by one: the logits at position i predict the token at i + 1::
 
@@ -30,16 +39,20 @@ or ``<pad>`` in the text would corrupt the sequence), and the action tokens with
 (from the trie-masked tempered softmax, ``rl.constrained``). Forced tokens (``<action>``, and the
 ``<end>`` that closes reasoning cut by the cap) have log-prob 0 and no mask bit.
 
-Batching: rows decode in lockstep with one KV cache. A row that has finished its reasoning
-feeds ``<pad>`` columns with attention 0 until every row has, so ``<action>`` sits in the same
-column for all rows; ``position_ids = cumsum(attention) - 1`` makes each row's positions those of
-its own unpadded sequence. ``evaluate`` rebuilds exactly this layout (same columns, same mask,
-same positions) in one forward, so its log-probs equal ``act``'s to float32 rounding.
+Batching: rows decode in lockstep with one KV cache. Prompts of different lengths (tasks, history)
+are left-padded; a row that has finished its reasoning feeds ``<pad>`` columns with attention 0
+until every row has, so ``<action>`` sits in the same column for all rows. ``position_ids =
+cumsum(attention) - 1`` makes each row's positions those of its own unpadded sequence.
+``evaluate`` rebuilds exactly this layout (same columns, same mask, same positions) in one
+forward, so its log-probs equal ``act``'s to float32 rounding.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +60,14 @@ import torch
 from torch import Tensor, nn
 
 from rl.constrained import ActionTrie, build_action_trie
+from rl.imagine import (
+    ImagineOutput,
+    WorldHeads,
+    code_embeds,
+    code_logits,
+    decode_codes,
+    sample_frame,
+)  # fmt: skip
 from rl.tokenizer import SegmentIds, segment_ids
 
 if TYPE_CHECKING:
@@ -54,22 +75,87 @@ if TYPE_CHECKING:
 
     from envs.codecs import ActionCodec
 
+HEADS_FILE = "rig_heads.safetensors"
+"""The value and world heads inside a checkpoint directory (``value_head.*``, ``world.*``); the
+Janus weights stay in ``model.safetensors`` so that transformers loads the directory as is."""
+
+
+def positions(mask: Tensor) -> Tensor:
+    """(B, T) bool attention -> (B, T) int64 positions ``cumsum - 1`` (each row's positions in its
+    own unpadded sequence; padding gets its left neighbour's, harmless as it is never attended)."""
+    return mask.long().cumsum(1).sub(1).clamp_min(0)
+
+
+def _as_uint8(frames: np.ndarray | Tensor) -> Tensor:
+    return frames if isinstance(frames, Tensor) else torch.as_tensor(np.asarray(frames))
+
+
+def shown(frames: Tensor, history_frames: Tensor, history_mask: Tensor) -> Tensor:
+    """(N, H, W, 3) uint8 every observed frame the prompts show, in placeholder order: row by
+    row, its real history slots (B, k) oldest first, then its current frame (B, H, W, 3)."""
+    stacked = torch.cat([history_frames, frames[:, None]], 1)  # (B, k + 1, H, W, 3)
+    now = torch.ones(len(frames), 1, dtype=torch.bool, device=history_mask.device)
+    real = torch.cat([history_mask, now], 1)
+    return stacked[real.to(stacked.device)]
+
+
+@dataclass
+class History:
+    """The last k steps of B envs, oldest first: what the policy saw and did. Slot j of row b is
+    real iff ``mask[b, j]``; rows fill from the right (the newest step is always slot k-1), so a
+    fresh episode has ``mask[b] = [False, .., False]``."""
+
+    frames: Tensor  # (B, k, H, W, 3) uint8
+    actions: Tensor  # (B, k) int64 codec indices
+    mask: Tensor  # (B, k) bool
+
+    @classmethod
+    def empty(cls, batch: int, k: int, size: int) -> History:
+        return cls(
+            frames=torch.zeros(batch, k, size, size, 3, dtype=torch.uint8),
+            actions=torch.zeros(batch, k, dtype=torch.int64),
+            mask=torch.zeros(batch, k, dtype=torch.bool),
+        )
+
+    @property
+    def k(self) -> int:
+        return self.mask.shape[1]
+
+    def push(self, frames: np.ndarray | Tensor, actions: np.ndarray | Tensor) -> None:
+        """Record one step of every row: the frames acted on (B, H, W, 3) and the actions (B,)."""
+        if self.k == 0:
+            return
+        self.frames = torch.cat([self.frames[:, 1:], _as_uint8(frames).cpu()[:, None]], 1)
+        self.actions = torch.cat([self.actions[:, 1:], torch.as_tensor(actions).cpu()[:, None]], 1)
+        self.mask = torch.cat([self.mask[:, 1:], torch.ones_like(self.mask[:, :1])], 1)
+
+    def reset(self, rows: np.ndarray | Tensor) -> None:
+        """Forget the past of rows whose episode ended (``rows``: (B,) bool)."""
+        self.mask = self.mask & ~torch.as_tensor(rows, dtype=torch.bool)[:, None]
+
 
 @dataclass
 class ActOutput:
     """One batched ``act`` call: everything ``evaluate`` needs to recompute it, and the losses'
-    inputs. B rows, P prompt tokens, L generated columns (padding: ``<pad>``, attention 0)."""
+    inputs. B rows, P prompt columns (left-padded), L generated columns (right-padded), k history
+    slots, n lookahead steps, G codes per imagined frame."""
 
     actions: Tensor  # (B,) int64 codec index of each row's action
     action_texts: list[str]  # B action strings, codec.vocab[actions[i]]
-    prompt_ids: Tensor  # (B, P) int64 the prompt, same for every row
+    prompt_ids: Tensor  # (B, P) int64 text ids; VQ code ids where prompt_codes
+    prompt_mask: Tensor  # (B, P) bool attention: False at left padding and lockstep holes
+    prompt_codes: Tensor  # (B, P) bool columns holding imagined VQ codes (lookahead)
     frames: Tensor  # (B, H, W, 3) uint8 the observed frames
+    history_frames: Tensor  # (B, k, H, W, 3) uint8 past frames in the prompt (where history_mask)
+    history_mask: Tensor  # (B, k) bool
     tokens: Tensor  # (B, L) int64 generated ids: reasoning, <end>, <action>, action ids, <end>
     attention_mask: Tensor  # (B, L) bool, False at padding columns
     log_probs: Tensor  # (B, L) float32 log-prob of each sampled token, 0 elsewhere
     reasoning_mask: Tensor  # (B, L) bool sampled reasoning tokens (closing <end> included)
     action_mask: Tensor  # (B, L) bool sampled action tokens (closing <end> included)
     values: Tensor  # (B,) float32 value at the <action> marker
+    lookahead_actions: Tensor  # (B, n) int64 the actions proposed in the lookahead, in order
+    imagined_frames: Tensor  # (B, n, H, W, 3) uint8 the lookahead's imagined frames, decoded
     prompt_length: int  # P
     temperature: float  # the sampler's temperature; evaluate uses the same
 
@@ -78,38 +164,128 @@ class ActOutput:
         """(B, L) bool every sampled token: what the policy loss sums over."""
         return self.reasoning_mask | self.action_mask
 
+    def images(self) -> Tensor:
+        """(N, H, W, 3) uint8 every observed frame the prompts show (:func:`shown`)."""
+        return shown(self.frames, self.history_frames, self.history_mask)
+
+    def to(self, device: torch.device | str) -> ActOutput:
+        return ActOutput(**{
+            f.name: v.to(device) if isinstance(v := getattr(self, f.name), Tensor) else v
+            for f in fields(ActOutput)
+        })  # fmt: skip
+
+    def __getitem__(self, rows: slice | Tensor | Sequence[int]) -> ActOutput:
+        """The rows ``rows`` (columns unchanged, so padding columns may remain)."""
+        out: dict[str, Any] = {}
+        for f in fields(ActOutput):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[rows]
+            elif isinstance(v, list):
+                index = range(len(v))[rows] if isinstance(rows, slice) else rows
+                out[f.name] = [v[int(i)] for i in index]
+            else:
+                out[f.name] = v
+        return ActOutput(**out)
+
     @staticmethod
-    def collate(outputs: list[ActOutput], pad_id: int) -> ActOutput:
-        """Concatenate act outputs along B, right-padding the generated columns to the longest L.
-        All must share the prompt length and temperature."""
-        if (
-            len({o.prompt_length for o in outputs}) != 1
-            or len({o.temperature for o in outputs}) != 1
-        ):
-            raise ValueError("collate needs outputs with one prompt length and one temperature")
-        length = max(o.tokens.shape[1] for o in outputs)
-
-        def pad(x: Tensor, value: Any) -> Tensor:
-            return nn.functional.pad(x, (0, length - x.shape[1]), value=value)
-
+    def collate(outputs: Sequence[ActOutput], pad_id: int) -> ActOutput:
+        """Concatenate act outputs along B: prompts left-padded to the longest P, generated
+        columns right-padded to the longest L. All must share the temperature, k and n."""
+        if len({o.temperature for o in outputs}) != 1:
+            raise ValueError("collate needs outputs sampled at one temperature")
+        P = max(o.prompt_ids.shape[1] for o in outputs)
+        L = max(o.tokens.shape[1] for o in outputs)
+        left = {"prompt_ids": pad_id, "prompt_mask": False, "prompt_codes": False}
+        right = {"tokens": pad_id, "attention_mask": False, "log_probs": 0.0,
+                 "reasoning_mask": False, "action_mask": False}  # fmt: skip
         cat: dict[str, Any] = {}
         for f in fields(ActOutput):
             items = [getattr(o, f.name) for o in outputs]
             if f.name == "action_texts":
                 cat[f.name] = [t for item in items for t in item]
-            elif f.name in ("prompt_length", "temperature"):
+            elif f.name == "prompt_length":
+                cat[f.name] = P
+            elif f.name == "temperature":
                 cat[f.name] = items[0]
-            elif f.name == "tokens":
-                cat[f.name] = torch.cat([pad(x, pad_id) for x in items])
-            elif f.name in ("attention_mask", "log_probs", "reasoning_mask", "action_mask"):
-                cat[f.name] = torch.cat([pad(x, 0) for x in items])
+            elif f.name in left:
+                cat[f.name] = torch.cat([nn.functional.pad(x, (P - x.shape[1], 0),
+                                                           value=left[f.name]) for x in items])  # fmt: skip
+            elif f.name in right:
+                cat[f.name] = torch.cat([nn.functional.pad(x, (0, L - x.shape[1]),
+                                                           value=right[f.name]) for x in items])  # fmt: skip
             else:
+                shapes = {tuple(x.shape[1:]) for x in items}
+                if len(shapes) != 1:
+                    raise ValueError(
+                        f"collate: {f.name} differs in shape between outputs: {shapes}"
+                    )
                 cat[f.name] = torch.cat(items)
         return ActOutput(**cat)
 
 
+class _Stream:
+    """B rows decoding in lockstep over one KV cache. Remembers every column it was fed (ids,
+    attention, which are VQ codes) so the sequence can be stored and re-read by ``evaluate``."""
+
+    def __init__(self, policy: RigPolicy, ids: Tensor, mask: Tensor, codes: Tensor, images: Tensor):
+        self.policy = policy
+        embeds = policy.embed(ids, codes, images)
+        hidden, self.cache = policy.hidden(None, mask, positions(mask), use_cache=True,
+                                           inputs_embeds=embeds)  # fmt: skip
+        self.h = hidden[:, -1]  # (B, D) the state that predicts the next column
+        self.cols: list[tuple[Tensor, Tensor, Tensor]] = [(ids, mask, codes)]
+        self.mask = mask
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.mask.shape[1]
+
+    def feed(self, tok: Tensor, live: Tensor | None = None, code: bool = False) -> Tensor:
+        """Append one column (B,) (text ids, or VQ code ids if ``code``), attended where ``live``;
+        returns the hidden state (B, D) at it."""
+        p = self.policy
+        live = torch.ones_like(tok, dtype=torch.bool) if live is None else live
+        self.mask = torch.cat([self.mask, live[:, None]], 1)
+        pos = self.mask.long().sum(1, keepdim=True).sub(1).clamp_min(0)  # (B, 1)
+        if code:
+            h, self.cache = p.hidden(None, self.mask, pos, past_key_values=self.cache,
+                                     use_cache=True, inputs_embeds=code_embeds(p, tok[:, None]))  # fmt: skip
+        else:
+            h, self.cache = p.hidden(tok[:, None], self.mask, pos, past_key_values=self.cache,
+                                     use_cache=True)  # fmt: skip
+        self.cols.append((tok[:, None], live[:, None], torch.full_like(live[:, None], code)))
+        self.h = h[:, -1]
+        return self.h
+
+    def feed_marker(self, token_id: int) -> Tensor:
+        return self.feed(torch.full((self.batch,), token_id, device=self.mask.device))
+
+    def sequence(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, mask, codes), each (B, T): everything fed so far."""
+        return tuple(torch.cat(c, 1) for c in zip(*self.cols, strict=True))  # type: ignore[return-value]
+
+
+@dataclass
+class _Decision:
+    """The columns one ``_decide`` wrote, each (B, L), and what it chose."""
+
+    tokens: Tensor
+    attention_mask: Tensor
+    log_probs: Tensor
+    reasoning_mask: Tensor
+    action_mask: Tensor
+    actions: Tensor  # (B,)
+    values: Tensor  # (B,)
+
+
 class RigPolicy(nn.Module):
-    """Janus model + tokenizer + action trie + value head (an MLP on the ``<action>`` hidden state).
+    """Janus model + tokenizer + action trie + value head (an MLP on the ``<action>`` hidden state)
+    + world heads (reward and continue after an imagined frame, ``rl.imagine.WorldHeads``).
 
     Args:
         model: a ``JanusForConditionalGeneration`` (``rl.model.build_model`` or a checkpoint).
@@ -133,12 +309,14 @@ class RigPolicy(nn.Module):
         self.trie: ActionTrie = build_action_trie(tok, codec.vocab)
         self.image_tokens = image_tokens_per_frame(model)
         self.image_size = int(model.config.vision_config.image_size)
+        self.context_length = int(model.config.text_config.max_position_embeddings)
         hidden = int(model.config.text_config.hidden_size)
         self.vocab_size = int(model.config.text_config.vocab_size)
         param = next(model.parameters())
         self.value_head = nn.Sequential(
             nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)
         ).to(param.device)
+        self.world = WorldHeads(hidden).to(param.device)
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[len(tok) :] = True
@@ -146,8 +324,9 @@ class RigPolicy(nn.Module):
                      "action", "imagine", "review"):  # fmt: skip
             banned[getattr(self.ids, name)] = True
         self.register_buffer("reasoning_banned", banned.to(param.device), persistent=False)
+        self._task_ids: dict[str, list[int]] = {}
 
-    # -- constructors ------------------------------------------------------------------------
+    # -- constructors and checkpoints -------------------------------------------------------
 
     @classmethod
     def from_preset(cls, name: str, codec: ActionCodec, seed: int = 0) -> RigPolicy:
@@ -165,24 +344,99 @@ class RigPolicy(nn.Module):
     ) -> RigPolicy:
         return cls(model, tok, codec)
 
+    @classmethod
+    def load(cls, path: str | os.PathLike, codec: ActionCodec) -> RigPolicy:
+        """A policy from a checkpoint directory (``save``'s, or a plain supervised Janus one).
+
+        The heads come from ``rig_heads.safetensors`` when the directory has it; a supervised
+        checkpoint has none, so the value and world heads start fresh (``policy.heads_loaded``
+        says which). Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from rl.model import CheckpointError, load_pretrained_dir
+
+        model, tok, record = load_pretrained_dir(path)
+        policy = cls(model, tok, codec)
+        policy.record = record
+        policy.heads_loaded = False
+        file = Path(path) / HEADS_FILE
+        if file.is_file():
+            try:
+                state = load_file(str(file))
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"corrupted heads file {file}: {err}") from None
+            heads = {k: v for k, v in policy.state_dict().items() if not k.startswith("model.")}
+            if set(state) != set(heads) or any(state[k].shape != heads[k].shape for k in heads):
+                raise CheckpointError(
+                    f"{file} does not fit this policy (hidden size "
+                    f"{model.config.text_config.hidden_size}); it holds {sorted(state)[:3]}..."
+                )
+            policy.load_state_dict(state, strict=False)
+            policy.heads_loaded = True
+        return policy.eval()
+
+    def save(
+        self, path: str | os.PathLike, extra: dict[str, Any] | None = None, overwrite: bool = False
+    ) -> Path:
+        """Write an HF checkpoint directory atomically (``rl.model.save_pretrained_dir``) with
+        the heads in ``rig_heads.safetensors``. ``JanusForConditionalGeneration.from_pretrained``
+        loads it as is; ``RigPolicy.load`` loads all of it."""
+        from safetensors.torch import save_file
+
+        from rl.model import save_pretrained_dir
+
+        heads = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()
+                 if not k.startswith("model.")}  # fmt: skip
+        return save_pretrained_dir(
+            self.model, self.tok, path, extra, overwrite=overwrite,
+            extra_files={HEADS_FILE: lambda file: save_file(heads, str(file))},
+        )  # fmt: skip
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     # -- building blocks ---------------------------------------------------------------------
 
-    def prompt_ids(self, task: str, batch: int) -> Tensor:
-        """(batch, P) int64 the prompt up to and including ``<reasoning>``. The task is user
-        text: a marker's spelling in it stays ordinary text."""
-        ids = self.ids
-        text = self.tok(task, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        row = [ids.bos, ids.task, *text, ids.end, ids.observation]
-        row += [ids.image] * self.image_tokens + [ids.end, ids.reasoning]
-        return torch.tensor([row] * batch, dtype=torch.int64, device=self.device)
+    def task_ids(self, task: str) -> list[int]:
+        """The task text's ids. The task is user text: a marker's spelling stays ordinary text."""
+        if task not in self._task_ids:
+            self._task_ids[task] = self.tok(task, add_special_tokens=False,
+                                            split_special_tokens=True)["input_ids"]  # fmt: skip
+        return self._task_ids[task]
+
+    def prompt(
+        self, tasks: str | Sequence[str], batch: int, history: History | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(ids, mask), each (B, P): task, history and the current frame's placeholders, up to
+        and including ``<reasoning>``, left-padded with ``<pad>`` (mask False) to one length."""
+        ids, G = self.ids, self.image_tokens
+        tasks = [tasks] * batch if isinstance(tasks, str) else list(tasks)
+        if len(tasks) != batch:
+            raise ValueError(
+                f"got {len(tasks)} tasks for {batch} frames; give one per row or a str"
+            )
+        frame = [ids.observation, *[ids.image] * G, ids.end]
+        rows = []
+        for b, task in enumerate(tasks):
+            row = [ids.bos, ids.task, *self.task_ids(task), ids.end]
+            if history is not None:
+                for j in range(history.k):
+                    if history.mask[b, j]:
+                        row += [*frame, ids.action, *self.trie.sequence(int(history.actions[b, j]))]
+            rows.append([*row, *frame, ids.reasoning])
+        P = max(map(len, rows))
+        out = torch.full((batch, P), ids.pad, dtype=torch.int64)
+        mask = torch.zeros(batch, P, dtype=torch.bool)
+        for b, row in enumerate(rows):
+            out[b, P - len(row) :] = torch.tensor(row)
+            mask[b, P - len(row) :] = True
+        return out.to(self.device), mask.to(self.device)
 
     def pixel_values(self, frames: np.ndarray | Tensor) -> Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) in [-1, 1] (mean = std = 0.5), the model's dtype."""
-        x = torch.as_tensor(np.asarray(frames) if not isinstance(frames, Tensor) else frames)
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) in [-1, 1] (mean = std = 0.5), the model's dtype."""
+        x = _as_uint8(frames)
         if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
             raise ValueError(f"frames must be (B, H, W, 3) uint8, got {tuple(x.shape)} {x.dtype}")
         if x.shape[1] != self.image_size or x.shape[2] != self.image_size:
@@ -194,23 +448,43 @@ class RigPolicy(nn.Module):
         x = x.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         return x.to(dtype)
 
+    def embed(self, ids: Tensor, codes: Tensor, images: Tensor) -> Tensor:
+        """LM input embeddings (B, T, D) of a sequence: text ids through the input embedding,
+        VQ codes (where ``codes``) through the generation path, and the SigLIP features of
+        ``images`` (N, H, W, 3) uint8 at the ``<image>`` placeholders, in row-major order."""
+        m = self.model.model
+        embeds = m.get_input_embeddings()(ids.masked_fill(codes, self.ids.pad))
+        if bool(codes.any()):
+            embeds = embeds.masked_scatter(
+                codes[..., None], code_embeds(self, ids[codes]).to(embeds.dtype)
+            )
+        place = (ids == self.ids.image) & ~codes  # (B, T)
+        if int(place.sum()) != len(images) * self.image_tokens:
+            raise ValueError(
+                f"the sequences have {int(place.sum())} <image> placeholders but {len(images)} "
+                f"frames of {self.image_tokens} tokens were given"
+            )
+        if len(images):
+            feats = m.get_image_features(self.pixel_values(images), return_dict=True)
+            feats = feats.pooler_output.to(embeds.dtype)  # (N, G, D)
+            embeds = embeds.masked_scatter(place[..., None], feats.reshape(-1))
+        return embeds
+
     def hidden(
         self,
         input_ids: Tensor | None,
         attention_mask: Tensor,
         position_ids: Tensor,
-        pixel_values: Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
         inputs_embeds: Tensor | None = None,
     ) -> tuple[Tensor, Any]:
-        """Last hidden states (B, T, D) of the LM over ``input_ids`` (B, T), or over ready
-        ``inputs_embeds`` (B, T, D) (imagined VQ codes enter that way), and the cache.
-        ``attention_mask`` covers the cached positions too: (B, past + T)."""
+        """Last hidden states (B, T, D) of the LM over text ``input_ids`` (B, T), or over ready
+        ``inputs_embeds`` (B, T, D) (:meth:`embed`), and the cache. ``attention_mask`` covers
+        the cached positions too: (B, past + T)."""
         out = self.model.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            pixel_values=pixel_values,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -238,63 +512,131 @@ class RigPolicy(nn.Module):
     def act(
         self,
         frames: np.ndarray | Tensor,
-        task: str,
+        task: str | Sequence[str],
         max_reasoning_tokens: int = 32,
         temperature: float = 1.0,
         generator: torch.Generator | None = None,
+        *,
+        history: History | None = None,
+        lookahead: int = 0,
     ) -> ActOutput:
-        """Sample reasoning then an action for each frame, with one prefill and a KV cache."""
+        """Sample reasoning then an action for each frame (B, H, W, 3) uint8, with one prefill
+        and one KV cache. ``task``: one str for every row, or one per row. ``history``: the last
+        k steps of each row (:class:`History`). ``lookahead`` n > 0: propose an action, imagine
+        its next frame, reason and propose again from that imagined frame, n times, then write
+        ``<review>`` and decide the action that is taken (RIG's review and self-correct)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        ids = self.ids
-        pixels = self.pixel_values(frames)  # (B, 3, H, W)
-        batch = pixels.shape[0]
-        dev = self.device
-        prompt = self.prompt_ids(task, batch)  # (B, P)
-        attn = torch.ones_like(prompt, dtype=torch.bool)  # (B, P + t) grows by one per column
-        pos = torch.arange(prompt.shape[1], device=dev).expand(batch, -1)  # (B, P)
-        hidden, cache = self.hidden(prompt, attn, pos, pixels, use_cache=True)
-        logits = self.logits(hidden[:, -1])  # (B, V) predicts generated column 0
+        if lookahead < 0:
+            raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        frames_t = _as_uint8(frames)
+        self.pixel_values(frames_t[:1])  # a clear error for a wrong shape or dtype, up front
+        batch, dev = frames_t.shape[0], self.device
+        if history is None:
+            history = History.empty(batch, 0, self.image_size)
+        if history.mask.shape[0] != batch:
+            raise ValueError(f"history has {history.mask.shape[0]} rows for {batch} frames")
+        ids, mask = self.prompt(task, batch, history)
+        self._check_context(ids.shape[1], max_reasoning_tokens, lookahead)
+        frames_t = frames_t.to(dev)
+        past, past_mask = history.frames.to(dev), history.mask.to(dev)
+        stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
 
+        proposals, imagined = [], []
+        for i in range(lookahead):
+            step = self._decide(
+                stream, max_reasoning_tokens, temperature, generator, feed_last=True
+            )
+            proposals.append(step.actions)
+            codes, _, _ = sample_frame(self, stream, temperature, generator)
+            imagined.append(decode_codes(self, codes))
+            stream.feed_marker(self.ids.end)
+            if i == lookahead - 1:
+                stream.feed_marker(self.ids.review)
+            stream.feed_marker(self.ids.reasoning)
+        prompt_ids, prompt_mask, prompt_codes = stream.sequence()
+        prompt_length = stream.length
+        final = self._decide(stream, max_reasoning_tokens, temperature, generator, feed_last=False)
+        empty = torch.zeros(batch, 0, dtype=torch.int64, device=dev)
+        return ActOutput(
+            actions=final.actions,
+            action_texts=[self.codec.vocab[int(a)] for a in final.actions],
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            prompt_codes=prompt_codes,
+            frames=frames_t,
+            history_frames=past,
+            history_mask=past_mask,
+            tokens=final.tokens,
+            attention_mask=final.attention_mask,
+            log_probs=final.log_probs,
+            reasoning_mask=final.reasoning_mask,
+            action_mask=final.action_mask,
+            values=final.values,
+            lookahead_actions=torch.stack(proposals, 1) if proposals else empty,
+            imagined_frames=(
+                torch.stack(imagined, 1) if imagined else frames_t[:, None][:, :0]
+            ),  # fmt: skip
+            prompt_length=prompt_length,
+            temperature=float(temperature),
+        )
+
+    def _check_context(self, prompt_length: int, max_reasoning_tokens: int, lookahead: int) -> None:
+        """ValueError if the longest sequence this act call can write exceeds the context."""
+        decision = max_reasoning_tokens + 3 + self.trie.max_len  # reasoning <end> <action> ...
+        imagined = 2 + self.image_tokens + 1  # <Imagine:> codes <end> <reasoning>|<review>
+        longest = prompt_length + lookahead * (decision + imagined) + (lookahead > 0) + decision
+        longest += 1 + self.image_tokens  # evaluate's next-frame targets after the action
+        if longest > self.context_length:
+            raise ValueError(
+                f"a step can take {longest} tokens but the model's context is "
+                f"{self.context_length}: lower the history length, lookahead or "
+                f"max_reasoning_tokens ({max_reasoning_tokens})"
+            )
+
+    def _decide(
+        self,
+        stream: _Stream,
+        max_reasoning_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        feed_last: bool,
+    ) -> _Decision:
+        """From ``stream.h`` (the state at ``<reasoning>``): sample reasoning, force
+        ``<action>``, sample the action under the trie. ``feed_last`` also feeds the action's
+        closing column, for a sequence that goes on (a lookahead proposal)."""
+        ids, batch, dev = self.ids, stream.batch, stream.mask.device
         cols: dict[str, list[Tensor]] = {k: [] for k in ("tok", "attn", "logp", "reason", "act")}
         zero = torch.zeros(batch, device=dev)
         no = torch.zeros(batch, dtype=torch.bool, device=dev)
+        every = torch.ones(batch, dtype=torch.bool, device=dev)
 
         def push(tok: Tensor, live: Tensor, logp: Tensor, reason: Tensor, action: Tensor) -> None:
             for key, val in zip(cols, (tok, live, logp, reason, action), strict=True):
                 cols[key].append(val)
 
-        def feed(tok: Tensor, live: Tensor) -> Tensor:
-            """Append a column (B,) to the cache; the hidden state (B, D) at it."""
-            nonlocal attn, cache
-            attn = torch.cat([attn, live.unsqueeze(1)], 1)
-            pos = attn.long().sum(1, keepdim=True).sub(1).clamp_min(0)  # (B, 1) = cumsum - 1
-            h, cache = self.hidden(tok.unsqueeze(1), attn, pos, past_key_values=cache,
-                                   use_cache=True)  # fmt: skip
-            return h[:, -1]
-
         def sample(logp: Tensor) -> Tensor:
             return torch.multinomial(logp.exp(), 1, generator=generator).squeeze(1)
 
         # Reasoning: free sampling until <end> or the cap; finished rows feed masked <pad>.
-        writing = torch.ones(batch, dtype=torch.bool, device=dev)
+        logits = self.logits(stream.h)
+        writing = every.clone()
         for _ in range(max_reasoning_tokens):
             logp = self.reasoning_log_softmax(logits, temperature)  # (B, V)
             tok = torch.where(writing, sample(logp), ids.pad)
             taken = logp.gather(1, tok.unsqueeze(1)).squeeze(1)
             push(tok, writing, torch.where(writing, taken, zero), writing, no)
-            logits = self.logits(feed(tok, writing))
+            logits = self.logits(stream.feed(tok, writing))
             writing = writing & (tok != ids.end)
             if not bool(writing.any()):
                 break
         if bool(writing.any()):  # rows cut by the cap: close their reasoning (forced)
             push(torch.where(writing, ids.end, ids.pad), writing, zero, no, no)
-            feed(cols["tok"][-1], writing)
+            stream.feed(cols["tok"][-1], writing)
 
         # <action> (forced); the value reads the hidden state there.
-        every = torch.ones(batch, dtype=torch.bool, device=dev)
         push(torch.full((batch,), ids.action, device=dev), every, zero, no, no)
-        h_action = feed(cols["tok"][-1], every)
+        h_action = stream.feed(cols["tok"][-1], every)
         values = self.value(h_action)
         logits = self.logits(h_action)
 
@@ -309,46 +651,73 @@ class RigPolicy(nn.Module):
             nodes = nodes.clone()
             nodes[live] = self.trie.advance(nodes[live], tok[live])
             if bool(self.trie.is_done(nodes).all()):
+                if feed_last:
+                    stream.feed(tok, live)
                 break
-            logits = self.logits(feed(tok, live))
+            logits = self.logits(stream.feed(tok, live))
 
-        actions = self.trie.action_index(nodes)
-        return ActOutput(
-            actions=actions,
-            action_texts=[self.codec.vocab[int(a)] for a in actions],
-            prompt_ids=prompt,
-            frames=torch.as_tensor(
-                np.asarray(frames) if not isinstance(frames, Tensor) else frames
-            ).to(dev),  # fmt: skip
+        return _Decision(
             tokens=torch.stack(cols["tok"], 1),
             attention_mask=torch.stack(cols["attn"], 1),
             log_probs=torch.stack(cols["logp"], 1).float(),
             reasoning_mask=torch.stack(cols["reason"], 1),
             action_mask=torch.stack(cols["act"], 1),
+            actions=self.trie.action_index(nodes),
             values=values,
-            prompt_length=prompt.shape[1],
-            temperature=float(temperature),
         )
 
     # -- learning ----------------------------------------------------------------------------
 
-    def evaluate(self, batch: ActOutput) -> dict[str, Tensor]:
+    def _written(self, batch: ActOutput) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, mask, codes), each (B, P + L): the whole sequence an act call wrote."""
+        dev = self.device
+        ids = torch.cat([batch.prompt_ids.to(dev), batch.tokens.to(dev)], 1)
+        mask = torch.cat([batch.prompt_mask.to(dev), batch.attention_mask.to(dev)], 1)
+        no_codes = torch.zeros_like(batch.attention_mask, dtype=torch.bool, device=dev)
+        codes = torch.cat([batch.prompt_codes.to(dev), no_codes], 1)
+        return ids, mask, codes
+
+    def forward_sequence(
+        self, batch: ActOutput, next_codes: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, int]:
+        """One forward (no cache, with gradients) over prompt + generated columns, and, given
+        ``next_codes`` (B, G), ``<Imagine:>`` + those codes after them. Returns the hidden states
+        (B, T, D), the attention (B, T) and the column of ``<Imagine:>`` (``P + L``)."""
+        dev = self.device
+        ids, mask, codes = self._written(batch)  # (B, P + L)
+        start = ids.shape[1]
+        if next_codes is not None:
+            G = self.image_tokens
+            if next_codes.ndim != 2 or next_codes.shape != (ids.shape[0], G):
+                raise ValueError(f"next_codes must be ({ids.shape[0]}, {G}), got "
+                                 f"{tuple(next_codes.shape)}")  # fmt: skip
+            marker = torch.full_like(ids[:, :1], self.ids.imagine)
+            ids = torch.cat([ids, marker, next_codes.to(dev).long()], 1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, : 1 + G])], 1)
+            codes = torch.cat([codes, torch.zeros_like(codes[:, :1]),
+                               torch.ones_like(codes[:, :G])], 1)  # fmt: skip
+        embeds = self.embed(ids, codes, batch.images().to(dev))
+        hidden, _ = self.hidden(None, mask, positions(mask), inputs_embeds=embeds)
+        return hidden, mask, start
+
+    def evaluate(self, batch: ActOutput, next_codes: Tensor | None = None) -> dict[str, Tensor]:
         """Teacher-forced recomputation of ``act`` in one forward (no cache), with gradients.
 
         Returns ``log_probs`` (B, L) float32 (0 off the sampled tokens), ``entropies`` (B, L)
         float32 of the distribution each sampled token was drawn from (0 elsewhere) and
-        ``values`` (B,) float32.
+        ``values`` (B,) float32. Given the real next frame's VQ codes ``next_codes`` (B, G)
+        (``rl.imagine.frame_codes``), the same forward goes on over ``<Imagine:>`` + those codes
+        and also returns ``next_frame_logits`` (B, G, V_vq) float32 (``[:, g]`` predicts
+        ``next_codes[:, g]``: the input of ``rl.losses.next_frame_loss``), and ``reward_pred``
+        and ``continue_logit`` (B,) from the world heads after the last code.
         """
         P, T = batch.prompt_length, batch.temperature
         tokens = batch.tokens.to(self.device)  # (B, L)
+        L = tokens.shape[1]
         reason = batch.reasoning_mask.to(self.device)
         action = batch.action_mask.to(self.device)
-        ids = torch.cat([batch.prompt_ids.to(self.device), tokens], 1)  # (B, P + L)
-        attn = torch.cat([torch.ones_like(batch.prompt_ids, dtype=torch.bool).to(self.device),
-                          batch.attention_mask.to(self.device)], 1)  # fmt: skip
-        pos = attn.long().cumsum(1).sub(1).clamp_min(0)  # (B, P + L) as act's positions
-        hidden, _ = self.hidden(ids, attn, pos, self.pixel_values(batch.frames))
-        hidden = hidden[:, P - 1 : -1]  # (B, L, D) column j is predicted at P + j - 1
+        full, _, start = self.forward_sequence(batch, next_codes)
+        hidden = full[:, P - 1 : P + L - 1]  # (B, L, D) column j is predicted at P + j - 1
 
         # Value: the hidden state at <action> predicts column c + 1, i.e. it is hidden[:, c + 1].
         col = (tokens == self.ids.action).long().argmax(1)  # (B,) column of <action>
@@ -365,7 +734,12 @@ class RigPolicy(nn.Module):
             ent = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # (N,)
             log_probs = log_probs.masked_scatter(mask, taken)
             entropies = entropies.masked_scatter(mask, ent)
-        return {"log_probs": log_probs, "entropies": entropies, "values": values}
+        out = {"log_probs": log_probs, "entropies": entropies, "values": values}
+        if next_codes is not None:
+            G = self.image_tokens
+            out["next_frame_logits"] = code_logits(self, full[:, start : start + G])
+            out["reward_pred"], out["continue_logit"] = self.world(full[:, -1])
+        return out
 
     def _action_log_softmax(
         self, hidden: Tensor, tokens: Tensor, action: Tensor, temperature: float
@@ -374,5 +748,35 @@ class RigPolicy(nn.Module):
         nodes = self.trie.path_nodes(tokens, action)  # (B, L) node before each token
         return self.trie.log_softmax(self.logits(hidden[action]), nodes[action], temperature)
 
+    # -- imagination --------------------------------------------------------------------------
 
-__all__ = ["ActOutput", "RigPolicy"]
+    @torch.no_grad()
+    def imagine(
+        self,
+        batch: ActOutput,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> ImagineOutput:
+        """The imagined next frame after each row's action (``rl.imagine``): prefill the act
+        sequence + ``<Imagine:>`` once, sample G codes with the KV cache, decode them to pixels,
+        and read predicted reward and continue after the last code."""
+        from rl.losses import symexp
+
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        stream = _Stream(self, *self._written(batch), batch.images().to(self.device))
+        sampled, log_probs, h = sample_frame(self, stream, temperature, generator)
+        reward_pred, cont_logit = self.world(h)
+        return ImagineOutput(
+            codes=sampled,
+            log_probs=log_probs,
+            frames=decode_codes(self, sampled),
+            reward=symexp(reward_pred),
+            continue_prob=torch.sigmoid(cont_logit),
+            reward_pred=reward_pred,
+            continue_logit=cont_logit,
+            temperature=float(temperature),
+        )
+
+
+__all__ = ["ActOutput", "History", "RigPolicy", "positions", "shown"]

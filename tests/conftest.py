@@ -35,7 +35,8 @@ def tiny_policy():
 
     A random model almost never writes <end> among ~800 tokens; an untied output bias on <end>
     makes rows stop their reasoning at different lengths, which every layout must survive
-    (imagined frames then start at padded, row-dependent positions too)."""
+    (imagined frames then start at padded, row-dependent positions too). Tests must leave the
+    weights as they found them."""
     import torch
 
     from envs.crafter_env import crafter_codec
@@ -49,4 +50,9 @@ def tiny_policy():
         head.bias.zero_()
         head.bias[policy.ids.end] = 5.5
     policy.model.lm_head = head
+    # The world heads start at constant predictions (zero last layer); randomise it so that tests
+    # comparing two routes to the reward/continue predictions compare something.
+    with torch.no_grad():
+        for layer in (policy.world.reward[-1], policy.world.cont[-1]):
+            layer.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
     return policy

@@ -15,7 +15,6 @@ from rl.imagine import (  # noqa: E402
     code_log_probs,
     decode_codes,
     frame_codes,
-    imagine,
     next_frame_logits,
     teacher_forced,
 )
@@ -31,8 +30,8 @@ def policy(tiny_policy):
 
 @pytest.fixture(scope="module")
 def heads(policy):
-    torch.manual_seed(1)
-    return WorldHeads.for_policy(policy)
+    assert isinstance(policy.world, WorldHeads)
+    return policy.world
 
 
 def frames(batch: int, seed: int = 0) -> np.ndarray:
@@ -47,7 +46,7 @@ def act(policy, batch, seed=0):
 @pytest.fixture(scope="module")
 def rollout(policy, heads):
     out = act(policy, 4)
-    img = imagine(policy, heads, out, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    img = policy.imagine(out, temperature=1.0, generator=torch.Generator().manual_seed(3))
     return out, img
 
 
@@ -69,7 +68,7 @@ def test_imagine_shapes_and_ranges(policy, rollout):
 
 def test_imagine_is_reproducible_with_a_generator(policy, heads, rollout):
     out, img = rollout
-    again = imagine(policy, heads, out, 1.0, torch.Generator().manual_seed(3))
+    again = policy.imagine(out, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(again.codes, img.codes) and torch.equal(again.frames, img.frames)
 
 
@@ -91,7 +90,7 @@ def test_teacher_forced_reproduces_imagine_log_probs(policy, heads, rollout):
 
 def test_teacher_forced_at_another_temperature(policy, heads):
     out = act(policy, 2, seed=5)
-    img = imagine(policy, heads, out, 0.7, torch.Generator().manual_seed(9))
+    img = policy.imagine(out, 0.7, torch.Generator().manual_seed(9))
     with torch.no_grad():
         logp = code_log_probs(next_frame_logits(policy, out, img.codes), img.codes, 0.7)
     torch.testing.assert_close(logp, img.log_probs, atol=1e-4, rtol=0)
@@ -148,6 +147,6 @@ def test_world_heads_train_on_reward_and_continue(policy, heads, rollout):
 def test_imagine_rejects_bad_temperature(policy, heads, rollout):
     out, _ = rollout
     with pytest.raises(ValueError, match="temperature"):
-        imagine(policy, heads, out, 0.0)
+        policy.imagine(out, 0.0)
     with pytest.raises(ValueError, match="next_codes"):
         next_frame_logits(policy, out, torch.zeros(4, 3, dtype=torch.long))

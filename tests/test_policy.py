@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from rl.policy import ActOutput  # noqa: E402
+from rl.policy import ActOutput, History, positions  # noqa: E402
 
 TASK = "collect wood for a table"
 
@@ -34,6 +34,7 @@ def test_act_shapes_actions_and_masks(policy):
     B, L = out.tokens.shape
     assert B == 4 and out.prompt_length == out.prompt_ids.shape[1]
     assert out.prompt_ids.shape == (4, 2 + len(policy.tok(TASK)["input_ids"]) + 3 + 16 + 1)
+    assert out.prompt_mask.all() and not out.prompt_codes.any()
     for name in ("attention_mask", "log_probs", "reasoning_mask", "action_mask"):
         assert getattr(out, name).shape == (4, L), name
     assert out.actions.shape == (4,) and out.values.shape == (4,)
@@ -98,16 +99,15 @@ def test_evaluate_recomputes_act_log_probs(policy):
 
 
 def test_kv_cache_matches_full_forward(policy):
-    prompt = policy.prompt_ids(TASK, 2)  # (2, P) ends "... <image> x 16 <end> <reasoning>"
-    pixels = policy.pixel_values(frames(2, seed=3))
-    P = prompt.shape[1]
-    attn = torch.ones_like(prompt, dtype=torch.bool)
-    pos = torch.arange(P).expand(2, -1)
+    ids, mask = policy.prompt(TASK, 2)  # (2, P) ends "... <image> x 16 <end> <reasoning>"
+    embeds = policy.embed(ids, torch.zeros_like(mask), torch.as_tensor(frames(2, seed=3)))
+    P, pos = ids.shape[1], positions(mask)
     with torch.no_grad():
-        full, _ = policy.hidden(prompt, attn, pos, pixels)
-        h, cache = policy.hidden(prompt[:, :-2], attn[:, :-2], pos[:, :-2], pixels, use_cache=True)
+        full, _ = policy.hidden(None, mask, pos, inputs_embeds=embeds)
+        h, cache = policy.hidden(None, mask[:, :-2], pos[:, :-2], inputs_embeds=embeds[:, :-2],
+                                 use_cache=True)  # fmt: skip
         for t in (P - 2, P - 1):
-            h, cache = policy.hidden(prompt[:, t : t + 1], attn[:, : t + 1], pos[:, t : t + 1],
+            h, cache = policy.hidden(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1],
                                      past_key_values=cache, use_cache=True)  # fmt: skip
     cached, reference = policy.logits(h[:, -1]), policy.logits(full[:, -1])
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-4)
@@ -129,25 +129,185 @@ def test_bad_frames_are_rejected(policy):
         policy.act(np.zeros((1, 64, 64, 3), np.float32), TASK, 2)
 
 
-def test_plays_a_whole_crafter_episode(policy):
-    """Whole loop in miniature: the tiny policy drives two real Crafter envs to the time limit."""
+def test_per_row_tasks_left_pad_and_evaluate_agrees(policy):
+    tasks = ["collect wood", "place a crafting table next to the water and then sleep", "eat"]
+    gen = torch.Generator().manual_seed(2)
+    out = policy.act(frames(3, 2), tasks, 4, 1.0, gen)
+    lengths = out.prompt_mask.sum(1)
+    assert len(set(lengths.tolist())) == 3 and int(lengths.max()) == out.prompt_length
+    for b, task in enumerate(tasks):  # left padding: each row's prompt is its own, right-aligned
+        row = out.prompt_ids[b][out.prompt_mask[b]]
+        assert policy.tok.decode(row[2 : 2 + len(policy.task_ids(task))]) == task
+        assert not out.prompt_mask[b, : out.prompt_length - int(lengths[b])].any()
+    with torch.no_grad():
+        res = policy.evaluate(out)
+    mask = out.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], out.log_probs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["values"], out.values, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="2 tasks for 3 frames"):
+        policy.act(frames(3), tasks[:2], 2)
+
+
+def test_history_keeps_the_last_k_steps_per_row():
+    hist = History.empty(2, 3, 64)
+    assert hist.k == 3 and not hist.mask.any()
+    for t in range(4):
+        hist.push(np.full((2, 64, 64, 3), t, np.uint8), np.array([t, 10 + t]))
+    assert hist.mask.all() and hist.actions.tolist() == [[1, 2, 3], [11, 12, 13]]
+    assert hist.frames[:, :, 0, 0, 0].tolist() == [[1, 2, 3], [1, 2, 3]]
+    hist.reset(np.array([False, True]))
+    hist.push(np.full((2, 64, 64, 3), 9, np.uint8), np.array([4, 14]))
+    assert hist.mask.tolist() == [[True, True, True], [False, False, True]]
+    assert hist.actions[1, -1] == 14 and hist.frames[1, -1, 0, 0, 0] == 9
+    zero = History.empty(2, 0, 64)
+    zero.push(np.zeros((2, 64, 64, 3), np.uint8), np.array([0, 0]))  # k = 0 keeps nothing
+    assert zero.mask.shape == (2, 0)
+
+
+def test_history_enters_the_prompt_and_evaluate_agrees(policy):
+    G = policy.image_tokens
+    hist = History.empty(3, 2, 64)
+    hist.push(frames(3, 20), np.array([0, 1, 2]))
+    hist.push(frames(3, 21), np.array([3, 4, 5]))
+    hist.reset(np.array([False, False, True]))  # row 2 starts an episode: no history
+    hist.push(frames(3, 22), np.array([6, 7, 8]))  # rows 0, 1: two steps; row 2: one
+    out = policy.act(frames(3, 4), TASK, 4, 1.0, torch.Generator().manual_seed(4), history=hist)
+    images = (out.prompt_ids == policy.ids.image) & out.prompt_mask
+    assert images.sum(1).tolist() == [3 * G, 3 * G, 2 * G]
+    assert out.images().shape == (8, 64, 64, 3)
+    row0 = out.prompt_ids[0][out.prompt_mask[0]].tolist()
+    assert row0.count(policy.ids.action) == 2  # the two past actions, as text
+    cut = row0.index(policy.ids.action)
+    assert (
+        policy.tok.decode(row0[cut + 1 : row0.index(policy.ids.end, cut)])
+        == (
+            policy.codec.vocab[3]  # row 0 keeps actions 3, 6 (k = 2), oldest first
+        )
+    )
+    with torch.no_grad():
+        res = policy.evaluate(out)
+        plain = policy.act(frames(3, 4), TASK, 4, 1.0, torch.Generator().manual_seed(4))
+    mask = out.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], out.log_probs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["values"], out.values, atol=1e-4, rtol=0)
+    assert not torch.allclose(plain.values, out.values)  # the history does reach the model
+
+
+def test_lookahead_imagines_reviews_and_decides(policy):
+    G = policy.image_tokens
+    gen = torch.Generator().manual_seed(6)
+    out = policy.act(frames(3, 6), TASK, 4, 1.0, gen, lookahead=2)
+    assert out.lookahead_actions.shape == (3, 2)
+    assert ((out.lookahead_actions >= 0) & (out.lookahead_actions < len(policy.codec))).all()
+    assert out.imagined_frames.shape == (3, 2, 64, 64, 3)
+    assert out.imagined_frames.dtype == torch.uint8
+    assert (out.prompt_codes.sum(1) == 2 * G).all()  # two imagined frames of G codes
+    for b in range(3):
+        row = out.prompt_ids[b][out.prompt_mask[b] & ~out.prompt_codes[b]].tolist()
+        assert row.count(policy.ids.imagine) == 2 and row.count(policy.ids.review) == 1
+        assert row[-2:] == [policy.ids.review, policy.ids.reasoning]
+        assert row.count(policy.ids.action) == 2  # the two proposals; the final one is generated
+        # each proposal's action text is the recorded lookahead action
+        starts = [i for i, t in enumerate(row) if t == policy.ids.action]
+        for j, s in enumerate(starts):
+            text = policy.tok.decode(row[s + 1 : row.index(policy.ids.end, s)])
+            assert text == policy.codec.vocab[int(out.lookahead_actions[b, j])]
+        assert policy.codec.decode(out.action_texts[b]) == int(out.actions[b])
+    with torch.no_grad():
+        res = policy.evaluate(out)
+    mask = out.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], out.log_probs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["values"], out.values, atol=1e-4, rtol=0)
+
+    # collate keeps lookahead rows of different prompt lengths aligned
+    other = policy.act(frames(2, 7), "eat", 2, 1.0, torch.Generator().manual_seed(7), lookahead=2)
+    both = ActOutput.collate([out, other], pad_id=policy.ids.pad)
+    assert both.prompt_length == max(out.prompt_length, other.prompt_length)
+    with torch.no_grad():
+        res = policy.evaluate(both)
+    mask = both.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], both.log_probs[mask], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="lookahead_actions differs"):
+        ActOutput.collate([out, act(policy, 1)], pad_id=policy.ids.pad)
+
+
+def test_evaluate_with_next_codes_matches_imagine(policy):
+    from rl.imagine import code_log_probs, teacher_forced
+
+    out = act(policy, 3, seed=8)
+    img = policy.imagine(out, 1.0, torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        res = policy.evaluate(out, next_codes=img.codes)
+        logits, h_last = teacher_forced(policy, out, img.codes)
+    logp = code_log_probs(res["next_frame_logits"], img.codes, 1.0)
+    torch.testing.assert_close(logp, img.log_probs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["next_frame_logits"], logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(res["reward_pred"], img.reward_pred, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["continue_logit"], img.continue_logit, atol=1e-4, rtol=0)
+    mask = out.token_mask  # the action part is unchanged by what follows it (causal)
+    torch.testing.assert_close(res["log_probs"][mask], out.log_probs[mask], atol=1e-4, rtol=0)
+
+
+def test_context_budget_is_checked(policy):
+    with pytest.raises(ValueError, match="context"):
+        policy.act(frames(1), TASK, max_reasoning_tokens=policy.context_length)
+
+
+def test_save_load_round_trip(tmp_path):
+    from envs.crafter_env import crafter_codec
+    from rl.model import CheckpointError
+    from rl.policy import HEADS_FILE, RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    with torch.no_grad():
+        policy.world.reward[-1].weight.normal_()
+        policy.value_head[-1].bias.fill_(0.25)
+    path = policy.save(tmp_path / "ckpt", extra={"iteration": 7})
+    loaded = RigPolicy.load(path, crafter_codec())
+    assert loaded.heads_loaded and loaded.record["extra"] == {"iteration": 7}
+    a = policy.act(frames(2, 9), TASK, 4, 1.0, torch.Generator().manual_seed(9), lookahead=1)
+    b = loaded.act(frames(2, 9), TASK, 4, 1.0, torch.Generator().manual_seed(9), lookahead=1)
+    for name in ("tokens", "actions", "prompt_ids", "imagined_frames"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=0, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)
+    ia = policy.imagine(a, 1.0, torch.Generator().manual_seed(1))
+    ib = loaded.imagine(b, 1.0, torch.Generator().manual_seed(1))
+    assert torch.equal(ia.codes, ib.codes) and torch.equal(ia.reward_pred, ib.reward_pred)
+
+    # transformers' own Janus class loads the directory as is (the heads file is ours)
+    from transformers import JanusForConditionalGeneration
+
+    JanusForConditionalGeneration.from_pretrained(path, local_files_only=True)
+
+    # a checkpoint without heads (a supervised one) starts them fresh; a broken one is refused
+    (path / HEADS_FILE).unlink()
+    assert not RigPolicy.load(path, crafter_codec()).heads_loaded
+    (path / HEADS_FILE).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="corrupted heads file"):
+        RigPolicy.load(path, crafter_codec())
+    with pytest.raises(FileExistsError):
+        policy.save(path)
+
+
+@pytest.mark.parametrize("lookahead", [0, 2])
+def test_plays_a_whole_crafter_episode_with_history_and_lookahead(policy, lookahead):
+    """The tiny policy drives two real Crafter envs to the time limit, with a history of 2 steps
+    and lookahead 0 or 2, as the env runners will."""
     from envs.vector import EpisodeTracker, make_vector
 
-    venv = make_vector("rig/Crafter-v0", num_envs=2, length=12)
+    venv = make_vector("rig/Crafter-v0", num_envs=2, length=8)
     tracker = EpisodeTracker(2)
-    obs, _ = venv.reset(seed=0)
-    gen = torch.Generator().manual_seed(0)
-    taken = []
-    for _ in range(12):
-        out = policy.act(obs, TASK, max_reasoning_tokens=4, temperature=1.0, generator=gen)
-        assert all(
-            policy.codec.vocab[int(a)] == t
-            for a, t in zip(out.actions, out.action_texts, strict=True)
-        )
+    hist = History.empty(2, 2, 64)
+    obs, _ = venv.reset(seed=lookahead)
+    gen = torch.Generator().manual_seed(lookahead)
+    for _ in range(8):
+        out = policy.act(obs, TASK, 3, 1.0, gen, history=hist, lookahead=lookahead)
+        assert out.lookahead_actions.shape == (2, lookahead)
+        hist.push(obs, out.actions)
         obs, rewards, terminated, truncated, infos = venv.step(out.actions.numpy())
+        hist.reset(terminated | truncated)
         tracker.step(rewards, terminated, truncated, infos)
-        taken.extend(out.action_texts)
     venv.close()
-    assert len(tracker.finished) == 2
-    assert all(e["length"] == 12 and (e["truncated"] or e["terminated"]) for e in tracker.finished)
-    assert len(set(taken)) > 1, "a sampling policy should not repeat one action 24 times"
+    assert len(tracker.finished) == 2 and all(e["length"] == 8 for e in tracker.finished)
+    assert not hist.mask.any()  # both episodes ended: the history starts afresh
