@@ -1,0 +1,417 @@
+"""The learner's optimiser engine: DeepSpeed behind one small object, and a plain-torch twin.
+
+Everything that calls DeepSpeed lives here (STYLE.md 3). :class:`DeepSpeedEngine` wraps
+``deepspeed.initialize``; :class:`PlainTorchEngine` does the same update with plain torch and is
+the reference in tests and benchmarks. Both share one API::
+
+    engine = DeepSpeedEngine(model, LearnerConfig(...))
+    loss = loss_fn(engine(batch))          # forward through the engine (or engine.module.method)
+    stats = engine.backward_step(loss)     # {"grad_norm", "lr", "optimizer_step"}
+    weights = engine.published_state_dict()    # full CPU state dict, also under ZeRO-3
+    engine.save_checkpoint(dir, tag, {"iteration": 7}); engine.load_checkpoint(dir, tag)
+
+The update is the same in both: AdamW over the module's trainable parameters (frozen ones are
+never handed to the optimiser), weight decay on matrices only (nanoGPT's split: decaying biases
+and norm gains only shrinks them), gradient-norm clipping, and a learning rate that rises
+linearly over ``warmup_steps`` optimiser steps and then stays constant. The schedule is a torch
+``LambdaLR`` rather than DeepSpeed's ``WarmupLR``: its first step already uses ``lr / warmup``
+(WarmupLR's first step uses lr 0, a wasted update), the plain engine can use the very same
+object, and its ``state_dict`` round-trips through DeepSpeed checkpoints. Gradient accumulation
+averages: each micro-step's loss is divided by ``grad_accum_steps``, so N micro-batches of equal
+size give the gradient of the mean loss over their concatenation.
+
+Recommended ``learner:`` section (CPU debug values; on a GPU cluster use ``zero_stage: 2``,
+``precision: bf16``)::
+
+    learner:
+      zero_stage: 0        # one CPU process: nothing to shard; 1 and 2 work too, only slower
+      precision: fp32      # CPU: bf16 matmuls are slow on most CPUs, fp16 is unsupported
+      lr: 1.0e-5
+      weight_decay: 0.0
+      betas: [0.9, 0.95]
+      grad_accum_steps: 1
+      grad_clip: 1.0
+      warmup_steps: 10
+      device: auto         # cuda (nccl) when a GPU is visible, else cpu (gloo)
+
+DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or oneCCL):
+
+* The accelerator is chosen once, at ``import deepspeed``, and auto-detection falls back to CPU
+  with a warning on every run. We set ``DS_ACCELERATOR`` (only if unset) before the first import,
+  which selects the CPU accelerator silently; its collective backend is gloo when oneCCL is
+  absent. DeepSpeed is imported lazily, so ``import learner`` stays cheap.
+* DeepSpeed needs a ``torch.distributed`` process group even for one process. We create one
+  (gloo on CPU, nccl on CUDA) from :class:`World` or the launcher's ``RANK``/``WORLD_SIZE``
+  environment, setting ``MASTER_ADDR``/``MASTER_PORT`` (a free port) only where unset, and reuse
+  an existing group, so several engines can live in one process (tests).
+* ZeRO 0, 1, 2 and 3 all run on CPU with fp32 and gloo. With ZeRO 0 and fp32 DeepSpeed clips
+  the gradients but does not report their norm (``get_global_grad_norm()`` is None), so for
+  stage 0 we compute the norm from ``param.grad`` ourselves before the step.
+* The optimiser is torch's ``AdamW`` handed in as a client optimiser, which ZeRO supports; the
+  DeepSpeed config's ``"optimizer"`` section would build ``FusedAdam``/``DeepSpeedCPUAdam``,
+  which compile C++/CUDA ops at first use.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, StrictFloat, field_validator
+from torch import nn
+
+from rig.config import Section
+
+GRAD_NORM = "grad_norm"  # float: total L2 norm of the averaged gradient before clipping
+LR = "lr"  # float: learning rate this update used (or would use, off the boundary)
+OPTIMIZER_STEP = "optimizer_step"  # bool: this call ended an accumulation cycle and stepped
+
+_PLAIN_CHECKPOINT = "plain_engine.pt"
+_CLIENT_STATE = "rig_client_state"
+_SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
+
+
+class LearnerConfig(Section):
+    zero_stage: int = Field(ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1-3 shard more")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        description="training dtype of the model; bf16/fp16 keep fp32 master weights"
+    )
+    lr: float = Field(gt=0, description="peak AdamW learning rate, reached after warmup")
+    weight_decay: float = Field(ge=0, description="AdamW decoupled weight decay, matrices only")
+    # strict=False lets a YAML list become the tuple; the items stay strict floats.
+    betas: tuple[StrictFloat, StrictFloat] = Field(
+        strict=False, description="AdamW (beta1, beta2), each in [0, 1)"
+    )
+    grad_accum_steps: int = Field(ge=1, description="micro-batches averaged per optimizer step")
+    grad_clip: float = Field(ge=0, description="max global gradient L2 norm; 0 turns clipping off")
+    warmup_steps: int = Field(ge=0, description="optimizer steps of linear LR warmup from lr/N")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        description="auto: cuda if a GPU is visible, else cpu"
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process sits among the learner processes (one per GPU)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (only meaningful for world_size 1)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cuda`` without one is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("learner.device is 'cuda' but torch sees no CUDA GPU")
+    return device
+
+
+class _Engine:
+    """What both engines share: the optimiser over the trainable parameters, the schedule, the API.
+
+    Subclasses set ``self._module`` (the unwrapped model) and implement ``__call__``,
+    ``_backward_and_step``, ``published_state_dict``, ``save_checkpoint`` and
+    ``load_checkpoint``. Checkpoints are meant to be taken between updates: gradients of an
+    unfinished accumulation cycle are not saved.
+    """
+
+    def __init__(self, model: nn.Module, config: LearnerConfig) -> None:
+        self.config = config
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        if not self._trainable:
+            raise ValueError("the model has no trainable parameters (all requires_grad=False)")
+        decay = [p for p in self._trainable if p.ndim >= 2]
+        no_decay = [p for p in self._trainable if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+
+    # -- the shared API ---------------------------------------------------------------------------
+
+    @property
+    def module(self) -> nn.Module:
+        """The unwrapped model (its methods may be called directly, also under ZeRO-3)."""
+        return self._module
+
+    def train(self) -> _Engine:
+        self._module.train()
+        return self
+
+    def eval(self) -> _Engine:
+        self._module.eval()
+        return self
+
+    @property
+    def num_trainable(self) -> int:
+        """Number of trainable scalars (ZeRO-3 leaves a partitioned parameter with numel 0)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self._trainable)
+
+    @property
+    def lr(self) -> float:
+        """Learning rate of the next optimizer step."""
+        return self.optimizer.param_groups[0]["lr"]
+
+    def backward_step(self, loss: torch.Tensor) -> dict[str, Any]:
+        """Backpropagate one micro-batch's scalar ``loss``; step the optimizer at the boundary.
+
+        Returns ``{GRAD_NORM: float | None, LR: float, OPTIMIZER_STEP: bool}``; the grad norm
+        (before clipping) is only known on the boundary micro-step, else None.
+        """
+        if loss.ndim != 0:
+            raise ValueError(f"backward_step needs a scalar loss, got shape {tuple(loss.shape)}")
+        lr = self.lr
+        grad_norm, stepped = self._backward_and_step(loss)
+        return {GRAD_NORM: grad_norm, LR: lr, OPTIMIZER_STEP: stepped}
+
+    def _total_grad_norm(self) -> float:
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+
+
+class PlainTorchEngine(_Engine):
+    """The same update as :class:`DeepSpeedEngine` with plain torch, on one device, fp32.
+
+    The reference for tests and benchmarks. ``precision`` and ``zero_stage`` are ignored.
+    """
+
+    def __init__(self, model: nn.Module, config: LearnerConfig) -> None:
+        device = resolve_device(config.device)
+        self._module = model.to(device)
+        super().__init__(self._module, config)
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._module(*args, **kwargs)
+
+    def _backward_and_step(self, loss: torch.Tensor) -> tuple[float | None, bool]:
+        (loss / self.config.grad_accum_steps).backward()
+        self.micro_steps += 1
+        if self.micro_steps % self.config.grad_accum_steps:
+            return None, False
+        clip = self.config.grad_clip or math.inf  # inf: clip_grad_norm_ only measures
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._trainable, clip).item()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_steps += 1
+        return grad_norm, True
+
+    def published_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's full state dict as detached CPU copies."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}
+
+    def save_checkpoint(
+        self, directory: str | Path, tag: str, client_state: dict | None = None
+    ) -> Path:
+        """Model, optimizer, scheduler and counters in ``directory/tag/plain_engine.pt``."""
+        path = Path(directory) / tag / _PLAIN_CHECKPOINT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "module": self._module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.scheduler.state_dict(),
+            "micro_steps": self.micro_steps,
+            "global_steps": self.global_steps,
+            "client_state": dict(client_state or {}),
+        }
+        torch.save(state, path)
+        return path.parent
+
+    def load_checkpoint(self, directory: str | Path, tag: str) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; return its ``client_state``."""
+        path = Path(directory) / tag / _PLAIN_CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"no plain-engine checkpoint at {path}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self._module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        self.micro_steps, self.global_steps = state["micro_steps"], state["global_steps"]
+        return state["client_state"]
+
+
+class DeepSpeedEngine(_Engine):
+    """``deepspeed.initialize`` behind the engine API; see the module docstring.
+
+    ``model`` is moved to the device, cast to the training dtype (bf16/fp16) and, under ZeRO-3,
+    partitioned in place: use :attr:`module` or :meth:`published_state_dict` afterwards, not a
+    reference kept from before.
+    """
+
+    def __init__(self, model: nn.Module, config: LearnerConfig, world: World | None = None) -> None:
+        super().__init__(model, config)
+        self.device = resolve_device(config.device)
+        deepspeed = _import_deepspeed(self.device)
+        _ensure_process_group(deepspeed, self.device, world)
+        self._engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.scheduler,
+            config=_deepspeed_config(config),
+            dist_init_required=False,
+        )
+        self._module = self._engine.module
+        self._deepspeed = deepspeed
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._engine(*args, **kwargs)
+
+    @property
+    def micro_steps(self) -> int:
+        return self._engine.micro_steps
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by :meth:`load_checkpoint`)."""
+        return self._engine.global_steps
+
+    def _backward_and_step(self, loss: torch.Tensor) -> tuple[float | None, bool]:
+        boundary = self._engine.is_gradient_accumulation_boundary()  # before step() advances it
+        self._engine.backward(loss)  # divides by grad_accum_steps, as the plain engine does
+        # ZeRO 0 keeps full grads on the parameters and reports no norm in fp32: measure it.
+        own_norm = self._total_grad_norm() if boundary and self.config.zero_stage == 0 else None
+        self._engine.step()
+        if not boundary:
+            return None, False
+        reported = self._engine.get_global_grad_norm()
+        grad_norm = own_norm if reported is None else float(reported)
+        return grad_norm, self._engine.was_step_applied()
+
+    def published_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model state dict as CPU copies in the model's dtype, for weight publishing.
+
+        Under ZeRO-3 each rank holds a shard of every parameter: all of them are gathered for
+        the copy (a collective, so call it on every rank; peak memory is one full model).
+        Elsewhere the gather is a no-op.
+        """
+        params = list(self._module.parameters())
+        with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {
+                k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()
+            }
+
+    def save_checkpoint(
+        self, directory: str | Path, tag: str, client_state: dict | None = None
+    ) -> Path:
+        """DeepSpeed's checkpoint (model, optimizer, scheduler) in ``directory/tag`` (all ranks)."""
+        # Nested under one key: DeepSpeed merges client_state into its own model-state dict.
+        client_state = {_CLIENT_STATE: dict(client_state or {})}
+        self._engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        return Path(directory) / tag
+
+    def load_checkpoint(self, directory: str | Path, tag: str) -> dict:
+        """Restore model, optimizer, scheduler and step counters; return the ``client_state``."""
+        if not (Path(directory) / tag).is_dir():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {Path(directory) / tag}")
+        path, client_state = self._engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}/{tag}")
+        return client_state[_CLIENT_STATE]
+
+
+# -- DeepSpeed set-up -----------------------------------------------------------------------------
+
+
+def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+    # We never use DeepSpeed's data loader, so the batch size only feeds its throughput timer;
+    # train_batch_size = micro (1) x grad_accum_steps x world size is left for it to derive.
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": config.grad_accum_steps,
+        "gradient_clipping": config.grad_clip,
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.precision == "bf16"},
+        "fp16": {"enabled": config.precision == "fp16"},
+        "steps_per_print": 2**62,  # DeepSpeed's own progress lines: we log through MLflow
+        "wall_clock_breakdown": False,
+    }
+
+
+def _import_deepspeed(device: str):
+    """Import DeepSpeed with its accelerator matching ``device`` (chosen once per process)."""
+    os.environ.setdefault("DS_ACCELERATOR", device)  # before the import: it picks it there
+    # ZeRO-3 calls torch.distributed collectives that torch 2.13 deprecates; nothing to act on.
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = get_accelerator().device_name()
+    if chosen != device:
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is {chosen!r} but learner.device resolved to {device!r}; "
+            f"unset DS_ACCELERATOR or set learner.device={chosen}"
+        )
+    return deepspeed
+
+
+def _ensure_process_group(deepspeed, device: str, world: World | None) -> None:
+    """Create the torch.distributed group DeepSpeed needs, or reuse the one that exists."""
+    if device == "cpu":
+        # deepspeed.init_distributed JIT-compiles a shared-memory allreduce kernel for CPU ranks
+        # (~45 s on a cold cache, needs a C++ compiler); it only speeds up several CPU ranks on
+        # one node, which is not what the CPU path is for. Marked incompatible, gloo does it all.
+        deepspeed.ops.__compatible_ops__[_SHM_COMM_OP] = False
+    if torch.distributed.is_initialized():
+        size = torch.distributed.get_world_size()
+        if world is not None and world.world_size != size:
+            raise RuntimeError(
+                f"a process group of size {size} exists already; cannot join one of size "
+                f"{world.world_size}"
+            )
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
+        return
+    if world is not None:  # the caller's placement wins over the environment
+        os.environ.update(
+            RANK=str(world.rank),
+            WORLD_SIZE=str(world.world_size),
+            LOCAL_RANK=str(world.local_rank),
+            MASTER_ADDR=world.master_addr,
+        )
+        if world.master_port is not None:
+            os.environ["MASTER_PORT"] = str(world.master_port)
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT must be set (or World.master_port) for several ranks")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":  # before the group exists, so NCCL binds each rank to its own GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
