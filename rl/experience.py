@@ -1,0 +1,176 @@
+"""The learner's batch: real and imagined env steps with their advantages, in one typed form.
+
+Two kinds of data reach the learner and leave here as the same :class:`Experience` rows:
+
+* REAL steps, from the env runners (``actors.rollout.RolloutBatch``): N steps cut into C chunks
+  (contiguous steps of one episode; a chunk ends where its episode ended or where sampling
+  stopped). Advantages by GAE (``rl.returns.gae``)::
+
+      chunk c, steps t = 0 .. T_c - 1 (row n = start_c + t)
+      act.frames[n] = s_t --a_t--> rewards[n] = r_t, terminated[n]/truncated[n] after a_t
+      next_values[t] = values[n + 1]            inside the chunk
+                     = bootstrap[c] = V(s_T)    at its last step (s_T = last_frames[c]; ignored
+                                                when the episode terminated there)
+      next-frame target of row n: frames[n + 1] inside the chunk, last_frames[c] at its end
+
+  Chunks are laid out time-major (T_max, C) for ``gae``; padding steps are marked truncated
+  with zero reward and value, so they contribute A = 0 and cut the trace.
+
+* IMAGINED steps, from the imagination actors (``actors.imagination.ImaginedBatch``): S start
+  states x horizon H, with predicted rewards and continues. Advantages are lambda-returns
+  (``rl.returns.lambda_returns``, DreamerV3) minus the values. Imagined rows carry no next-frame,
+  reward or continue targets (the world model is trained on real data only) and a loss weight.
+
+Everything here is torch on the CPU; the learner moves minibatches to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rl.policy import ActOutput
+from rl.returns import gae, lambda_returns
+
+
+@dataclass
+class Experience:
+    """N learner rows (env steps, real or imagined). G = VQ codes per frame."""
+
+    act: ActOutput  # N rows: the sequences the policy wrote, and old log-probs / values
+    advantages: Tensor  # (N,) float32
+    returns: Tensor  # (N,) float32 value targets
+    weights: Tensor  # (N,) float32 loss weight of the row (1 real; imagination.weight imagined)
+    imagined: Tensor  # (N,) bool
+    next_codes: Tensor  # (N, G) int64 VQ codes of the real next frame (0 on imagined rows)
+    rewards: Tensor  # (N,) float32 the real reward (reward head target; 0 on imagined rows)
+    continues: Tensor  # (N,) float32 1 - terminated (continue head target)
+    versions: Tensor  # (N,) int64 weights version that acted
+
+    def __len__(self) -> int:
+        return len(self.advantages)
+
+    def rows(self, index: Tensor) -> Experience:
+        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(Experience)})
+
+    @staticmethod
+    def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
+        parts = [p for p in parts if len(p)]
+        out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
+        for f in fields(Experience):
+            if f.name != "act":
+                out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
+        return Experience(**out)
+
+    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[Experience]:
+        """Shuffled minibatches of ``size`` rows (the last one may be smaller)."""
+        order = torch.randperm(len(self), generator=generator)
+        for start in range(0, len(self), size):
+            yield self.rows(order[start : start + size])
+
+
+def real_experience(
+    act: ActOutput,
+    rewards: np.ndarray,
+    terminated: np.ndarray,
+    truncated: np.ndarray,
+    chunks: np.ndarray,
+    bootstrap: Tensor,
+    next_codes: Tensor,
+    versions: np.ndarray,
+    gamma: float,
+    lam: float,
+) -> Experience:
+    """Experience from N real steps in C chunks (the module docstring's layout).
+
+    ``bootstrap`` (C,) is V(s_T) of each chunk's last observation; ``next_codes`` (N, G) the VQ
+    codes of each row's real next frame."""
+    n = len(rewards)
+    chunks_t = torch.as_tensor(chunks, dtype=torch.int64)
+    if n == 0:
+        raise ValueError("real_experience needs at least one step")
+    if bool((chunks_t[1:] < chunks_t[:-1]).any()):
+        raise ValueError("rows must be stored chunk by chunk (chunk ids non-decreasing)")
+    values = act.values.detach().float().cpu()
+    C = int(chunks_t.max()) + 1
+    starts = torch.searchsorted(chunks_t, torch.arange(C))  # (C,) first row of each chunk
+    t = torch.arange(n) - starts[chunks_t]  # (N,) step within its chunk
+    T = int(t.max()) + 1
+
+    def grid(x: Tensor, fill: float | bool) -> Tensor:  # (N,) -> (T, C) time-major
+        out = torch.full((T, C), fill, dtype=x.dtype)
+        out[t, chunks_t] = x
+        return out
+
+    last = torch.ones(n, dtype=torch.bool)
+    last[:-1] = chunks_t[1:] != chunks_t[:-1]  # (N,) last row of its chunk
+    next_values = torch.zeros(n)
+    next_values[~last] = values[1:][~last[:-1]]
+    next_values[last] = bootstrap.float().cpu()[chunks_t[last]]
+    term = torch.as_tensor(terminated, dtype=torch.bool)
+    adv, ret = gae(
+        grid(torch.as_tensor(rewards, dtype=torch.float32), 0.0),
+        grid(values, 0.0),
+        grid(next_values, 0.0),
+        grid(term, False),
+        grid(torch.as_tensor(truncated, dtype=torch.bool), True),
+        gamma,
+        lam,
+    )
+    return Experience(
+        act=act,
+        advantages=adv[t, chunks_t],
+        returns=ret[t, chunks_t],
+        weights=torch.ones(n),
+        imagined=torch.zeros(n, dtype=torch.bool),
+        next_codes=next_codes.long().cpu(),
+        rewards=torch.as_tensor(rewards, dtype=torch.float32),
+        continues=(~term).float(),
+        versions=torch.as_tensor(versions, dtype=torch.int64),
+    )
+
+
+def imagined_experience(
+    act: ActOutput,
+    rewards: Tensor,
+    continues: Tensor,
+    bootstrap: Tensor,
+    horizon: int,
+    version: int,
+    weight: float,
+    gamma: float,
+    lam: float,
+    codes_per_frame: int,
+) -> Experience:
+    """Experience from S imagined rollouts of ``horizon`` steps, stored start by start (row
+    ``s * H + h``). Lambda-returns over (H, S); advantage = return - value."""
+    n = len(rewards)
+    if n % horizon:
+        raise ValueError(f"{n} imagined rows is not a whole number of horizons of {horizon}")
+    S = n // horizon
+    values = act.values.detach().float().cpu()
+
+    def grid(x: Tensor) -> Tensor:  # (S * H,) start by start -> (H, S) time-major
+        return x.float().cpu().view(S, horizon).T
+
+    ret = lambda_returns(
+        grid(rewards), grid(values), grid(continues), bootstrap.float().cpu(), gamma, lam
+    ).T.reshape(-1)  # (S * H,) back to row order
+    return Experience(
+        act=act,
+        advantages=ret - values,
+        returns=ret,
+        weights=torch.full((n,), float(weight)),
+        imagined=torch.ones(n, dtype=torch.bool),
+        next_codes=torch.zeros(n, codes_per_frame, dtype=torch.int64),
+        rewards=torch.zeros(n),
+        continues=torch.ones(n),
+        versions=torch.full((n,), int(version), dtype=torch.int64),
+    )
+
+
+__all__ = ["Experience", "imagined_experience", "real_experience"]
