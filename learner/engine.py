@@ -60,13 +60,12 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, StrictFloat, field_validator
 from torch import nn
 
-from rig.config import Section
+from rig.config import LearnerConfig
 
 GRAD_NORM = "grad_norm"  # float: total L2 norm of the averaged gradient before clipping
 LR = "lr"  # float: learning rate this update used (or would use, off the boundary)
@@ -75,32 +74,6 @@ OPTIMIZER_STEP = "optimizer_step"  # bool: this call ended an accumulation cycle
 _PLAIN_CHECKPOINT = "plain_engine.pt"
 _CLIENT_STATE = "rig_client_state"
 _SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
-
-
-class LearnerConfig(Section):
-    zero_stage: int = Field(ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1-3 shard more")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        description="training dtype of the model; bf16/fp16 keep fp32 master weights"
-    )
-    lr: float = Field(gt=0, description="peak AdamW learning rate, reached after warmup")
-    weight_decay: float = Field(ge=0, description="AdamW decoupled weight decay, matrices only")
-    # strict=False lets a YAML list become the tuple; the items stay strict floats.
-    betas: tuple[StrictFloat, StrictFloat] = Field(
-        strict=False, description="AdamW (beta1, beta2), each in [0, 1)"
-    )
-    grad_accum_steps: int = Field(ge=1, description="micro-batches averaged per optimizer step")
-    grad_clip: float = Field(ge=0, description="max global gradient L2 norm; 0 turns clipping off")
-    warmup_steps: int = Field(ge=0, description="optimizer steps of linear LR warmup from lr/N")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        description="auto: cuda if a GPU is visible, else cpu"
-    )
-
-    @field_validator("betas")
-    @classmethod
-    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= beta < 1.0 for beta in value):
-            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
-        return value
 
 
 @dataclass(frozen=True)

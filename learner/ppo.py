@@ -19,31 +19,15 @@ The frozen reference is evaluated under ``torch.no_grad`` on the same rows.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 
 from learner.engine import GRAD_NORM, OPTIMIZER_STEP
-from rig.config import Section
+from rig.config import PPOConfig
 from rl import losses
 from rl.experience import Experience
 from rl.policy import RigPolicy
-
-
-class PPOConfig(Section):
-    gamma: float = Field(ge=0, le=1, description="discount")
-    lam: float = Field(ge=0, le=1, description="GAE / lambda-return lambda")
-    clip_eps: float = Field(gt=0, description="PPO ratio clip")
-    value_clip: float | None = Field(gt=0, description="value clip around the old value, or null")
-    epochs: int = Field(ge=1, le=100, description="passes over the batch per update")
-    minibatch_size: int = Field(ge=1, description="rows per optimiser micro-step")
-    reasoning_weight: float = Field(ge=0, description="weight of reasoning tokens (RL4VLM: 0.5)")
-    reduction: Literal["sequence", "token"] = Field(description="where the PPO ratio is formed")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field(description="KL-to-reference estimator")
-    normalize_advantages: bool = Field(description="standardise advantages over the batch")
-    max_policy_lag: int = Field(ge=0, description="drop samples older than this many versions")
-    loss_scales: dict[str, float] = Field(description="weight of each loss term, by name")
 
 
 def minibatch_loss(

@@ -144,6 +144,138 @@ def envs_play(
     typer.echo(f"run folder: {run_dir} (config.yaml, {stats_path.name})")
 
 
+# -- rig train / rig export -----------------------------------------------------------------------
+
+
+@app.command("train")
+def train(
+    config: ConfigOpt = None,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="start policy and reference from this HF checkpoint directory")] = None,
+    resume: Annotated[str | None, typer.Option("--resume", help="RUN_DIR, or 'auto' for the newest run with a checkpoint")] = None,
+    overrides: Overrides = None,
+) -> None:
+    """RL fine-tuning: env runners + imagination actors + DeepSpeed learner, tracked in MLflow."""
+    import shutil
+
+    from rig.config import load_config, save_config
+    from rig.runs import new_run_dir
+
+    extra = [f"policy.init_from={init_from}"] if init_from is not None else []
+    checkpoint = None
+    if resume is not None:
+        from learner.checkpoints import resolve_resume
+
+        defaults = load_config(config, [*(overrides or [])])
+        checkpoint = resolve_resume(resume, defaults.run.output_dir)
+        run_dir = checkpoint.parent.parent
+        cfg = load_config(run_dir / "config.yaml", [*(overrides or []), *extra])
+    else:
+        cfg = load_config(config, [*(overrides or []), *extra])
+        run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name, "train")
+    if cfg.policy.init_from is not None:
+        _check_policy_dir(Path(cfg.policy.init_from), "--init-from")
+
+    from rich.console import Console
+
+    from rig.tracking import Tracker, saved_run_id
+    from rig.train import Trainer
+
+    console = Console(stderr=True)
+    created = not run_dir.exists()
+    try:
+        with console.status("starting Ray, env runners, imagination actors and the learner"):
+            trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written yet
+        raise
+    save_config(cfg, run_dir)
+    try:
+        params = cfg.model_dump(mode="json")
+        with Tracker(cfg.tracking, run_dir, params, run_id=saved_run_id(run_dir) if checkpoint else None) as tracker:
+            with _TrainProgress(console, cfg.train.iterations, trainer.counters.iteration) as progress:
+                trainer.run(tracker, progress)
+            if cfg.train.export_at_end:
+                export_dir = trainer.export(run_dir / "export")
+                tracker.log_artifacts(export_dir, "policy")
+                typer.echo(f"exported policy: {export_dir}")
+    finally:
+        trainer.close()
+    typer.echo(f"run folder: {run_dir}")
+    typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id}); browse with: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+
+
+@app.command("export")
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder of `rig train` (its newest checkpoint is exported)")],
+    out_dir: Annotated[Path, typer.Argument(help="new HF checkpoint directory to write")],
+) -> None:
+    """A training checkpoint as an HF directory that RigPolicy.load and transformers' Janus load."""
+    from learner.checkpoints import resolve_resume
+    from rig.config import load_config
+
+    if out_dir.exists():
+        raise UserError(f"{out_dir} exists; give a new directory (nothing is overwritten)")
+    checkpoint = resolve_resume(str(run_dir), run_dir.parent)
+    cfg = load_config(run_dir / "config.yaml", [])
+    from rig.train import export_checkpoint
+
+    path = export_checkpoint(cfg, checkpoint, out_dir)
+    typer.echo(f"exported {checkpoint} -> {path}")
+
+
+def _check_policy_dir(path: Path, flag: str) -> None:
+    """A clear one-line error for a missing, broken or foreign checkpoint directory, up front."""
+    from rl.model import CheckpointError, check_pretrained_dir
+
+    try:
+        check_pretrained_dir(path)
+    except CheckpointError as err:
+        raise UserError(f"{flag}: {err}") from None
+
+
+class _TrainProgress:
+    """A live line on stderr: iteration, env/imagined steps, return, Crafter score, losses, speed."""
+
+    def __init__(self, console, total: int, done: int):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console
+        self._progress = Progress(
+            TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal,
+        )  # fmt: skip
+        self._task = self._progress.add_task("train", total=total, completed=done, status="")
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __call__(self, counters, metrics: dict[str, float]) -> None:
+        def f(key: str, fmt: str = "{:.3f}") -> str:
+            value = metrics.get(key)
+            return "-" if value is None else fmt.format(value)
+
+        status = (
+            f"env {counters.env_steps} img {counters.imagined_steps} | return {f('episode/return_mean', '{:.2f}')}"
+            f" score {f('crafter/score', '{:.1f}%')} | pg {f('loss/policy')} v {f('loss/value')}"
+            f" frame {f('loss/next_frame', '{:.2f}')} acc {f('next_frame/accuracy', '{:.2f}')}"
+            f" | {f('rollout/env_steps_per_s', '{:.1f}')} steps/s"
+        )
+        self._progress.update(self._task, completed=counters.iteration, status=status)
+        if not self.console.is_terminal:  # logs and CI: one plain line per iteration
+            self.console.print(f"iter {counters.iteration}: {status}", highlight=False)
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+
+
 class _progress:
     """A rich progress bar on stderr (quiet when stderr is not a terminal)."""
 

@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)  # fmt: skip
 from pydantic_core import PydanticCustomError
 
 from rig.errors import ConfigError
@@ -78,9 +86,128 @@ class EnvConfig(Section):
         return value
 
 
+class PolicyConfig(Section):
+    preset: str = Field(min_length=1, description="configs/policy/<preset>.yaml when not init_from")
+    init_from: str | None = Field(description="HF checkpoint directory to start from (--init-from)")
+    task: str = Field(min_length=1, description="the task text every step's prompt starts with")
+    max_reasoning_tokens: int = Field(ge=0, le=4096, description="reasoning length cap per step")
+    temperature: float = Field(gt=0, description="sampling temperature of reasoning and action")
+    history: int = Field(ge=0, le=64, description="past steps (frame + action) in the prompt")
+    lookahead: int = Field(ge=0, le=16, description="imagined steps before deciding (RIG review)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        from rl.model import available_presets
+
+        if value not in available_presets() and not value.endswith((".yaml", ".yml")):
+            raise ValueError(f"unknown policy preset {value!r}; available: {available_presets()}")
+        return value
+
+
+class RolloutConfig(Section):
+    num_env_runners: int = Field(ge=0, description="Ray env-runner actors; 0: in this process")
+    fragment_length: int = Field(ge=1, description="env steps per sub-env per sample")
+    max_restarts: int = Field(ge=0, description="env-runner restarts allowed before giving up")
+
+
+class ImaginationConfig(Section):
+    num_actors: int = Field(ge=0, description="Ray imagination actors; 0: in this process")
+    horizon: int = Field(ge=0, description="imagined steps per start state; 0 turns it off")
+    num_starts: int = Field(ge=1, description="real start states imagined from per iteration")
+    weight: float = Field(ge=0, description="loss weight of imagined rows")
+    min_accuracy: float = Field(
+        ge=0, le=1, description="next-frame token accuracy before imagined data enters the loss"
+    )
+
+
+class TrainConfig(Section):
+    iterations: int = Field(ge=1, description="sample + update rounds")
+    checkpoint_every: int = Field(ge=1, description="iterations between checkpoints")
+    keep_checkpoints: int = Field(ge=1, description="newest checkpoints kept")
+    export_at_end: bool = Field(description="export an HF directory and log it to MLflow")
+    ray_address: str | None = Field(description="null: start Ray here; auto or host:port: join")
+    traces_every: int = Field(ge=1, description="iterations between logged reasoning traces")
+
+
+class LearnerConfig(Section):
+    zero_stage: int = Field(ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1-3 shard more")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        description="training dtype of the model; bf16/fp16 keep fp32 master weights"
+    )
+    lr: float = Field(gt=0, description="peak AdamW learning rate, reached after warmup")
+    weight_decay: float = Field(ge=0, description="AdamW decoupled weight decay, matrices only")
+    # strict=False lets a YAML list become the tuple; the items stay strict floats.
+    betas: tuple[StrictFloat, StrictFloat] = Field(
+        strict=False, description="AdamW (beta1, beta2), each in [0, 1)"
+    )
+    grad_accum_steps: int = Field(ge=1, description="micro-batches averaged per optimizer step")
+    grad_clip: float = Field(ge=0, description="max global gradient L2 norm; 0 turns clipping off")
+    warmup_steps: int = Field(ge=0, description="optimizer steps of linear LR warmup from lr/N")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        description="auto: cuda if a GPU is visible, else cpu"
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= beta < 1.0 for beta in value):
+            raise ValueError(f"each beta must be in [0, 1), got {list(value)}")
+        return value
+
+
+class TrackingConfig(Section):
+    tracking_uri: str | None = Field(
+        description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db"
+    )
+    experiment: str = Field(min_length=1, max_length=500, description="MLflow experiment name")
+    system_metrics: bool = Field(description="log CPU/GPU/memory/disk/network as system/* metrics")
+    log_every: int = Field(ge=1, description="iterations between metric rows")
+    image_every: int = Field(ge=1, description="iterations between real-vs-imagined images")
+
+
+class PPOConfig(Section):
+    gamma: float = Field(ge=0, le=1, description="discount")
+    lam: float = Field(ge=0, le=1, description="GAE / lambda-return lambda")
+    clip_eps: float = Field(gt=0, description="PPO ratio clip")
+    value_clip: float | None = Field(gt=0, description="value clip around the old value, or null")
+    epochs: int = Field(ge=1, le=100, description="passes over the batch per update")
+    minibatch_size: int = Field(ge=1, description="rows per optimiser micro-step")
+    reasoning_weight: float = Field(ge=0, description="weight of reasoning tokens (RL4VLM: 0.5)")
+    reduction: Literal["sequence", "token"] = Field(description="where the PPO ratio is formed")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field(description="KL-to-reference estimator")
+    normalize_advantages: bool = Field(description="standardise advantages over the batch")
+    max_policy_lag: int = Field(ge=0, description="drop samples older than this many versions")
+    loss_scales: dict[str, float] = Field(description="weight of each loss term, by name")
+
+    @field_validator("loss_scales")
+    @classmethod
+    def _known_losses(cls, value: dict[str, float]) -> dict[str, float]:
+        from rl.losses import LOSS_NAMES
+
+        if set(value) != set(LOSS_NAMES):
+            missing, unknown = (
+                sorted(set(LOSS_NAMES) - set(value)),
+                sorted(set(value) - set(LOSS_NAMES)),
+            )
+            raise ValueError(
+                f"must name exactly {list(LOSS_NAMES)}; missing {missing}, unknown {unknown}"
+            )
+        if any(not (v >= 0 and v != float("inf")) for v in value.values()):
+            raise ValueError("every scale must be finite and >= 0")
+        return value
+
+
 class Config(Section):
     run: RunConfig
     env: EnvConfig
+    policy: PolicyConfig
+    rollout: RolloutConfig
+    imagination: ImaginationConfig
+    ppo: PPOConfig
+    learner: LearnerConfig
+    tracking: TrackingConfig
+    train: TrainConfig
 
 
 # -- loading --------------------------------------------------------------------------------------

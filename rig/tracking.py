@@ -55,9 +55,8 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import Field
 
-from rig.config import Section
+from rig.config import TrackingConfig
 from rig.errors import UserError
 
 _log = logging.getLogger(__name__)
@@ -71,16 +70,6 @@ NONFINITE_KEY = "tracking/nonfinite_metrics"
 SYSTEM_PREFIX = "system/"  # MLflow's system metrics, counted on their own steps
 END_STATUSES = ("FINISHED", "FAILED", "KILLED")
 RUN_ID_FILE = "mlflow_run_id"
-
-
-class TrackingConfig(Section):
-    tracking_uri: str | None = Field(
-        description="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else <output_dir>/mlflow.db"
-    )
-    experiment: str = Field(min_length=1, max_length=500, description="MLflow experiment name")
-    system_metrics: bool = Field(description="log CPU/GPU/memory/disk/network as system/* metrics")
-    log_every: int = Field(ge=1, description="iterations between metric rows")
-    image_every: int = Field(ge=1, description="iterations between real-vs-imagined images")
 
 
 def resolve_tracking_uri(config: TrackingConfig, output_dir: str | Path) -> str:

@@ -307,16 +307,10 @@ def _rig_record(path: Path, config: dict[str, Any]) -> tuple[dict[str, Any], boo
     return record, True
 
 
-def load_pretrained_dir(
-    path: str | os.PathLike,
-) -> tuple[JanusForConditionalGeneration, PreTrainedTokenizerBase, dict[str, Any]]:
-    """Load a checkpoint directory offline: ``(model, tokenizer, rig_config)``, model in eval mode.
-
-    A plain Janus checkpoint (no ``rig_policy.json``) loads as a supervised RIG checkpoint: the
-    segment tokens it lacks are added and the embeddings grown to ``len(tokenizer)`` when needed;
-    ``image_token_id`` becomes our ``<image>`` marker. Every failure is a CheckpointError with
-    one line naming the directory or file.
-    """
+def check_pretrained_dir(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
+    """The cheap checks of :func:`load_pretrained_dir`, without building the model: the
+    directory, ``config.json`` (a Janus one), readable safetensors weights, the tokenizer files
+    and ``rig_policy.json``. Returns ``(rig_record, is_rig_checkpoint)``; CheckpointError else."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
@@ -340,7 +334,21 @@ def load_pretrained_dir(
     absent = [f for f in _TOKENIZER_FILES if not (path / f).is_file()]
     if absent:
         raise CheckpointError(f"checkpoint {path} lacks tokenizer files {absent}")
-    record, is_rig = _rig_record(path, config)
+    return _rig_record(path, config)
+
+
+def load_pretrained_dir(
+    path: str | os.PathLike,
+) -> tuple[JanusForConditionalGeneration, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Load a checkpoint directory offline: ``(model, tokenizer, rig_config)``, model in eval mode.
+
+    A plain Janus checkpoint (no ``rig_policy.json``) loads as a supervised RIG checkpoint: the
+    segment tokens it lacks are added and the embeddings grown to ``len(tokenizer)`` when needed;
+    ``image_token_id`` becomes our ``<image>`` marker. Every failure is a CheckpointError with
+    one line naming the directory or file.
+    """
+    path = Path(path)
+    record, is_rig = check_pretrained_dir(path)
 
     try:
         tokenizer = load_tokenizer(path, require_segments=is_rig)
@@ -383,6 +391,7 @@ def load_pretrained_dir(
 
 __all__ = [
     "FORMAT_VERSION", "PRESET_DIR", "RIG_FILE", "CheckpointError", "available_presets",
+    "check_pretrained_dir",
     "build_config", "build_model", "image_tokens_per_frame", "load_preset", "load_pretrained_dir",
     "save_pretrained_dir", "vq_grid",
 ]  # fmt: skip

@@ -1,0 +1,417 @@
+"""``rig train``: the RL loop that ties env runners, imagination actors and the learner together.
+
+One iteration, from env step to weight update (docs/ARCHITECTURE.md draws it)::
+
+    env runners (Ray, RLlib)   sample fragment_length steps per env with weights version v
+          |  RolloutBatch (act outputs, rewards, ends, versions, chunk ids, last frames)
+          v
+    driver: drop rows older than v - max_policy_lag; V(last frames) for the bootstrap;
+            VQ codes of the real next frames; GAE  ->  real Experience
+          |  num_starts real frames
+          v
+    imagination actors (Ray)   act -> imagine -> act ... for `horizon` steps with version v
+          |  ImaginedBatch (predicted rewards, continues)  ->  lambda returns  ->  imagined Experience
+          v                                   (enters the loss once next-frame accuracy >= min_accuracy)
+    learner (DeepSpeed, in this process)   ppo epochs over minibatches of real + imagined rows
+          |  published weights, version v + 1 (Ray object store)
+          v
+    env runners and imagination actors load them; MLflow gets the metrics; a checkpoint every N.
+
+With ``ppo.max_policy_lag >= 1`` sampling is asynchronous: the runners already collect the next
+batch (with the weights they hold) while the learner updates, so the learner's data is one version
+old; with 0 the two alternate. All calls to the runners go through one worker thread, so the
+runners see sample and weight-sync requests in order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rig.config import Config
+from rig.errors import UserError
+
+log = logging.getLogger(__name__)
+
+COUNTERS_FILE = "counters.json"
+ENGINE_TAG = "engine"
+
+
+@dataclass
+class Counters:
+    """What a checkpoint must restore besides weights and optimiser (all monotonic)."""
+
+    iteration: int = 0  # iterations finished
+    env_steps: int = 0
+    imagined_steps: int = 0
+    version: int = 1  # weights version the runners hold (1: the initial weights)
+    dropped_stale: int = 0
+    episodes: int = 0  # finished episodes
+    unlocks: dict[str, int] = field(default_factory=dict)  # achievement -> episodes unlocking it
+
+
+def policy_factory(config: Config):
+    """A picklable zero-argument-but-codec factory for the runners' and actors' policy."""
+    from actors.rollout import checkpoint_policy, preset_policy
+
+    if config.policy.init_from:
+        return checkpoint_policy(config.policy.init_from)
+    return preset_policy(config.policy.preset, config.run.seed)
+
+
+def act_kwargs(config: Config) -> dict[str, Any]:
+    p = config.policy
+    return {
+        "task": p.task,
+        "max_reasoning_tokens": p.max_reasoning_tokens,
+        "temperature": p.temperature,
+        "lookahead": p.lookahead,
+    }
+
+
+class Trainer:
+    """Builds everything from a validated :class:`Config` and runs ``train.iterations``."""
+
+    def __init__(self, config: Config, run_dir: Path, resume_from: Path | None = None):
+        import torch
+
+        import envs
+        from learner import DeepSpeedEngine
+        from learner.checkpoints import CheckpointManager
+        from rl.policy import RigPolicy
+
+        if config.policy.history:
+            raise UserError(
+                "policy.history > 0 is not supported by the env runners yet; set policy.history=0"
+            )
+        self.config, self.run_dir = config, run_dir
+        self.counters = Counters()
+        random.seed(config.run.seed)
+        np.random.seed(config.run.seed)
+        torch.manual_seed(config.run.seed)
+        self.generator = torch.Generator().manual_seed(config.run.seed)
+
+        # -- the policy, its frozen reference, the engine -----------------------------------
+        self.codec = envs.get_codec(envs.make(config.env.id, config.env.size, **config.env.kwargs))
+        if config.policy.init_from:
+            policy = RigPolicy.load(config.policy.init_from, self.codec)
+        else:
+            policy = RigPolicy.from_preset(config.policy.preset, self.codec, config.run.seed)
+        if policy.image_size != config.env.size:
+            raise UserError(
+                f"the policy sees {policy.image_size}px frames but env.size is "
+                f"{config.env.size}; set env.size={policy.image_size}"
+            )
+        policy.model.model.vqmodel.requires_grad_(False)  # next-frame targets stay fixed
+        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.engine = DeepSpeedEngine(policy, config.learner)
+        self.policy: RigPolicy = self.engine.module
+        self.checkpoints = CheckpointManager(run_dir, config.train.keep_checkpoints)
+        if resume_from is not None:
+            self._restore(resume_from)
+
+        # -- runners and imagination actors ---------------------------------------------------
+        self._start_ray()
+        from actors.imagination import ImaginationWorkers
+
+        from actors.rollout import RolloutSettings, RolloutWorkers
+
+        self.rollouts = RolloutWorkers(
+            RolloutSettings(
+                env_id=config.env.id,
+                env_size=config.env.size,
+                env_kwargs=dict(config.env.kwargs),
+                num_env_runners=config.rollout.num_env_runners,
+                num_envs_per_env_runner=config.env.num_envs,
+                rollout_fragment_length=config.rollout.fragment_length,
+                policy_factory=policy_factory(config),
+                act_kwargs=act_kwargs(config),
+                seed=config.run.seed,
+                max_num_env_runner_restarts=config.rollout.max_restarts,
+            )
+        )
+        self.imagination = None
+        if config.imagination.horizon > 0:
+            kwargs = act_kwargs(config)
+            kwargs.pop("task")
+            self.imagination = ImaginationWorkers(
+                config.imagination.num_actors, policy_factory(config), kwargs, config.run.seed
+            )
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
+        self._publish()  # every runner and actor starts from the learner's weights
+
+    # -- set-up helpers ----------------------------------------------------------------------
+
+    def _start_ray(self) -> None:
+        needs_ray = self.config.rollout.num_env_runners > 0 or (
+            self.config.imagination.horizon > 0 and self.config.imagination.num_actors > 0
+        )
+        if not needs_ray:
+            return
+        import ray
+
+        if not ray.is_initialized():
+            address = self.config.train.ray_address
+            if address is None:
+                ray.init(
+                    include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+                )
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+
+    def _publish(self) -> float:
+        """Send the learner's weights (as ``counters.version``) to runners and actors; seconds."""
+        start = time.perf_counter()
+        state = self.engine.published_state_dict()
+        version = self.counters.version
+        self.pool.submit(self.rollouts.sync_weights, state, version).result()
+        if self.imagination is not None:
+            self.imagination.sync_weights(state, version)
+        return time.perf_counter() - start
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        import torch
+
+        from learner.checkpoints import rng_state
+
+        c = self.counters
+
+        def write(tmp: Path) -> None:
+            self.engine.save_checkpoint(tmp, ENGINE_TAG, {"iteration": c.iteration})
+            (tmp / COUNTERS_FILE).write_text(json.dumps(vars(c)))
+            torch.save({"rng": rng_state(), "generator": self.generator.get_state()},
+                       tmp / "rng.pt")  # fmt: skip
+
+        return self.checkpoints.save(c.iteration, write, {"version": c.version})
+
+    def _restore(self, checkpoint: Path) -> None:
+        import torch
+
+        from learner.checkpoints import set_rng_state
+
+        self.engine.load_checkpoint(checkpoint, ENGINE_TAG)
+        self.counters = Counters(**json.loads((checkpoint / COUNTERS_FILE).read_text()))
+        state = torch.load(checkpoint / "rng.pt", weights_only=False)
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+        self.counters.version += 1  # the restored weights are published as a new version
+
+    # -- one iteration -----------------------------------------------------------------------
+
+    def real_experience(self, batch) -> tuple[Any, dict[str, float]]:
+        """Drop stale rows, bootstrap chunk ends, encode next frames, GAE."""
+        import torch
+
+        from rl.experience import real_experience
+        from rl.imagine import frame_codes
+
+        cfg, c = self.config, self.counters
+        fresh = batch.versions >= c.version - cfg.ppo.max_policy_lag
+        dropped = int((~fresh).sum())
+        c.dropped_stale += dropped
+        keep = torch.as_tensor(np.flatnonzero(fresh))
+        if len(keep) == 0:
+            return None, {"rollout/dropped_stale": dropped}
+        chunks = batch.chunks[fresh]
+        used, chunks = np.unique(chunks, return_inverse=True)  # renumber the surviving chunks
+        act = batch.act[keep]
+        frames = act.frames.cpu()
+        last = torch.as_tensor(batch.last_frames[used])
+        with torch.no_grad():
+            boot = self.policy.act(last, cfg.policy.task, cfg.policy.max_reasoning_tokens,
+                                   cfg.policy.temperature, self.generator).values  # fmt: skip
+            is_last = np.append(chunks[1:] != chunks[:-1], True)
+            following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; fixed below)
+            following[torch.as_tensor(is_last)] = last[chunks[is_last]]
+            codes = frame_codes(self.policy, following)
+        exp = real_experience(
+            act, batch.rewards[fresh], batch.terminated[fresh], batch.truncated[fresh], chunks,
+            boot, codes, batch.versions[fresh], cfg.ppo.gamma, cfg.ppo.lam,
+        )  # fmt: skip
+        return exp, {"rollout/dropped_stale": dropped}
+
+    def imagined_experience(self, real) -> tuple[Any, dict[str, float], Any]:
+        import torch
+
+        from rl.experience import imagined_experience
+
+        cfg = self.config.imagination
+        starts = torch.randperm(len(real), generator=self.generator)[: cfg.num_starts]
+        frames = real.act.frames[starts].cpu()
+        t0 = time.perf_counter()
+        imagined = self.imagination.rollout(frames, self.config.policy.task, cfg.horizon)
+        seconds = time.perf_counter() - t0
+        exp = imagined_experience(
+            imagined.act, imagined.rewards, imagined.continues, imagined.bootstrap,
+            imagined.horizon, imagined.version, cfg.weight, self.config.ppo.gamma,
+            self.config.ppo.lam, self.policy.image_tokens,
+        )  # fmt: skip
+        steps = len(imagined.rewards)
+        metrics = {
+            "imagination/steps_per_s": steps / max(seconds, 1e-9),
+            "imagination/reward_mean": float(imagined.rewards.mean()),
+            "imagination/reward_std": float(imagined.rewards.std()),
+            "imagination/continue_mean": float(imagined.continues.mean()),
+            "imagination/return_mean": float(exp.returns.mean()),
+        }
+        self.counters.imagined_steps += steps
+        return exp, metrics, (frames, imagined)
+
+    def run(self, tracker, progress=None) -> dict[str, float]:
+        """Iterate to ``train.iterations``; returns the last iteration's metrics."""
+        from learner.ppo import ppo_update
+        from rl.experience import Experience
+
+        cfg, c = self.config, self.counters
+        pipelined = cfg.ppo.max_policy_lag >= 1
+        gate_open = False
+        last_accuracy = 0.0
+        metrics: dict[str, float] = {}
+        pending = self.pool.submit(self.rollouts.sample)
+        while c.iteration < cfg.train.iterations:
+            t_start = time.perf_counter()
+            batch = pending.result()
+            t_sampled = time.perf_counter()
+            if pipelined:  # the runners collect the next batch while we learn from this one
+                pending = self.pool.submit(self.rollouts.sample)
+            c.env_steps += len(batch)
+            c.episodes += len(batch.episodes)
+            for episode in batch.episodes:
+                for name in episode.get("unlocked", ()):
+                    c.unlocks[name] = c.unlocks.get(name, 0) + 1
+            real, m = self.real_experience(batch)
+            metrics = {**m}
+            parts = [real] if real is not None else []
+            images = None
+            if real is not None and self.imagination is not None:
+                imagined, m, images = self.imagined_experience(real)
+                metrics.update(m)
+                gate_open = last_accuracy >= cfg.imagination.min_accuracy
+                if gate_open:
+                    parts.append(imagined)
+            metrics["imagination/gate_open"] = float(gate_open)
+
+            t_learn = time.perf_counter()
+            if parts:
+                exp = Experience.concat(parts, self.policy.ids.pad)
+                metrics.update(ppo_update(self.engine, self.policy, self.reference, exp,
+                                          cfg.ppo, self.generator))  # fmt: skip
+                metrics["learner/samples_per_s"] = (
+                    len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
+                )
+                last_accuracy = metrics.get("next_frame/accuracy", last_accuracy)
+            c.version += 1
+            if pipelined:
+                pending.result()  # the sync must follow the in-flight sample on the runners
+            metrics["sync/seconds"] = self._publish()
+            if not pipelined:
+                pending = self.pool.submit(self.rollouts.sample)
+            c.iteration += 1
+
+            # -- metrics, artifacts, checkpoints ---------------------------------------------
+            metrics.update(self._rollout_metrics(batch, t_sampled - t_start))
+            metrics["rollout/policy_lag"] = float(c.version - 1 - batch.versions.min())
+            metrics["rollout/runner_restarts"] = float(self.rollouts.num_restarts)
+            metrics["time/iteration_s"] = time.perf_counter() - t_start
+            metrics["counters/env_steps"] = float(c.env_steps)
+            metrics["counters/imagined_steps"] = float(c.imagined_steps)
+            metrics["counters/dropped_stale"] = float(c.dropped_stale)
+            if c.iteration % cfg.tracking.log_every == 0 or c.iteration == cfg.train.iterations:
+                tracker.log_metrics(metrics, step=c.iteration)
+            if c.iteration % cfg.train.traces_every == 0 or c.iteration == 1:
+                tracker.log_text(self._traces(batch), f"traces/iter_{c.iteration:06d}.txt")
+            if images is not None and (c.iteration % cfg.tracking.image_every == 0
+                                       or c.iteration == 1):  # fmt: skip
+                self._log_images(tracker, *images)
+            if c.iteration % cfg.train.checkpoint_every == 0 or c.iteration == cfg.train.iterations:
+                self.save_checkpoint()
+            if progress is not None:
+                progress(c, metrics)
+        if pipelined:
+            pending.result()
+        return metrics
+
+    def _rollout_metrics(self, batch, seconds: float) -> dict[str, float]:
+        from envs.crafter_env import ACHIEVEMENTS
+        from envs.stats import crafter_score, summarize
+
+        c = self.counters
+        out = {"rollout/env_steps_per_s": len(batch) / max(seconds, 1e-9)}
+        if batch.episodes:
+            s = summarize(batch.episodes)
+            out["episode/return_mean"] = s["return_mean"]
+            out["episode/length_mean"] = s["length_mean"]
+            out["episode/count"] = float(len(batch.episodes))
+        if c.episodes and self.config.env.id == "rig/Crafter-v0":  # over every episode so far
+            rates = {a: 100.0 * c.unlocks.get(a, 0) / c.episodes for a in ACHIEVEMENTS}
+            out["crafter/score"] = crafter_score(rates)
+            out.update({f"crafter/success/{a}": r for a, r in rates.items()})
+        return out
+
+    def _traces(self, batch, rows: int = 8) -> str:
+        act = batch.act
+        lines = []
+        for n in range(min(rows, len(batch))):
+            r = act.tokens[n][act.reasoning_mask[n]]
+            text = self.policy.tok.decode(r.tolist(), skip_special_tokens=True)
+            lines.append(f"step {n}: reasoning={text!r} action={act.action_texts[n]!r} "
+                         f"reward={float(batch.rewards[n]):+.2f}")  # fmt: skip
+        return "\n".join(lines) + "\n"
+
+    def _log_images(self, tracker, frames, imagined) -> None:
+        from rig.tracking import side_by_side
+
+        H = imagined.horizon
+        real = frames.numpy()[:, None].repeat(H, 1).reshape(-1, *frames.shape[1:])
+        dreamt = imagined.imagined_frames.numpy().reshape(-1, *frames.shape[1:])
+        tracker.log_image(side_by_side(real[: 4 * H], dreamt[: 4 * H]),
+                          f"imagination/iter_{self.counters.iteration:06d}.png")  # fmt: skip
+
+    # -- the end -----------------------------------------------------------------------------
+
+    def export(self, out_dir: Path) -> Path:
+        """The current policy as an HF directory (``RigPolicy.save``)."""
+        extra = {"iteration": self.counters.iteration, "version": self.counters.version,
+                 "config": self.config.model_dump(mode="json")}  # fmt: skip
+        return self.policy.save(out_dir, extra=extra, overwrite=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.rollouts.stop()
+        if self.imagination is not None:
+            self.imagination.stop()
+
+
+def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
+    """A ``rig train`` checkpoint -> an HF directory: the run's policy architecture (preset or
+    init_from), the DeepSpeed checkpoint's weights, ``RigPolicy.save``."""
+    import envs
+    from learner import DeepSpeedEngine
+    from rl.policy import RigPolicy
+
+    codec = envs.get_codec(envs.make(config.env.id, config.env.size, **config.env.kwargs))
+    if config.policy.init_from:
+        policy = RigPolicy.load(config.policy.init_from, codec)
+    else:
+        policy = RigPolicy.from_preset(config.policy.preset, codec, config.run.seed)
+    policy.model.model.vqmodel.requires_grad_(False)  # as in training: same optimiser layout
+    engine = DeepSpeedEngine(policy, config.learner)
+    engine.load_checkpoint(checkpoint, ENGINE_TAG)
+    counters = json.loads((checkpoint / COUNTERS_FILE).read_text())
+    extra = {"iteration": counters["iteration"], "version": counters["version"],
+             "config": config.model_dump(mode="json")}  # fmt: skip
+    return engine.module.save(out_dir, extra=extra)
+
+
+__all__ = ["Counters", "Trainer", "act_kwargs", "export_checkpoint", "policy_factory"]
