@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from rig import bench
 from rig.errors import UserError
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ envs_app = typer.Typer(help="List the registered envs and play them with scripte
 config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=True)
 app.add_typer(envs_app, name="envs")
 app.add_typer(config_app, name="config")
+app.add_typer(bench.app, name="bench")
 
 _STATE = {"debug": False}
 
@@ -270,7 +272,7 @@ class _TrainProgress:
         )
         self._progress.update(self._task, completed=counters.iteration, status=status)
         if not self.console.is_terminal:  # logs and CI: one plain line per iteration
-            self.console.print(f"iter {counters.iteration}: {status}", highlight=False)
+            self.console.print(f"iter {counters.iteration}: {status}", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc):
         self._progress.stop()

@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -122,7 +124,6 @@ class Trainer:
         # -- runners and imagination actors ---------------------------------------------------
         self._start_ray()
         from actors.imagination import ImaginationWorkers
-
         from actors.rollout import RolloutSettings, RolloutWorkers
 
         self.rollouts = RolloutWorkers(
@@ -143,8 +144,9 @@ class Trainer:
         if config.imagination.horizon > 0:
             kwargs = act_kwargs(config)
             kwargs.pop("task")
+            factory = functools.partial(policy_factory(config), self.codec)  # zero-argument
             self.imagination = ImaginationWorkers(
-                config.imagination.num_actors, policy_factory(config), kwargs, config.run.seed
+                config.imagination.num_actors, factory, kwargs, config.run.seed
             )
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
         self._publish()  # every runner and actor starts from the learner's weights
@@ -162,9 +164,14 @@ class Trainer:
         if not ray.is_initialized():
             address = self.config.train.ray_address
             if address is None:
-                ray.init(
-                    include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+                # A local Ray counts logical CPUs: declare one per actor at least, so a 2-core
+                # laptop runs the debug preset's 3 actors, knowingly oversubscribed, instead of
+                # waiting forever for a CPU that never frees up.
+                actors = self.config.rollout.num_env_runners + (
+                    self.config.imagination.num_actors if self.config.imagination.horizon else 0
                 )
+                ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False,
+                         log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
             else:
                 ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
 
@@ -278,13 +285,12 @@ class Trainer:
         gate_open = False
         last_accuracy = 0.0
         metrics: dict[str, float] = {}
-        pending = self.pool.submit(self.rollouts.sample)
+        pending = self.pool.submit(self._sample)
         while c.iteration < cfg.train.iterations:
             t_start = time.perf_counter()
-            batch = pending.result()
-            t_sampled = time.perf_counter()
+            batch, sample_seconds = pending.result()
             if pipelined:  # the runners collect the next batch while we learn from this one
-                pending = self.pool.submit(self.rollouts.sample)
+                pending = self.pool.submit(self._sample)
             c.env_steps += len(batch)
             c.episodes += len(batch.episodes)
             for episode in batch.episodes:
@@ -316,13 +322,14 @@ class Trainer:
                 pending.result()  # the sync must follow the in-flight sample on the runners
             metrics["sync/seconds"] = self._publish()
             if not pipelined:
-                pending = self.pool.submit(self.rollouts.sample)
+                pending = self.pool.submit(self._sample)
             c.iteration += 1
 
             # -- metrics, artifacts, checkpoints ---------------------------------------------
-            metrics.update(self._rollout_metrics(batch, t_sampled - t_start))
+            metrics.update(self._rollout_metrics(batch, sample_seconds))
             metrics["rollout/policy_lag"] = float(c.version - 1 - batch.versions.min())
             metrics["rollout/runner_restarts"] = float(self.rollouts.num_restarts)
+            metrics["rollout/healthy_runners"] = float(self.rollouts.num_healthy_runners)
             metrics["time/iteration_s"] = time.perf_counter() - t_start
             metrics["counters/env_steps"] = float(c.env_steps)
             metrics["counters/imagined_steps"] = float(c.imagined_steps)
@@ -341,6 +348,12 @@ class Trainer:
         if pipelined:
             pending.result()
         return metrics
+
+    def _sample(self) -> tuple[Any, float]:
+        """One sample from the runners (on the worker thread) and how long it took."""
+        start = time.perf_counter()
+        batch = self.rollouts.sample()
+        return batch, time.perf_counter() - start
 
     def _rollout_metrics(self, batch, seconds: float) -> dict[str, float]:
         from envs.crafter_env import ACHIEVEMENTS

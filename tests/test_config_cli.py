@@ -29,7 +29,7 @@ def test_layers_defaults_preset_overrides():
     assert cfg.run.name == "debug"  # from the preset
     assert cfg.env.vectorization == "sync"  # from the defaults
     assert cfg.env.size == 96 and cfg.run.seed == 5  # from the command line
-    assert cfg.env.kwargs == {"length": 1000}
+    assert cfg.env.kwargs == {"length": 64}
     assert load_config(DEBUG, ["env.kwargs={}"]).env.kwargs == {}  # a mapping value replaces whole
 
 

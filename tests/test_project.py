@@ -28,6 +28,8 @@ def test_readme_has_exactly_two_commands_and_ci_runs_the_test_one():
     assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == [test_cmd]
     for script in ("quickstart.sh", "test.sh"):
         assert ". scripts/bootstrap.sh" in (ROOT / "scripts" / script).read_text()
+    # the main job is the debug training run (issue: the README's main command runs exactly it)
+    assert 'rig train --config configs/debug.yaml "$@"' in (ROOT / "scripts" / "quickstart.sh").read_text()
 
 
 def test_packaging_declares_what_the_issue_lists():

@@ -1,0 +1,142 @@
+"""``rig bench``: the benchmarks in ``benchmarks/`` as commands, one per measured component.
+
+Each command checks its input (bad input is a ``UserError``: one line, exit code 2), calls the
+benchmark's function, prints a rich table and the ratios (one line each: the figures to compare
+between machines, since absolute times depend on the load), and can also write the results as
+JSON. The measuring code lives in ``benchmarks/<name>.py``, which also runs as a script.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated
+
+import typer
+
+from rig.errors import UserError
+
+app = typer.Typer(
+    help="Measure throughput side by side (policy; rollout and learner next).",
+    no_args_is_help=True,
+)
+
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str) -> ModuleType:
+    """``benchmarks.<name>`` from the repository (the folder is not an installed package)."""
+    if not (_ROOT / "benchmarks" / f"{name}.py").is_file():
+        raise UserError(
+            f"benchmarks/{name}.py is not next to this rig install ({_ROOT}); run rig bench "
+            "from a source checkout (pip install -e .)"
+        )
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(
+            f"--batch-sizes must be integers separated by commas, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes must be integers >= 1, got {text!r}")
+    return sizes
+
+
+def _device(device: str, dtype: str) -> None:
+    import torch
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if dtype not in ("fp32", "bf16"):
+        raise UserError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible on this machine; use --device cpu")
+
+
+def _preset(preset: str) -> None:
+    from rl.model import available_presets
+
+    if preset not in available_presets() and not Path(preset).is_file():
+        raise UserError(f"unknown policy preset {preset!r}; available: {available_presets()}")
+
+
+def _check_json_path(path: Path | None) -> None:
+    if path is not None and not path.parent.is_dir():
+        raise UserError(f"--json: folder {path.parent} does not exist")
+
+
+def _print(title: str, rows: list[tuple[str, ...]], columns: tuple[str, ...], lines: list[str]):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(title, markup=False, highlight=False, soft_wrap=True)
+    console.print(table)
+    for line in lines:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+# -- rig bench policy ------------------------------------------------------------------------------
+
+
+@app.command("policy")
+def policy(
+    preset: Annotated[
+        str, typer.Option("--preset", help="policy size preset (configs/policy/)")
+    ] = "tiny",
+    batch_sizes: Annotated[
+        str, typer.Option("--batch-sizes", help="act batch sizes, comma-separated")
+    ] = "1,8,32",
+    batch: Annotated[
+        int,
+        typer.Option(
+            "--batch", min=1, help="batch of the lookahead, imagine, evaluate and KV-cache rows"
+        ),
+    ] = 8,
+    repeats: Annotated[
+        int, typer.Option("--repeats", min=1, help="timed rounds (median reported)")
+    ] = 5,
+    reasoning_tokens: Annotated[
+        int, typer.Option("--reasoning-tokens", min=0, help="max reasoning tokens per act")
+    ] = 16,
+    kv_tokens: Annotated[
+        int, typer.Option("--kv-tokens", min=1, help="tokens decoded in the KV-cache comparison")
+    ] = 32,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads (default: every core)")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp32 | bf16")] = "fp32",
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="also write the results to this JSON file")
+    ] = None,
+) -> None:
+    """act, lookahead, imagine, evaluate and KV-cache throughput of a random-weight policy."""
+    sizes = _batch_sizes(batch_sizes)
+    _device(device, dtype)
+    _preset(preset)
+    _check_json_path(json_path)
+    bench = _benchmark("policy")
+    result = bench.bench_policy(
+        preset, sizes, repeats, reasoning_tokens=reasoning_tokens, batch=batch,
+        kv_tokens=kv_tokens, threads=threads, device=device, dtype=dtype,
+    )  # fmt: skip
+    columns = ("measurement", "batch", "s / call", "throughput")
+    _print(bench.header(result), bench.table_rows(result), columns, bench.ratio_lines(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"results: {json_path}")
