@@ -360,7 +360,11 @@ class Trainer:
         from envs.stats import crafter_score, summarize
 
         c = self.counters
-        out = {"rollout/env_steps_per_s": len(batch) / max(seconds, 1e-9)}
+        out = {
+            "rollout/env_steps_per_s": len(batch) / max(seconds, 1e-9),
+            "rollout/reward_mean": float(batch.rewards.mean()),  # real, beside imagination/*
+            "rollout/reward_std": float(batch.rewards.std()),
+        }
         if batch.episodes:
             s = summarize(batch.episodes)
             out["episode/return_mean"] = s["return_mean"]

@@ -731,7 +731,9 @@ class RigPolicy(nn.Module):
         ):
             taken = logp.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)  # (N,)
             p = logp.exp()
-            ent = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)  # (N,)
+            # 0 * log 0 = 0, written so that the gradient is 0 there too (p * logp at a masked
+            # logp = -inf would be nan in the backward pass even behind a torch.where)
+            ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)  # (N,)
             log_probs = log_probs.masked_scatter(mask, taken)
             entropies = entropies.masked_scatter(mask, ent)
         out = {"log_probs": log_probs, "entropies": entropies, "values": values}

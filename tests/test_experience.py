@@ -132,9 +132,52 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
     assert metrics["learner/optimizer_steps"] == 4  # 2 epochs x ceil(6 / 3)
     assert "policy/clip_frac_imagined" in metrics and "next_frame/accuracy" in metrics
     after = policy.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values())  # no nan from masked entropies
     assert not torch.equal(before["value_head.0.weight"], after["value_head.0.weight"])
     assert not torch.equal(before["world.reward.2.weight"], after["world.reward.2.weight"])
     vq = [k for k in after if ".vqmodel." in k]
     assert vq and all(torch.equal(before[k], after[k]) for k in vq)  # the tokenizer stays fixed
     ref_state = reference.state_dict()
     assert all(torch.equal(ref_state[k], tiny_policy.state_dict()[k]) for k in ref_state)
+
+
+def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
+    """Two PPO steps of the tiny policy through DeepSpeed with ZeRO 0, 1 and 2 (CPU, gloo): the
+    second step's loss (which depends on the first update) and the weights agree."""
+    import copy
+
+    pytest.importorskip("deepspeed")
+    from learner.engine import DeepSpeedEngine, LearnerConfig
+    from learner.ppo import PPOConfig, ppo_update
+    from rl.imagine import frame_codes
+    from rl.losses import LOSS_NAMES
+
+    frames = np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    act = tiny_policy.act(frames, "eat", 2, 1.0, torch.Generator().manual_seed(2))
+    exp = real_experience(
+        act, np.array([0.0, 1.0, 0.0, 0.5], np.float32), np.zeros(4, bool), np.zeros(4, bool),
+        np.array([0, 0, 1, 1]), torch.tensor([0.1, -0.1]),
+        frame_codes(tiny_policy, np.roll(frames, 1, axis=0)), np.zeros(4, np.int64), 0.99, 0.95,
+    )  # fmt: skip
+    cfg = PPOConfig(
+        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
+        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
+        normalize_advantages=True, max_policy_lag=1, loss_scales={n: 1.0 for n in LOSS_NAMES},
+    )  # fmt: skip
+    results = []
+    for stage in (0, 1, 2):
+        policy = copy.deepcopy(tiny_policy)
+        policy.model.model.vqmodel.requires_grad_(False)
+        engine = DeepSpeedEngine(policy, LearnerConfig(
+            zero_stage=stage, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+        ))  # fmt: skip
+        metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0))
+        results.append((metrics["loss/total"], engine.published_state_dict()))
+    (loss0, state0), *others = results
+    assert all(torch.isfinite(v).all() for v in state0.values())
+    for loss, state in others:
+        assert loss == pytest.approx(loss0, rel=1e-4, abs=1e-5)
+        for key in ("value_head.0.weight", "model.lm_head.weight", "world.cont.2.bias"):
+            torch.testing.assert_close(state[key], state0[key], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(state0["value_head.0.weight"], tiny_policy.value_head[0].weight)

@@ -73,7 +73,8 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
                 "loss/continue", "loss/total", "policy/clip_frac", "entropy/mean",
                 "next_frame/accuracy", "rollout/env_steps_per_s", "sync/seconds",
                 "rollout/policy_lag", "counters/dropped_stale", "learner/samples_per_s",
-                "imagination/steps_per_s", "imagination/reward_mean", "episode/return_mean",
+                "imagination/steps_per_s", "imagination/reward_mean", "rollout/reward_mean",
+                "episode/return_mean", "crafter/success/collect_wood",
                 "crafter/score"):  # fmt: skip
         assert key in metrics, key
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
