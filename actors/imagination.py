@@ -37,6 +37,7 @@ import ray
 import torch
 from torch import Tensor
 
+from actors.weights import publish, unpack_state
 from rl.policy import ActOutput, RigPolicy
 
 ACT_KEYS = ("max_reasoning_tokens", "temperature", "lookahead")  # what act_kwargs may set
@@ -91,6 +92,7 @@ class Imaginer:
         seed: seeds the one generator every call draws from, so a seed and a call sequence give
             the same rollouts.
         imagine_temperature: the frame sampler's temperature (default: ``act``'s temperature).
+        device: where the policy runs (``cuda`` in an actor that reserved a GPU).
     """
 
     def __init__(
@@ -99,6 +101,7 @@ class Imaginer:
         act_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
         imagine_temperature: float | None = None,
+        device: str = "cpu",
     ):
         self.act_kwargs = dict(act_kwargs or {})
         unknown = sorted(set(self.act_kwargs) - set(ACT_KEYS))
@@ -109,7 +112,7 @@ class Imaginer:
             if imagine_temperature is None
             else imagine_temperature
         )
-        self.policy = policy_factory().eval()
+        self.policy = policy_factory().eval().to(device)
         self.generator = torch.Generator(device=self.policy.device).manual_seed(seed)
         self.version = 0  # 0: the factory's weights
 
@@ -117,8 +120,9 @@ class Imaginer:
         return self.policy.ids.pad
 
     def set_weights(self, state_dict: dict[str, Tensor], version: int) -> None:
-        """Load ``state_dict`` (the learner's ``policy.state_dict()``) as weights ``version``."""
-        self.policy.load_state_dict(state_dict)
+        """Load ``state_dict`` (the learner's ``policy.state_dict()``, packed by
+        ``actors.weights.pack_state`` or not) as weights ``version``."""
+        self.policy.load_state_dict(unpack_state(state_dict))
         self.version = int(version)
 
     @torch.no_grad()
@@ -180,7 +184,7 @@ class ImaginationWorkers:
 
     Actor i draws from seed ``seed + i``, so one actor reproduces the in-process ``Imaginer``
     of the same seed. ``actor_options`` go to ``ImaginationActor.options`` (e.g. ``num_cpus``,
-    ``num_gpus``)."""
+    ``num_gpus``; with ``num_gpus`` the actors' policies run on the GPU)."""
 
     def __init__(
         self,
@@ -199,20 +203,25 @@ class ImaginationWorkers:
             self.pad_id = self.local.pad_id()
         else:
             self.local = None
-            cls = ImaginationActor.options(**(actor_options or {}))
+            options = dict(actor_options or {})
+            device = "cuda" if options.get("num_gpus") else "cpu"
+            cls = ImaginationActor.options(**options)
             self.actors = [
-                cls.remote(policy_factory, act_kwargs, seed + i) for i in range(num_actors)
+                cls.remote(policy_factory, act_kwargs, seed + i, device=device)
+                for i in range(num_actors)
             ]
             self.pad_id = ray.get(self.actors[0].pad_id.remote())
 
-    def sync_weights(self, state: dict[str, Tensor], version: int) -> None:
-        """Give every actor ``state`` (a ``RigPolicy.state_dict()``) as weights ``version``: one
-        ``ray.put``, every actor gets the reference."""
-        state = {k: v.detach().cpu() for k, v in state.items()}
+    def sync_weights(self, state: dict[str, Tensor] | Any, version: int) -> None:
+        """Give every actor ``state`` (a ``RigPolicy.state_dict()``, or an ``ObjectRef`` of one)
+        as weights ``version``: one ``ray.put`` (none for a reference), every actor gets the
+        reference."""
         if self.local is not None:
+            if isinstance(state, ray.ObjectRef):
+                state = ray.get(state)
             self.local.set_weights(state, version)
         else:
-            ref = ray.put(state)
+            ref = state if isinstance(state, ray.ObjectRef) else publish(state)
             ray.get([a.set_weights.remote(ref, version) for a in self.actors])
         self.version = int(version)
 

@@ -32,10 +32,16 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 
-from rl.policy import ActOutput, RigPolicy
+from rl.policy import ActOutput, History, RigPolicy
 
 #: Prefix of the extra model outputs that carry ``ActOutput`` fields.
 ACT_PREFIX = "act_"
+#: Batch columns of each sub-env's last k steps (``actors.rollout.AddHistoryToBatch``).
+HISTORY_FRAMES, HISTORY_ACTIONS, HISTORY_MASK = (
+    "rig_history_frames",
+    "rig_history_actions",
+    "rig_history_mask",
+)
 #: ActOutput fields the episode already holds (as its observations and actions).
 FROM_EPISODE = frozenset({"frames", "actions"})
 
@@ -75,8 +81,12 @@ class RigRLModule(TorchRLModule):
         codec: the env's action codec.
         act_kwargs: keyword arguments of ``policy.act`` (``max_reasoning_tokens`` required),
             passed through untouched.
+        history: k past steps of each sub-env in the prompt (0: none); the batch then holds
+            ``HISTORY_*`` columns (``actors.rollout.AddHistoryToBatch``), stored per step as
+            ``act_history_frames`` / ``act_history_mask`` like every other ActOutput field.
         num_threads: torch threads for this runner process (None: torch's default, all cores,
             which oversubscribes a machine shared by several runners).
+        device: where the policy acts (``cpu``; ``cuda`` on a runner that reserved a GPU).
 
     State (``get_state``/``set_state``): the policy's ``state_dict`` (CPU tensors); the weights
     version lives beside it in the env runner (``weights_seq_no``), which tags every step.
@@ -90,7 +100,7 @@ class RigRLModule(TorchRLModule):
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg["num_threads"]))
         factory: Callable = cfg["policy_factory"]
-        self.policy: RigPolicy = factory(cfg["codec"]).eval()
+        self.policy: RigPolicy = factory(cfg["codec"]).eval().to(cfg.get("device") or "cpu")
         self.act_kwargs = dict(cfg["act_kwargs"])
         self.width = generated_width(self.policy, self.act_kwargs)
         self.generator = torch.Generator(self.policy.device).manual_seed(seed)
@@ -99,21 +109,36 @@ class RigRLModule(TorchRLModule):
         self.stored_fields: dict[str, Any] = {}
 
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._act(batch[Columns.OBS])
+        return self._act(batch)
 
     def _forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         """RLlib's ``explore=False``: the same sampled call; greedy decoding is a matter of
         ``act_kwargs`` (temperature), not of a second code path."""
-        return self._act(batch[Columns.OBS])
+        return self._act(batch)
 
     def _forward(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        return self._act(batch[Columns.OBS])
+        return self._act(batch)
+
+    def _history(self, batch: dict[str, Any]) -> History | None:
+        k = int(self.model_config.get("history") or 0)
+        if not k:
+            return None
+        if HISTORY_MASK not in batch:
+            raise KeyError(f"history={k} needs the AddHistoryToBatch connector's columns")
+        return History(
+            frames=torch.as_tensor(batch[HISTORY_FRAMES]),
+            actions=torch.as_tensor(batch[HISTORY_ACTIONS]).long(),
+            mask=torch.as_tensor(batch[HISTORY_MASK]).bool(),
+        )
 
     @torch.no_grad()
-    def _act(self, frames: torch.Tensor) -> dict[str, Any]:
+    def _act(self, batch: dict[str, Any]) -> dict[str, Any]:
+        frames = batch[Columns.OBS]
         if frames.dtype != torch.uint8:
             raise TypeError(f"RigRLModule needs uint8 frames, the connectors gave {frames.dtype}")
-        out = self.policy.act(frames, generator=self.generator, **self.act_kwargs)
+        out = self.policy.act(
+            frames, generator=self.generator, history=self._history(batch), **self.act_kwargs
+        )
         # Lookahead writes more columns than the formula counts: grow the width then (older
         # steps stay narrower; ActOutput.collate pads them when a batch is assembled).
         self.width = max(self.width, out.tokens.shape[1])
@@ -144,4 +169,7 @@ class RigRLModule(TorchRLModule):
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+        """Load a state dict, packed by ``actors.weights.pack_state`` or not."""
+        from actors.weights import unpack_state
+
+        self.policy.load_state_dict(unpack_state(state))

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.callbacks.callbacks import RLlibCallback
+from ray.rllib.connectors.connector_v2 import ConnectorV2
 from ray.rllib.connectors.env_to_module import (
     AddObservationsFromEpisodesToBatch,
     BatchIndividualItems,
@@ -43,7 +44,14 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from actors.env import make_env
-from actors.module import ACT_PREFIX, RigRLModule
+from actors.module import (
+    ACT_PREFIX,
+    HISTORY_ACTIONS,
+    HISTORY_FRAMES,
+    HISTORY_MASK,
+    RigRLModule,
+)
+from actors.weights import publish
 from envs.stats import unlocked_from_counts
 from rl.policy import ActOutput, RigPolicy
 
@@ -89,7 +97,10 @@ class RolloutSettings:
         default_factory=lambda: {"task": "collect diamonds", "max_reasoning_tokens": 32}
     )
     seed: int = 0
-    num_cpus_per_env_runner: int = 1
+    history: int = 0  # past steps (frame + action) of each sub-env in act's prompt
+    num_cpus_per_env_runner: float = 1
+    num_gpus_per_env_runner: float = 0  # > 0: the runner's policy acts on the GPU Ray assigns
+    custom_resources_per_env_runner: dict[str, float] = field(default_factory=dict)
     max_num_env_runner_restarts: int = 1000
     env_factory: Callable | None = None
 
@@ -101,13 +112,54 @@ class _RigConfig(AlgorithmConfig):
         return RLModuleSpec(module_class=RigRLModule)
 
 
-def _env_to_module(env=None, spaces=None, device=None) -> list:
-    """The whole env-to-module pipeline: latest obs per sub-env -> (B, H, W, 3) -> tensor.
+class AddHistoryToBatch(ConnectorV2):
+    """Each sub-env's last ``k`` steps, read from its episode (the lookback buffer reaches back
+    across ``sample()`` calls: ``episode_lookback_horizon >= k``), as three batch columns:
+
+        HISTORY_FRAMES  (k, H, W, 3) uint8  the observations acted on, oldest first
+        HISTORY_ACTIONS (k,) int64          the actions taken on them
+        HISTORY_MASK    (k,) bool           real steps; the first steps of an episode have
+                                            fewer than k before them (rows fill from the right)
+
+    ``RigRLModule`` turns them into ``rl.policy.History`` for ``act``; the layout is History's."""
+
+    def __init__(self, input_observation_space=None, input_action_space=None, *, k: int, **kw):
+        super().__init__(input_observation_space, input_action_space, **kw)
+        self.k = int(k)
+
+    def __call__(self, *, rl_module, batch, episodes, explore=None, shared_data=None, **kw):
+        k = self.k
+        for episode in self.single_agent_episode_iterator(episodes):
+            shape = np.shape(episode.get_observations(-1))
+            frames = episode.get_observations(indices=slice(-k - 1, -1), fill=0)
+            actions = episode.get_actions(indices=slice(-k, None), fill=0)
+            real = min(k, int(episode.t))  # steps taken in this episode so far
+            mask = np.arange(k) >= k - real
+            items = {
+                HISTORY_FRAMES: np.asarray(frames, np.uint8).reshape(k, *shape),
+                HISTORY_ACTIONS: np.asarray(actions, np.int64).reshape(k),
+                HISTORY_MASK: mask,
+            }
+            for column, item in items.items():
+                self.add_batch_item(batch, column, item, single_agent_episode=episode)
+        return batch
+
+
+def _env_to_module_pipeline(history: int):
+    """The whole env-to-module pipeline: latest obs per sub-env -> (B, H, W, 3) -> tensor, and
+    with ``history`` k > 0 the last k steps of each (``AddHistoryToBatch``).
 
     RLlib's default adds time-rank and state pieces (no-ops for a stateless module), and
     ``NumpyToTensor`` keeps uint8 (it only casts float64); nothing flattens or scales images.
-    We still list the three pieces ourselves so no future default slips in a preprocessor."""
-    return [AddObservationsFromEpisodesToBatch(), BatchIndividualItems(), NumpyToTensor()]
+    We still list the pieces ourselves so no future default slips in a preprocessor."""
+
+    def build(env=None, spaces=None, device=None) -> list:
+        pieces = [AddObservationsFromEpisodesToBatch()]
+        if history:
+            pieces.append(AddHistoryToBatch(k=history))
+        return [*pieces, BatchIndividualItems(), NumpyToTensor()]
+
+    return build
 
 
 class EpisodeStats(RLlibCallback):
@@ -149,7 +201,10 @@ def rllib_config(s: RolloutSettings) -> AlgorithmConfig:
             rollout_fragment_length=s.rollout_fragment_length,
             batch_mode="truncate_episodes",
             num_cpus_per_env_runner=s.num_cpus_per_env_runner,
-            env_to_module_connector=_env_to_module,
+            num_gpus_per_env_runner=s.num_gpus_per_env_runner,
+            custom_resources_per_env_runner=dict(s.custom_resources_per_env_runner),
+            env_to_module_connector=_env_to_module_pipeline(s.history),
+            episode_lookback_horizon=max(1, s.history),
             add_default_connectors_to_env_to_module_pipeline=False,
             # Our per-step extras may change shape between steps (prompt width); we stack
             # them ourselves instead of RLlib's to_numpy().
@@ -160,7 +215,11 @@ def rllib_config(s: RolloutSettings) -> AlgorithmConfig:
                 "policy_factory": s.policy_factory,
                 "codec": codec,
                 "act_kwargs": dict(s.act_kwargs),
-                "num_threads": s.num_cpus_per_env_runner if s.num_env_runners else None,
+                "history": s.history,
+                "num_threads": max(1, int(s.num_cpus_per_env_runner))
+                if s.num_env_runners
+                else None,
+                "device": "cuda" if s.num_env_runners and s.num_gpus_per_env_runner else "cpu",
             }
         )
         .fault_tolerance(
@@ -346,12 +405,14 @@ class RolloutWorkers:
                 self._apply(self._weights, replaced)
         return RolloutBatch.concat([batch for *_, batch in answers], self._pad_id())
 
-    def sync_weights(self, state: dict[str, Any], version: int) -> None:
-        """Give every runner ``state`` (a ``RigPolicy.state_dict()``) as weights ``version``.
+    def sync_weights(self, state: dict[str, Any] | Any, version: int) -> None:
+        """Give every runner ``state`` (a ``RigPolicy.state_dict()``, or an ``ObjectRef`` of one
+        already in the object store) as weights ``version``.
 
-        Through the object store: one ``ray.put``, each runner fetches the reference itself
-        (``SingleAgentEnvRunner.set_state`` resolves an ``ObjectRef``). ``_publish`` and
-        ``_apply`` are the two halves an NCCL broadcast would replace."""
+        Through the object store (``actors.weights``: one zero-copy put, none for a
+        reference), each runner fetches
+        the reference itself (``SingleAgentEnvRunner.set_state`` resolves an ``ObjectRef``).
+        ``_publish`` and ``_apply`` are the two halves an NCCL broadcast would replace."""
         if version <= self.version:
             raise ValueError(f"version {version} is not newer than the runners' {self.version}")
         self._weights = {COMPONENT_RL_MODULE: self._publish(state), WEIGHTS_SEQ_NO: version}
@@ -367,13 +428,14 @@ class RolloutWorkers:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _publish(self, state: dict[str, Any]) -> Any:
-        state = {k: v.detach().cpu() for k, v in state.items()}
-        if self.group is None:
-            return state
+    def _publish(self, state: dict[str, Any] | Any) -> Any:
         import ray
 
-        return ray.put(state)
+        if isinstance(state, ray.ObjectRef):
+            return ray.get(state) if self.group is None else state
+        if self.group is None:
+            return {k: v.detach().cpu() for k, v in state.items()}
+        return publish(state)
 
     def _apply(self, weights: dict[str, Any], runner_ids: list[int] | None = None) -> None:
         if self.group is None:

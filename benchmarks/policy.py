@@ -30,7 +30,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks.common import interleaved  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TASK = "collect wood"
@@ -150,7 +151,7 @@ def _measure(
     variants["kv_cached"] = kv.cached
     variants["kv_recompute"] = kv.recompute
 
-    samples = _interleaved(variants, repeats, warmup, policy.device)
+    samples = interleaved(variants, repeats, warmup, sync=lambda: _sync(policy.device))
     times = {name: statistics.median(t) for name, t in samples.items()}
     policy.zero_grad(set_to_none=True)
 
@@ -254,25 +255,6 @@ class _KvCase:
             h, _ = p.hidden(None, mask, positions(mask), inputs_embeds=embeds)
             logits = p.logits(h[:, -1])
         return logits
-
-
-def _interleaved(
-    variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, list[float]]:
-    """Seconds of each call of each variant: ``warmup`` untimed rounds, then ``repeats`` rounds,
-    each calling every variant once, the order rotated by one per round."""
-    names = list(variants)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + repeats):
-        shift = i % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            start = time.perf_counter()
-            variants[name]()
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return times
 
 
 def _sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ import typer
 from rig.errors import UserError
 
 app = typer.Typer(
-    help="Measure throughput side by side (policy; rollout and learner next).",
+    help="Measure throughput side by side: policy, rollout, learner, sync, imagination.",
     no_args_is_help=True,
 )
 
@@ -140,3 +140,142 @@ def policy(
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"results: {json_path}")
+
+
+def _report(bench: ModuleType, result: dict, json_path: Path | None) -> None:
+    _print(bench.header(result), bench.table_rows(result), bench.COLUMNS, bench.ratio_lines(result))
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"results: {json_path}")
+
+
+JsonOpt = Annotated[
+    Path | None, typer.Option("--json", help="also write the results to this JSON file")
+]
+PresetOpt = Annotated[str, typer.Option("--preset", help="policy size preset (configs/policy/)")]
+ReasoningOpt = Annotated[
+    int, typer.Option("--reasoning-tokens", min=0, help="max reasoning tokens per act")
+]
+
+
+def _ray_free() -> None:
+    import ray
+
+    if ray.is_initialized():  # only in-process callers (tests) can get here
+        raise UserError("rig bench starts its own local Ray; call it with Ray shut down")
+
+
+# -- rig bench rollout -----------------------------------------------------------------------------
+
+
+@app.command("rollout")
+def rollout(
+    envs: Annotated[int, typer.Option("--envs", min=1, help="sub-envs per runner")] = 4,
+    fragment: Annotated[int, typer.Option("--fragment", min=1, help="steps per sub-env")] = 16,
+    calls: Annotated[int, typer.Option("--calls", min=1, help="timed sample() calls")] = 5,
+    reasoning_tokens: ReasoningOpt = 4,
+    preset: PresetOpt = "tiny",
+    json_path: JsonOpt = None,
+) -> None:
+    """Env steps/s of one env runner in-process vs as a Ray actor, and of 2 actors vs 1."""
+    _preset(preset)
+    _check_json_path(json_path)
+    _ray_free()
+    bench = _benchmark("rollout")
+    _report(bench, bench.bench_rollout(envs, fragment, calls, reasoning_tokens, preset), json_path)
+
+
+# -- rig bench learner -----------------------------------------------------------------------------
+
+
+def _stages(text: str) -> list[int]:
+    try:
+        stages = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--stages must be ZeRO stages separated by commas, got {text!r}") from None
+    if not stages or not all(0 <= s <= 3 for s in stages):
+        raise UserError(f"--stages must be ZeRO stages 0-3, got {text!r}")
+    return stages
+
+
+@app.command("learner")
+def learner(
+    model: Annotated[
+        str, typer.Option("--model", help="policy (the real PPO update) | mlp (a stand-in)")
+    ] = "policy",
+    stages: Annotated[str, typer.Option("--stages", help="ZeRO stages, comma-separated")] = "0,1,2",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 | fp16")] = "fp32",
+    rows: Annotated[int, typer.Option("--rows", min=1, help="batch rows per micro-step")] = 32,
+    accum: Annotated[int, typer.Option("--accum", min=1, help="micro-steps per update")] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed updates")] = 10,
+    preset: PresetOpt = "tiny",
+    reasoning_tokens: ReasoningOpt = 8,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads (default: every core)")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """One DeepSpeed update vs the same update in plain torch on the same batch (ratio)."""
+    if model not in ("policy", "mlp"):
+        raise UserError(f"--model must be policy or mlp, got {model!r}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision must be fp32, bf16 or fp16, got {precision!r}")
+    zero = _stages(stages)
+    _preset(preset)
+    _check_json_path(json_path)
+    bench = _benchmark("learner_engine")
+    result = bench.bench_learner(
+        model, zero, precision, rows, accum, repeats, preset=preset,
+        reasoning_tokens=reasoning_tokens, threads=threads,
+    )  # fmt: skip
+    _report(bench, result, json_path)
+
+
+# -- rig bench sync --------------------------------------------------------------------------------
+
+
+@app.command("sync")
+def sync(
+    presets: Annotated[
+        str, typer.Option("--presets", help="policy presets, comma-separated")
+    ] = "tiny,small",
+    runners: Annotated[int, typer.Option("--runners", min=1, help="env runners")] = 2,
+    imagination_actors: Annotated[
+        int, typer.Option("--imagination-actors", min=0, help="imagination actors")
+    ] = 1,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed syncs")] = 5,
+    json_path: JsonOpt = None,
+) -> None:
+    """Seconds per weight sync to every runner and actor, and MB/s, zero-copy vs pickled."""
+    names = [p.strip() for p in presets.split(",") if p.strip()]
+    if not names:
+        raise UserError("--presets must name at least one policy preset")
+    for name in names:
+        _preset(name)
+    _check_json_path(json_path)
+    _ray_free()
+    bench = _benchmark("sync")
+    _report(bench, bench.bench_sync(names, runners, imagination_actors, repeats), json_path)
+
+
+# -- rig bench imagination -------------------------------------------------------------------------
+
+
+@app.command("imagination")
+def imagination(
+    envs: Annotated[int, typer.Option("--envs", min=1, help="envs = start frames")] = 4,
+    fragment: Annotated[
+        int, typer.Option("--fragment", min=1, help="steps (= imagination horizon) per call")
+    ] = 8,
+    calls: Annotated[int, typer.Option("--calls", min=1, help="timed calls of each")] = 5,
+    reasoning_tokens: ReasoningOpt = 4,
+    preset: PresetOpt = "tiny",
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch threads")] = 1,
+    json_path: JsonOpt = None,
+) -> None:
+    """Imagined vs real transitions/s with the same policy, in one process."""
+    _preset(preset)
+    _check_json_path(json_path)
+    bench = _benchmark("imagination")
+    result = bench.bench_imagination(envs, fragment, calls, reasoning_tokens, preset, threads)
+    _report(bench, result, json_path)

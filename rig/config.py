@@ -109,6 +109,13 @@ class RolloutConfig(Section):
     num_env_runners: int = Field(ge=0, description="Ray env-runner actors; 0: in this process")
     fragment_length: int = Field(ge=1, description="env steps per sub-env per sample")
     max_restarts: int = Field(ge=0, description="env-runner restarts allowed before giving up")
+    num_cpus_per_runner: float = Field(ge=0, description="Ray CPUs each env runner reserves")
+    num_gpus_per_runner: float = Field(
+        ge=0, description="Ray GPUs each env runner reserves; > 0 acts on the GPU"
+    )
+    resources: dict[str, float] = Field(
+        description="custom Ray resources each env runner needs, e.g. {minecraft: 1}"
+    )
 
 
 class ImaginationConfig(Section):
@@ -118,6 +125,9 @@ class ImaginationConfig(Section):
     weight: float = Field(ge=0, description="loss weight of imagined rows")
     min_accuracy: float = Field(
         ge=0, le=1, description="next-frame token accuracy before imagined data enters the loss"
+    )
+    num_gpus_per_actor: float = Field(
+        ge=0, description="Ray GPUs each imagination actor reserves; > 0 imagines on the GPU"
     )
 
 

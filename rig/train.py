@@ -91,10 +91,6 @@ class Trainer:
         from learner.checkpoints import CheckpointManager
         from rl.policy import RigPolicy
 
-        if config.policy.history:
-            raise UserError(
-                "policy.history > 0 is not supported by the env runners yet; set policy.history=0"
-            )
         self.config, self.run_dir = config, run_dir
         self.counters = Counters()
         random.seed(config.run.seed)
@@ -137,7 +133,11 @@ class Trainer:
                 policy_factory=policy_factory(config),
                 act_kwargs=act_kwargs(config),
                 seed=config.run.seed,
+                history=config.policy.history,
                 max_num_env_runner_restarts=config.rollout.max_restarts,
+                num_cpus_per_env_runner=config.rollout.num_cpus_per_runner,
+                num_gpus_per_env_runner=config.rollout.num_gpus_per_runner,
+                custom_resources_per_env_runner=dict(config.rollout.resources),
             )
         )
         self.imagination = None
@@ -145,9 +145,11 @@ class Trainer:
             kwargs = act_kwargs(config)
             kwargs.pop("task")
             factory = functools.partial(policy_factory(config), self.codec)  # zero-argument
+            gpus = config.imagination.num_gpus_per_actor
             self.imagination = ImaginationWorkers(
-                config.imagination.num_actors, factory, kwargs, config.run.seed
-            )
+                config.imagination.num_actors, factory, kwargs, config.run.seed,
+                actor_options={"num_gpus": gpus} if gpus else None,
+            )  # fmt: skip
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
         self._publish()  # every runner and actor starts from the learner's weights
 
@@ -157,6 +159,7 @@ class Trainer:
         needs_ray = self.config.rollout.num_env_runners > 0 or (
             self.config.imagination.horizon > 0 and self.config.imagination.num_actors > 0
         )
+        self._ray_started = needs_ray
         if not needs_ray:
             return
         import ray
@@ -180,6 +183,10 @@ class Trainer:
         start = time.perf_counter()
         state = self.engine.published_state_dict()
         version = self.counters.version
+        if self._ray_started:  # one zero-copy put for runners and actors alike
+            from actors.weights import publish
+
+            state = publish(state)
         self.pool.submit(self.rollouts.sync_weights, state, version).result()
         if self.imagination is not None:
             self.imagination.sync_weights(state, version)
@@ -203,15 +210,27 @@ class Trainer:
         return self.checkpoints.save(c.iteration, write, {"version": c.version})
 
     def _restore(self, checkpoint: Path) -> None:
+        """Model, optimiser, scheduler, counters and RNG states from ``checkpoint``. Files that
+        pass the size check (``learner.checkpoints``) but do not load (bytes damaged in place,
+        another program's files) fail in one line naming the checkpoint and the error."""
         import torch
 
-        from learner.checkpoints import set_rng_state
+        from learner.checkpoints import CheckpointError, set_rng_state
 
-        self.engine.load_checkpoint(checkpoint, ENGINE_TAG)
-        self.counters = Counters(**json.loads((checkpoint / COUNTERS_FILE).read_text()))
-        state = torch.load(checkpoint / "rng.pt", weights_only=False)
-        set_rng_state(state["rng"])
-        self.generator.set_state(state["generator"])
+        try:
+            self.engine.load_checkpoint(checkpoint, ENGINE_TAG)
+            self.counters = Counters(**json.loads((checkpoint / COUNTERS_FILE).read_text()))
+            state = torch.load(checkpoint / "rng.pt", weights_only=False)
+            set_rng_state(state["rng"])
+            self.generator.set_state(state["generator"])
+        except UserError:
+            raise
+        except Exception as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise CheckpointError(
+                f"corrupted checkpoint {checkpoint}: {type(err).__name__}: {first[:200]}; "
+                f"delete that folder to resume from the one before it"
+            ) from err
         self.counters.version += 1  # the restored weights are published as a new version
 
     # -- one iteration -----------------------------------------------------------------------
@@ -235,10 +254,16 @@ class Trainer:
         act = batch.act[keep]
         frames = act.frames.cpu()
         last = torch.as_tensor(batch.last_frames[used])
+        is_last = np.append(chunks[1:] != chunks[:-1], True)
+        # V(s_T) of each chunk's last frame; a chunk that ended in death needs none (GAE cuts)
+        boot = torch.zeros(len(used))
+        needs = chunks[is_last][~batch.terminated[fresh][is_last]]
         with torch.no_grad():
-            boot = self.policy.act(last, cfg.policy.task, cfg.policy.max_reasoning_tokens,
-                                   cfg.policy.temperature, self.generator).values  # fmt: skip
-            is_last = np.append(chunks[1:] != chunks[:-1], True)
+            if len(needs):
+                boot[torch.as_tensor(needs)] = self.policy.act(
+                    last[torch.as_tensor(needs)], cfg.policy.task, cfg.policy.max_reasoning_tokens,
+                    cfg.policy.temperature, self.generator,
+                ).values.float().cpu()  # fmt: skip
             following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; fixed below)
             following[torch.as_tensor(is_last)] = last[chunks[is_last]]
             codes = frame_codes(self.policy, following)

@@ -191,7 +191,9 @@ class ActOutput:
     @staticmethod
     def collate(outputs: Sequence[ActOutput], pad_id: int) -> ActOutput:
         """Concatenate act outputs along B: prompts left-padded to the longest P, generated
-        columns right-padded to the longest L. All must share the temperature, k and n."""
+        columns right-padded to the longest L, history slots left-padded (masked) to the
+        largest k (imagined rows, which have no history, beside real rows that do). All must
+        share the temperature and n."""
         if len({o.temperature for o in outputs}) != 1:
             raise ValueError("collate needs outputs sampled at one temperature")
         P = max(o.prompt_ids.shape[1] for o in outputs)
@@ -199,9 +201,12 @@ class ActOutput:
         left = {"prompt_ids": pad_id, "prompt_mask": False, "prompt_codes": False}
         right = {"tokens": pad_id, "attention_mask": False, "log_probs": 0.0,
                  "reasoning_mask": False, "action_mask": False}  # fmt: skip
+        K = max(o.history_mask.shape[1] for o in outputs)
         cat: dict[str, Any] = {}
         for f in fields(ActOutput):
             items = [getattr(o, f.name) for o in outputs]
+            if f.name in ("history_frames", "history_mask"):
+                items = [_pad_slots(x, K) for x in items]
             if f.name == "action_texts":
                 cat[f.name] = [t for item in items for t in item]
             elif f.name == "prompt_length":
@@ -222,6 +227,14 @@ class ActOutput:
                     )
                 cat[f.name] = torch.cat(items)
         return ActOutput(**cat)
+
+
+def _pad_slots(x: Tensor, k: int) -> Tensor:
+    """History slots (B, j, ...) left-padded with zeros / False to (B, k, ...): empty slots."""
+    if x.shape[1] == k:
+        return x
+    pad = x.new_zeros((x.shape[0], k - x.shape[1], *x.shape[2:]))
+    return torch.cat([pad, x], 1)
 
 
 class _Stream:

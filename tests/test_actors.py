@@ -142,6 +142,57 @@ def test_local_episode_stats_and_versions(local_workers):
     torch.testing.assert_close(batch.act.values, torch.full((6,), 7.0))
 
 
+def test_history_comes_from_the_episodes_across_sample_calls():
+    """policy.history through the runner: each sub-env's last k steps (its lookback buffer
+    reaches into the previous sample() call), reset at a new episode, and still exact."""
+    workers = RolloutWorkers(
+        num_envs_per_env_runner=2,
+        rollout_fragment_length=3,
+        env_kwargs={"length": 4, **SMALL_WORLD},
+        policy_factory=ending_policy,
+        act_kwargs=ACT,
+        history=2,
+    )
+    try:
+        policy = workers.local.module.policy
+        first, second = workers.sample(), workers.sample()
+        for batch in (first, second):
+            act = batch.act
+            assert act.history_frames.shape == (len(batch), 2, 64, 64, 3)
+            with torch.no_grad():
+                fresh = policy.evaluate(act)
+            mask = act.token_mask
+            torch.testing.assert_close(
+                fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0
+            )
+        # first call: two episodes from their start, steps 0, 1, 2 each
+        a = first.act
+        expected = [[False, False], [False, True], [True, True]] * 2
+        assert a.history_mask.tolist() == expected
+        for c in (0, 3):  # each chunk: slot 1 of step t is step t-1's frame
+            assert torch.equal(a.history_frames[c + 1, 1], a.frames[c])
+            assert torch.equal(a.history_frames[c + 2, 0], a.frames[c])
+            assert torch.equal(a.history_frames[c + 2, 1], a.frames[c + 1])
+        # second call: step 3 ends each episode (length 4) with history from the first call,
+        # then new episodes start with none
+        b = second.act
+        lengths = np.bincount(second.chunks).tolist()
+        assert sorted(lengths) == [1, 1, 2, 2], lengths
+        row = 0
+        for c, n in enumerate(lengths):
+            if n == 1:  # the end of a first-call episode: steps 1 and 2 of that chunk
+                old = 0 if c == 0 else 3
+                assert b.history_mask[row].tolist() == [True, True]
+                assert torch.equal(b.history_frames[row, 0], a.frames[old + 1])
+                assert torch.equal(b.history_frames[row, 1], a.frames[old + 2])
+            else:  # a new episode
+                assert b.history_mask[row : row + 2].tolist() == [[False, False], [False, True]]
+                assert torch.equal(b.history_frames[row + 1, 1], b.frames[row])
+            row += n
+    finally:
+        workers.stop()
+
+
 def test_lookahead_outputs_survive_the_runner():
     """Lookahead widens prompts (imagined codes) and the generated columns; still exact."""
     workers = RolloutWorkers(

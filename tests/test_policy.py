@@ -192,6 +192,16 @@ def test_history_enters_the_prompt_and_evaluate_agrees(policy):
     torch.testing.assert_close(res["values"], out.values, atol=1e-4, rtol=0)
     assert not torch.allclose(plain.values, out.values)  # the history does reach the model
 
+    # rows without history (imagined ones) collate beside rows with it: empty slots added
+    both = ActOutput.collate([out, plain], pad_id=policy.ids.pad)
+    assert both.history_frames.shape == (6, 2, 64, 64, 3)
+    assert both.history_mask[3:].sum() == 0 and torch.equal(both.history_mask[:3], out.history_mask)
+    with torch.no_grad():
+        res = policy.evaluate(both)
+    mask = both.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], both.log_probs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["values"], both.values, atol=1e-4, rtol=0)
+
 
 def test_lookahead_imagines_reviews_and_decides(policy):
     G = policy.image_tokens

@@ -24,7 +24,7 @@ FAST = [
     "imagination.num_actors=0", "imagination.num_starts=2", "imagination.horizon=2",
     "imagination.min_accuracy=0.0", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
     "train.checkpoint_every=2", "train.traces_every=1", "tracking.image_every=1",
-    "tracking.system_metrics=false",
+    "tracking.system_metrics=false", "policy.history=1",
 ]  # fmt: skip
 
 
@@ -136,6 +136,33 @@ def test_bad_input_is_one_line_and_leaves_nothing(in_tmp, capsys, args, message)
     assert not runs.exists() or not [p for p in runs.iterdir() if "-train-" in p.name]
 
 
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_resume_from_a_corrupted_checkpoint_is_one_line(trained, capsys, tmp_path, damage):
+    """Every checkpoint of a copy of the run damaged: cut short (the size check catches it) or
+    zeroed in place at the same size (only loading it does). One line, exit 2, and nothing in
+    the run folder changes."""
+    import shutil
+
+    run = tmp_path / "runs" / trained.name
+    shutil.copytree(trained, run)
+    for ckpt in (run / "checkpoints").glob("iter_*"):
+        states = max((p for p in ckpt.rglob("*.pt")), key=lambda p: p.stat().st_size)
+        size = states.stat().st_size
+        states.write_bytes(b"" if damage == "truncated" else bytes(size))
+    before = _tree(run)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "train.iterations=5")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    expected = "has no complete checkpoint" if damage == "truncated" else "corrupted checkpoint"
+    assert expected in err and str(run) in err, err
+    assert _tree(run) == before
+
+
 def test_init_from_a_foreign_directory_is_refused(in_tmp, capsys):
     foreign = in_tmp / "bert"
     foreign.mkdir()
@@ -150,6 +177,7 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
     restart is counted in the logged metrics."""
     import os
     import signal
+    import time
 
     ray = pytest.importorskip("ray")
     from rig.config import load_config
@@ -182,6 +210,17 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
             )
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
+        elif counters.iteration == 2:
+            # On a loaded machine Ray may take longer than the next iterations to bring the
+            # process back; wait for it here (bounded), so the run sees it return. The GCS actor
+            # table (ray.util.state needs the dashboard, which the debug preset leaves off).
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                runners = [a for a in ray._private.state.actors().values()
+                           if a["ActorClassName"] == "SingleAgentEnvRunner"]  # fmt: skip
+                if runners and all(a["State"] == "ALIVE" for a in runners):
+                    break
+                time.sleep(1)
 
     trainer = Trainer(cfg, run_dir)
     try:

@@ -1,0 +1,46 @@
+"""What every benchmark shares: interleaved timing and the medians it reports.
+
+Timings on a shared machine drift with its load, so no figure here is compared across runs:
+each benchmark measures its variants side by side in one run, interleaved (each round calls every
+variant once, in an order rotated by one per round), so that a busy moment hits all of them, and
+reports medians and their ratios.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def interleaved(
+    variants: dict[str, Callable[[], Any]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Seconds of each call of each variant: ``warmup`` untimed rounds, then ``repeats`` rounds,
+    each calling every variant once, the order rotated by one per round. ``sync`` is called
+    before and after each timed call (e.g. ``torch.cuda.synchronize``)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + repeats):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            variants[name]()
+            if sync is not None:
+                sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """``{"median", "min", "max"}`` of a list of figures."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -1,0 +1,132 @@
+"""Imagined vs real transitions per second with the same policy, side by side in one process.
+
+``real``: an in-process RLlib env runner (``actors.rollout.RolloutWorkers`` with
+``num_env_runners=0``) samples ``fragment`` steps from each of ``envs`` Crafter envs (per step:
+one batched ``act`` and the envs' ``step``). ``imagined``: an ``actors.imagination.Imaginer`` with
+the same preset, seed and ``act`` settings rolls ``envs`` real start frames forward ``fragment``
+steps in the policy's world model (per step: one batched ``act`` and one ``imagine``: the next
+frame's VQ codes sampled with the KV cache, decoded to pixels, with the reward and continue
+heads), plus the one extra ``act`` that reads the bootstrap value. Both produce ``envs x
+fragment`` learner rows per call; calls are interleaved (the order alternating), torch on one
+thread, medians reported, and the ratio imagined / real.
+
+    rig bench imagination --envs 4 --fragment 8
+    python -m benchmarks.imagination --envs 4 --fragment 8 --calls 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from benchmarks.common import interleaved, spread  # noqa: E402
+
+TASK = "collect wood"
+
+
+def bench_imagination(
+    envs: int = 4,
+    fragment: int = 8,
+    calls: int = 5,
+    reasoning_tokens: int = 4,
+    preset: str = "tiny",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Returns ``{"config", "real": {"median", "min", "max"}, "imagined": {...}, "ratio"}``
+    (transitions/s; ratio = imagined / real medians)."""
+    import torch
+
+    from actors.imagination import Imaginer
+    from actors.rollout import RolloutWorkers, preset_policy
+    from envs.crafter_env import crafter_codec
+
+    if min(envs, fragment, calls, threads) < 1 or reasoning_tokens < 0:
+        raise ValueError("envs, fragment, calls and threads must be >= 1, reasoning_tokens >= 0")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    act_kwargs = {"max_reasoning_tokens": reasoning_tokens}
+    real = RolloutWorkers(
+        num_env_runners=0,
+        num_envs_per_env_runner=envs,
+        rollout_fragment_length=fragment,
+        policy_factory=preset_policy(preset),
+        act_kwargs={"task": TASK, **act_kwargs},
+    )
+    try:
+        starts = real.sample().act.frames[:envs].cpu()  # warm-up; real frames to imagine from
+        imaginer = Imaginer(functools.partial(preset_policy(preset), crafter_codec()), act_kwargs)
+        imaginer.rollout(starts, TASK, fragment)  # warm-up
+        rows = {"real": 0, "imagined": 0}
+
+        def sample_real() -> None:
+            rows["real"] = len(real.sample())
+
+        def imagine() -> None:
+            rows["imagined"] = len(imaginer.rollout(starts, TASK, fragment))
+
+        seconds = interleaved({"real": sample_real, "imagined": imagine}, calls, warmup=0)
+    finally:
+        real.stop()
+        torch.set_num_threads(previous)
+    rates = {name: spread([rows[name] / s for s in times]) for name, times in seconds.items()}
+    config = {"envs": envs, "fragment": fragment, "calls": calls, "preset": preset,
+              "reasoning_tokens": reasoning_tokens, "threads": threads,
+              "rows_per_call": rows}  # fmt: skip
+    return {
+        **rates,
+        "config": config,
+        "ratio": rates["imagined"]["median"] / rates["real"]["median"],
+    }
+
+
+COLUMNS = ("rollout", "transitions/s", "min", "max")
+
+
+def header(result: dict[str, Any]) -> str:
+    c = result["config"]
+    return (
+        f"{c['preset']} policy, {c['envs']} envs / start frames x {c['fragment']} steps per call, "
+        f"up to {c['reasoning_tokens']} reasoning tokens, {c['threads']} torch thread(s), "
+        f"in-process; median of {c['calls']} interleaved calls"
+    )
+
+
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    return [(name, f"{result[name]['median']:.1f}", f"{result[name]['min']:.1f}",
+             f"{result[name]['max']:.1f}") for name in ("real", "imagined")]  # fmt: skip
+
+
+def ratio_lines(result: dict[str, Any]) -> list[str]:
+    return [f"imagined / real transitions per second: {result['ratio']:.2f}"]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--envs", type=int, default=4, help="envs = imagination start frames")
+    parser.add_argument("--fragment", type=int, default=8, help="steps (= horizon) per call")
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--reasoning-tokens", type=int, default=4)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    result = bench_imagination(args.envs, args.fragment, args.calls, args.reasoning_tokens,
+                               args.preset, args.threads)  # fmt: skip
+    print(header(result))
+    print(" | ".join(COLUMNS))
+    for row in table_rows(result):
+        print(" | ".join(row))
+    print("\n".join(ratio_lines(result)))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
