@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from rig import bench
+from rig import bench, data_cli
 from rig.errors import UserError
 
 app = typer.Typer(
@@ -30,6 +30,8 @@ config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=
 app.add_typer(envs_app, name="envs")
 app.add_typer(config_app, name="config")
 app.add_typer(bench.app, name="bench")
+app.add_typer(data_cli.data_app, name="data")
+app.command("collect")(data_cli.collect)
 
 _STATE = {"debug": False}
 
