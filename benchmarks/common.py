@@ -8,9 +8,12 @@ reports medians and their ratios.
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 
@@ -44,3 +47,16 @@ def interleaved(
 def spread(values: list[float]) -> dict[str, float]:
     """``{"median", "min", "max"}`` of a list of figures."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def print_result(bench: ModuleType, result: dict[str, Any], json_path: Path | None = None) -> None:
+    """A benchmark script's plain-text output: ``bench.header``, the ``bench.COLUMNS`` table of
+    ``bench.table_rows``, ``bench.ratio_lines``; the result as JSON to ``json_path`` if given.
+    (``rig bench`` prints the same parts as a rich table.)"""
+    print(bench.header(result))
+    print(" | ".join(bench.COLUMNS))
+    for row in bench.table_rows(result):
+        print(" | ".join(row))
+    print("\n".join(bench.ratio_lines(result)))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")

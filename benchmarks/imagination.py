@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import interleaved, spread  # noqa: E402
+from benchmarks.common import interleaved, print_result, spread  # noqa: E402
 
 TASK = "collect wood"
 
@@ -118,13 +117,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     result = bench_imagination(args.envs, args.fragment, args.calls, args.reasoning_tokens,
                                args.preset, args.threads)  # fmt: skip
-    print(header(result))
-    print(" | ".join(COLUMNS))
-    for row in table_rows(result):
-        print(" | ".join(row))
-    print("\n".join(ratio_lines(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(sys.modules[__name__], result, args.json)
     return result
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks.common import print_result  # noqa: E402
 from learner.engine import DeepSpeedEngine, LearnerConfig, PlainTorchEngine  # noqa: E402
 
 ENGINES = {"deepspeed": DeepSpeedEngine, "plain": PlainTorchEngine}
@@ -261,13 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.model, args.stages, args.precision, args.rows, args.accum, args.repeats,
         args.warmup, args.preset, width=args.width, depth=args.depth, threads=args.threads,
     )  # fmt: skip
-    print(header(result))
-    print(" | ".join(COLUMNS))
-    for row in table_rows(result):
-        print(" | ".join(row))
-    print("\n".join(ratio_lines(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(sys.modules[__name__], result, args.json)
     return result
 
 

@@ -20,7 +20,6 @@ overhead ratio (1 actor / in-process, 1.0 = free) and the scaling ratio (2 actor
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import spread  # noqa: E402
+from benchmarks.common import print_result, spread  # noqa: E402
 
 SETUPS = {"in-process": 0, "1 actor": 1, "2 actors": 2}
 TASK = "collect wood"
@@ -130,13 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     result = bench_rollout(args.envs, args.fragment, args.calls, args.reasoning_tokens,
                            args.preset)  # fmt: skip
-    print(header(result))
-    print(" | ".join(COLUMNS))
-    for row in table_rows(result):
-        print(" | ".join(row))
-    print("\n".join(ratio_lines(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(sys.modules[__name__], result, args.json)
     return result
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from benchmarks.common import spread  # noqa: E402
+from benchmarks.common import print_result, spread  # noqa: E402
 
 # zero-copy: actors.weights.publish (NumPy buffers, what rig train does); pickled: ray.put of the
 # torch state dict as it is (the baseline)
@@ -168,13 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     result = bench_sync(args.presets, args.runners, args.imagination_actors, args.repeats)
-    print(header(result))
-    print(" | ".join(COLUMNS))
-    for row in table_rows(result):
-        print(" | ".join(row))
-    print("\n".join(ratio_lines(result)))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print_result(sys.modules[__name__], result, args.json)
     return result
 
 
