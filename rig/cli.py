@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from rig import bench, data_cli
+from rig import bench, data_cli, sft_cli
 from rig.errors import UserError
 
 app = typer.Typer(
@@ -32,6 +32,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(bench.app, name="bench")
 app.add_typer(data_cli.data_app, name="data")
 app.command("collect")(data_cli.collect)
+app.command("sft")(sft_cli.sft)
+app.command("eval")(sft_cli.evaluate)
 
 _STATE = {"debug": False}
 

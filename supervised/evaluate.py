@@ -1,0 +1,178 @@
+"""``rig eval``: play episodes with a policy checkpoint and measure it.
+
+One batched ``RigPolicy.act`` per vector step over ``num_envs`` envs (a Gymnasium vector env with
+SAME_STEP autoreset, as ``rig envs play``), with a ``History`` of the last k steps that is reset
+per row at its episode's end, and lookahead n. Every ``psnr_every``-th vector step the policy
+also imagines the frame its action leads to (``RigPolicy.imagine``), compared with what
+happened::
+
+    step t:   obs_t --act--> a_t --env--> obs_t+1 (or final_obs at an episode end)
+                               \\--imagine--> imagined_t+1      PSNR(imagined_t+1, obs_t+1)
+
+Reported: return, length, Crafter score and per-achievement success (``envs.stats``) over the
+first N finished episodes, and the imagined-frame PSNR (dB, per frame, then mean/median).
+The video shows env 0: the real frame beside the imagined one (grey where none was made).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from rl.policy import RigPolicy
+
+REPORT = "report.json"
+VIDEO = "video.mp4"
+PSNR_CAP = 100.0
+
+
+def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-frame PSNR (N,) in dB of (N, H, W, C) frames on the 0..255 scale, capped at 100 dB
+    for identical frames: ``10 log10(255^2 / mean((pred - target)^2))``."""
+    p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
+    if p.shape != t.shape or p.ndim != 4:
+        raise ValueError(
+            f"psnr needs two (N, H, W, C) arrays of one shape, got {p.shape}, {t.shape}"
+        )
+    mse = ((p - t) ** 2).reshape(len(p), -1).mean(1)
+    with np.errstate(divide="ignore"):
+        return np.minimum(10.0 * np.log10(255.0**2 / mse), PSNR_CAP)
+
+
+@dataclass
+class EvalSettings:
+    episodes: int = 4
+    num_envs: int = 4
+    lookahead: int = 0
+    history: int = 0
+    task: str = "survive and unlock as many achievements as you can"
+    max_reasoning_tokens: int = 64
+    temperature: float = 1.0
+    psnr_every: int = 1
+    seed: int = 0
+    max_steps: int | None = None  # vector steps at most (unfinished episodes are reported too)
+    video_size: int = 256
+
+
+@dataclass
+class EvalResult:
+    episodes: list[dict[str, Any]]
+    unfinished: list[dict[str, Any]]
+    summary: dict[str, Any]
+    psnr: dict[str, float]
+    steps: int
+    seconds: float
+    invalid_actions: int
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate_policy(
+    policy: RigPolicy,
+    env_id: str,
+    size: int,
+    env_kwargs: dict[str, Any],
+    settings: EvalSettings,
+    video: Path | None = None,
+    vectorization: str = "sync",
+    progress=None,
+) -> EvalResult:
+    """Play until ``settings.episodes`` episodes have finished (or ``max_steps`` vector steps)."""
+    import torch
+
+    import envs  # noqa: F401  (registers the envs)
+    from envs.crafter_env import ACHIEVEMENTS
+    from envs.stats import summarize
+    from envs.vector import EpisodeTracker, make_vector
+    from rig.play import _unfinished, _VideoWriter
+    from rig.tracking import side_by_side
+    from rl.policy import History
+
+    s = settings
+    n = s.num_envs
+    venv = make_vector(env_id, n, size=size, vectorization=vectorization, **env_kwargs)
+    writer = None
+    try:
+        if video is not None:
+            writer = _VideoWriter(video, s.video_size, venv.metadata.get("render_fps", 10))
+        generator = torch.Generator().manual_seed(s.seed)
+        history = History.empty(n, s.history, size)
+        tracker = EpisodeTracker(n)
+        codec = policy.codec
+        invalid0 = codec.invalid_count
+        scores: list[np.ndarray] = []
+        obs, infos = venv.reset(seed=s.seed)
+        crafter_like = "achievements" in infos
+        grey = np.full_like(obs[0], 128)
+        steps, start = 0, time.perf_counter()
+        while len(tracker.finished) < s.episodes and (s.max_steps is None or steps < s.max_steps):
+            out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
+                             history=history, lookahead=s.lookahead)  # fmt: skip
+            imagined = None
+            if steps % s.psnr_every == 0:
+                imagined = policy.imagine(out, s.temperature, generator).frames.cpu().numpy()
+            actions = out.actions.cpu().numpy()
+            new_obs, rewards, terminated, truncated, infos = venv.step(actions)
+            done = np.logical_or(terminated, truncated)
+            real = new_obs.copy()
+            for i in np.flatnonzero(done):
+                real[i] = infos["final_obs"][i]
+            if imagined is not None:
+                scores.append(psnr(imagined, real))
+            if writer is not None:
+                dreamt = imagined[:1] if imagined is not None else grey[None]
+                writer.add(side_by_side(real[:1], dreamt))
+            history.push(obs, actions)
+            history.reset(done)
+            tracker.step(rewards, terminated, truncated, infos)
+            obs = new_obs
+            steps += 1
+            if progress is not None:
+                progress(steps, len(tracker.finished))
+        seconds = time.perf_counter() - start
+        unfinished = _unfinished(tracker, infos, crafter_like)
+    finally:
+        venv.close()
+        if writer is not None:
+            writer.close()
+    finished = tracker.finished[: s.episodes]
+    achievements = ACHIEVEMENTS if crafter_like else None
+    summary = summarize(finished or unfinished, achievements)
+    summary["from_unfinished"] = not finished
+    values = np.concatenate(scores) if scores else np.zeros(0)
+    stats = {"mean": float(values.mean()), "median": float(np.median(values)),
+             "std": float(values.std()), "frames": int(values.size)} if values.size else {
+             "frames": 0}  # fmt: skip
+    return EvalResult(
+        episodes=finished, unfinished=unfinished, summary=summary, psnr=stats,
+        steps=steps * n, seconds=seconds, invalid_actions=codec.invalid_count - invalid0,
+        settings=asdict(s),
+    )  # fmt: skip
+
+
+def metrics_of(result: EvalResult) -> dict[str, float]:
+    """Flat MLflow metrics of a result: eval/return_mean, eval/score, eval/psnr, success."""
+    s = result.summary
+    out = {f"eval/{k}": v for k, v in s.items() if isinstance(v, int | float)
+           and not isinstance(v, bool)}  # fmt: skip
+    out.update({f"eval/success/{k}": v for k, v in (s.get("success_rates") or {}).items()})
+    out.update({f"eval/psnr_{k}": v for k, v in result.psnr.items()})
+    out["eval/steps_per_s"] = result.steps / max(result.seconds, 1e-9)
+    return out
+
+
+def write_report(result: EvalResult, out: Path, extra: dict[str, Any]) -> Path:
+    path = Path(out) / REPORT
+    path.write_text(json.dumps({**extra, **result.report()}, indent=2) + "\n")
+    return path
+
+
+__all__ = ["EvalResult", "EvalSettings", "evaluate_policy", "metrics_of", "psnr", "write_report"]
