@@ -42,8 +42,9 @@ DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or 
   absent. DeepSpeed is imported lazily, so ``import learner`` stays cheap.
 * DeepSpeed needs a ``torch.distributed`` process group even for one process. We create one
   (gloo on CPU, nccl on CUDA) from :class:`World` or the launcher's ``RANK``/``WORLD_SIZE``
-  environment, setting ``MASTER_ADDR``/``MASTER_PORT`` (a free port) only where unset, and reuse
-  an existing group, so several engines can live in one process (tests).
+  environment, and reuse an existing group, so several engines can live in one process
+  (tests). A single rank without ``MASTER_PORT`` rendezvouses through an in-memory store and
+  opens no port (a port picked free and bound later can be taken in between).
 * ZeRO 0, 1, 2 and 3 all run on CPU with fp32 and gloo. With ZeRO 0 and fp32 DeepSpeed clips
   the gradients but does not report their norm (``get_global_grad_norm()`` is None), so for
   stage 0 we compute the norm from ``param.grad`` ourselves before the step.
@@ -56,7 +57,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,17 +374,17 @@ def _ensure_process_group(deepspeed, device: str, world: World | None) -> None:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if os.environ["WORLD_SIZE"] != "1":
-            raise RuntimeError("MASTER_PORT must be set (or World.master_port) for several ranks")
-        os.environ["MASTER_PORT"] = str(_free_port())
     backend = "nccl" if device == "cuda" else "gloo"
     if device == "cuda":  # before the group exists, so NCCL binds each rank to its own GPU
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if "MASTER_PORT" not in os.environ:
+        if os.environ["WORLD_SIZE"] != "1":
+            raise RuntimeError("MASTER_PORT must be set (or World.master_port) for several ranks")
+        # One rank needs no rendezvous: an in-memory store, no TCP port. (A port picked free
+        # and bound later can be taken in between, e.g. by Ray starting its workers.)
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        return
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
