@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from rig import bench, data_cli, sft_cli
+from rig import bench, data_cli, sft_cli, tokenizer_cli
 from rig.errors import UserError
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ config_app = typer.Typer(help="Show and check configurations.", no_args_is_help=
 app.add_typer(envs_app, name="envs")
 app.add_typer(config_app, name="config")
 app.add_typer(bench.app, name="bench")
+app.add_typer(tokenizer_cli.tokenizer_app, name="tokenizer")
 app.add_typer(data_cli.data_app, name="data")
 app.command("collect")(data_cli.collect)
 app.command("sft")(sft_cli.sft)

@@ -121,6 +121,18 @@ def test_small_preset_config(tok):
     assert 10_000_000 < n < 100_000_000
 
 
+def test_tiny_vq16_preset_has_a_16x16_grid_for_both_encoders(tok):
+    """The preset `rig tokenizer train` reaches 30 dB with: 256 codes of 1024 per frame."""
+    config = build_config(load_preset("tiny-vq16"), tok)
+    assert config.vision_config.patch_size == 4 and config.vq_config.num_patches == 16
+    model = transformers.JanusForConditionalGeneration(config)
+    assert image_tokens_per_frame(model) == 256
+    with torch.no_grad():
+        out = model.model.vqmodel.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert out.quantized_last_hidden_state.shape[-2:] == (16, 16)
+    assert int(out.image_tokens.max()) < 1024
+
+
 def test_janus_1_3b_preset_matches_the_published_architecture(tok):
     config = build_config(load_preset("janus-1.3b"), tok)
     text, vision, vq = config.text_config, config.vision_config, config.vq_config

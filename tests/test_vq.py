@@ -1,0 +1,176 @@
+"""The VQ tokenizer's training (supervised/vq.py) and `rig tokenizer train`'s user errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rig.errors import UserError
+from supervised import vq as vqlib
+
+
+def slow_psnr(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """Per-frame PSNR with plain Python loops over every pixel value."""
+    out = []
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        total, n = 0.0, 0
+        for row_x, row_y in zip(x, y, strict=True):
+            for px, py in zip(row_x, row_y, strict=True):
+                for cx, cy in zip(px, py, strict=True):
+                    total += (cx - cy) ** 2
+                    n += 1
+        mse = total / n
+        out.append(vqlib.PSNR_CAP if mse == 0 else 10 * math.log10(255**2 / mse))
+    return out
+
+
+def test_psnr_matches_slow_reference():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (3, 5, 4, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-20, 21, a.shape), 0, 255).astype(np.uint8)
+    b[2] = a[2]  # an exact reconstruction: capped, not infinite
+    np.testing.assert_allclose(vqlib.psnr(b, a), slow_psnr(b, a), rtol=1e-12)
+    assert vqlib.psnr(b, a)[2] == vqlib.PSNR_CAP
+    # every channel off by one: MSE 1 -> 20 log10(255)
+    assert vqlib.psnr(a[:1] // 2 * 2, a[:1] // 2 * 2 + 1)[0] == pytest.approx(48.1308, abs=1e-4)
+
+
+def test_split_holds_out_whole_episodes():
+    episode = np.repeat(np.arange(5), 10)
+    frames = np.arange(50)[:, None, None, None].repeat(2, 1).astype(np.uint8)
+    train, held = vqlib.split_by_episode(frames, episode, heldout_fraction=0.3)
+    assert len(held) == 20 and len(train) == 30  # episodes 3 and 4, never part of one
+    assert set(held[:, 0, 0, 0]) == set(range(30, 50))
+
+
+@pytest.fixture(scope="module")
+def crafter_frames():
+    frames, episode = vqlib.frames_from_env(16, seed=0, episode_steps=64, stride=4)
+    assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
+    assert len(np.unique(episode)) == 1  # 16 frames of one 64-step episode
+    return frames
+
+
+@pytest.fixture(scope="module")
+def trained(crafter_frames):
+    """The tiny preset's VQ, evaluated, trained 25 steps on 12 frames (32 px crops), evaluated."""
+    import torch
+
+    torch.set_num_threads(1)
+    vq, _ = vqlib.vq_from_preset("tiny", seed=0)
+    data = vqlib.Frames(crafter_frames[:12], crafter_frames[12:], "test")
+    before = vqlib.evaluate(vq, data.train)["psnr"]
+    losses = []
+    settings = vqlib.TrainSettings(
+        steps=25, batch_size=6, lr=3e-3, warmup=3, crop=32, eval_every=20, target_psnr=None
+    )
+    report = vqlib.train_vq(vq, data, settings, lambda step, m: losses.append(m["loss"]))
+    after = vqlib.evaluate(vq, data.train)["psnr"]
+    return vq, report, losses, before, after
+
+
+def test_training_lowers_loss_and_raises_psnr(trained):
+    vq, report, losses, before, after = trained
+    assert report["steps_done"] == 25 and len(losses) == 25
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert after > before + 2.5, (before, after)
+    assert [h["step"] for h in report["history"]] == [20]
+    assert report["heldout"]["psnr"] > before
+    norms = vq.quantize.embedding.weight.norm(dim=1)  # encode's argmin relies on unit codes
+    np.testing.assert_allclose(norms.detach().numpy(), 1.0, atol=1e-5)
+
+
+def test_saved_vq_loads_into_policy_with_identical_codes(trained, crafter_frames, tmp_path):
+    from envs.crafter_env import crafter_codec
+    from rl.imagine import decode_codes, frame_codes
+    from rl.policy import RigPolicy
+
+    vq, report, *_ = trained
+    out = vqlib.save_vq(vq, tmp_path / "tok", report)
+    assert {p.name for p in out.iterdir()} == {"vq.safetensors", "vq_config.json", "report.json"}
+    want, codes = vqlib.reconstruct(vq, crafter_frames)
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=1)
+    assert not np.array_equal(frame_codes(policy, crafter_frames).numpy(), codes)
+    assert vqlib.load_vq_into(policy, out) is policy
+    got = frame_codes(policy, crafter_frames)
+    np.testing.assert_array_equal(got.numpy(), codes)
+    np.testing.assert_array_equal(decode_codes(policy, got).numpy(), want)
+
+    # into a saved checkpoint directory: RigPolicy.load then gives the same codes
+    fresh = RigPolicy.from_preset("tiny", crafter_codec(), seed=2)
+    vqlib.load_vq_into(fresh.model, out)  # a bare JanusForConditionalGeneration works too
+    np.testing.assert_array_equal(frame_codes(fresh, crafter_frames).numpy(), codes)
+    fresh = RigPolicy.from_preset("tiny", crafter_codec(), seed=2)
+    ckpt = fresh.save(tmp_path / "ckpt")
+    vqlib.write_vq_into_checkpoint(ckpt, out)
+    loaded = RigPolicy.load(ckpt, crafter_codec())
+    np.testing.assert_array_equal(frame_codes(loaded, crafter_frames).numpy(), codes)
+    assert loaded.heads_loaded
+
+
+def test_vq_of_another_preset_is_refused(trained, tmp_path):
+    vq, report, *_ = trained
+    out = vqlib.save_vq(vq, tmp_path / "tok", report)
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        (vqlib.Path(__file__).parent.parent / "configs/policy/tiny.yaml")
+        .read_text()
+        .replace("num_embeddings: 512", "num_embeddings: 256")
+    )
+    small_vq, _ = vqlib.vq_from_preset(other)
+    with pytest.raises(UserError, match="do not fit this model's VQ"):
+        vqlib.load_vq_into(small_vq, out)
+
+
+def test_wrong_frame_size_is_a_user_error():
+    with pytest.raises(UserError, match="frames are 32x32 but the preset's VQ reads 64x64"):
+        vqlib.check_frames(np.zeros((2, 32, 32, 3), np.uint8), 64, "--dataset d")
+
+
+def test_dataset_frames_label_episodes_and_wrong_size_exits_2(tmp_path, capsys):
+    from rig.cli import main
+    from supervised.dataset import DatasetWriter
+
+    path = tmp_path / "data"
+    with DatasetWriter(path, size=32, env_id="rig/Crafter-v0", agent="test") as writer:
+        for k, length in enumerate((3, 5, 2)):
+            frames = np.full((length + 1, 32, 32, 3), k, np.uint8)
+            writer.add_episode({"frames": frames, "episode_id": k, "world_seed": k,
+                                "action": np.zeros(length, np.int64)})  # fmt: skip
+    frames, episode = vqlib.dataset_frames(path)
+    assert frames.shape == (4 + 6 + 3, 32, 32, 3)
+    np.testing.assert_array_equal(episode, frames[:, 0, 0, 0])
+    sub, sub_episode = vqlib.dataset_frames(path, max_frames=5, seed=1)
+    np.testing.assert_array_equal(sub_episode, sub[:, 0, 0, 0])
+
+    args = [
+        "tokenizer",
+        "train",
+        "--dataset",
+        str(path),
+        "--no-track",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --dataset") and "32x32" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "no/such/dir"], "no such dataset folder"),
+        ([], "give exactly one of --dataset DIR or --frames-from-env N"),
+        (["--frames-from-env", "4", "--preset", "nope"], "unknown policy preset"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
+    from rig.cli import main
+
+    code = main(["tokenizer", "train", *args, "--no-track", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
