@@ -17,6 +17,7 @@ import typer
 
 from rig import bench, data_cli, sft_cli, tokenizer_cli
 from rig.errors import UserError
+from rig.progress import Bar
 
 app = typer.Typer(
     help="rig-rl: RL fine-tuning of RIG-style policies that reason, act and imagine.",
@@ -134,7 +135,7 @@ def envs_play(
 
     console = Console(stderr=True)
     total = steps if steps is not None else None
-    with _progress(console, total, "steps" if steps else "episodes") as update:
+    with Bar(f"playing ({'steps' if steps else 'episodes'})", total, console) as update:
         def on_step(done_steps: int, done_episodes: int) -> None:
             update(done_steps if steps else done_episodes)
 
@@ -278,32 +279,6 @@ class _TrainProgress:
         self._progress.update(self._task, completed=counters.iteration, status=status)
         if not self.console.is_terminal:  # logs and CI: one plain line per iteration
             self.console.print(f"iter {counters.iteration}: {status}", highlight=False, soft_wrap=True)
-
-    def __exit__(self, *exc):
-        self._progress.stop()
-
-
-class _progress:
-    """A rich progress bar on stderr (quiet when stderr is not a terminal)."""
-
-    def __init__(self, console, total: int | None, unit: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn(f"[bold]playing ({unit})"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not console.is_terminal,
-        )  # fmt: skip
-        self._task = self._progress.add_task("play", total=total)
-
-    def __enter__(self):
-        self._progress.start()
-        return lambda n: self._progress.update(self._task, completed=n)
 
     def __exit__(self, *exc):
         self._progress.stop()

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from rig.errors import UserError
+from rig.progress import Bar
 
 data_app = typer.Typer(
     help="Dataset stages of the supervised pipeline: reason (S2), review (S3), imagine (S4).",
@@ -26,34 +27,6 @@ data_app = typer.Typer(
 In = Annotated[Path, typer.Argument(help="input dataset folder (read only)")]
 Out = Annotated[Path, typer.Argument(help="output dataset folder (new, or one to continue)")]
 ShardSteps = Annotated[int, typer.Option("--shard-steps", min=1, help="steps per shard file")]
-
-
-class _Bar:
-    """A rich progress bar on stderr (quiet when stderr is not a terminal)."""
-
-    def __init__(self, what: str):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        console = Console(stderr=True)
-        self._progress = Progress(
-            TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, disable=not console.is_terminal,
-        )  # fmt: skip
-        self._task = self._progress.add_task(what, total=None)
-
-    def __enter__(self):
-        self._progress.start()
-        return lambda done, total: self._progress.update(self._task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        self._progress.stop()
 
 
 def _summary(card: dict, path: Path) -> None:
@@ -112,7 +85,7 @@ def collect(
         "max_reasoning_tokens": cfg.policy.max_reasoning_tokens,
         "temperature": cfg.policy.temperature,
     }
-    with _Bar("collecting (episodes)") as bar:
+    with Bar("collecting (episodes)") as bar:
         try:
             card = run_collect(
                 out, env_id=cfg.env.id, size=cfg.env.size, env_kwargs=dict(cfg.env.kwargs),
@@ -145,7 +118,7 @@ def reason(
     from supervised.stages import reason as run
 
     kwargs = {} if reasoner == "template" else {"max_new_tokens": max_new_tokens}
-    with _Bar("reasoning (episodes)") as bar:
+    with Bar("reasoning (episodes)") as bar:
         card = run(src, dst, reasoner, seed=seed, shard_steps=shard_steps, progress=bar, **kwargs)
     _summary(card, dst)
 
@@ -168,7 +141,7 @@ def review(
     """S3: keep states where the policy does worse than the expert, with the correction text."""
     from supervised.stages import review as run
 
-    with _Bar("reviewing (episodes)") as bar:
+    with Bar("reviewing (episodes)") as bar:
         card = run(
             src, dst, policy, expert=expert, horizon=horizon, every=every, margin=margin,
             seed=seed, shard_steps=shard_steps, progress=bar,
@@ -190,7 +163,7 @@ def imagine(
     """S4: the real next frame as each step's imagination target, and lookahead chains."""
     from supervised.stages import imagine as run
 
-    with _Bar("aligning (episodes)") as bar:
+    with Bar("aligning (episodes)") as bar:
         card = run(src, dst, lookahead=lookahead, shard_steps=shard_steps, progress=bar)
     _summary(card, dst)
 

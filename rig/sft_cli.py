@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from rig.errors import UserError
+from rig.progress import Bar
 
 ConfigOpt = Annotated[
     Path | None,
@@ -80,34 +81,6 @@ def _codec(env_id: str, size: int, kwargs: dict[str, Any]):
         return envs.get_codec(env)
     finally:
         env.close()
-
-
-class _Bar:
-    """A rich progress bar on stderr with a status text (quiet when stderr is not a terminal)."""
-
-    def __init__(self, console, what: str, total: int | None):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal,
-        )  # fmt: skip
-        self._task = self._progress.add_task(what, total=total, status="")
-
-    def __enter__(self):
-        self._progress.start()
-        return lambda done, status="": self._progress.update(
-            self._task, completed=done, status=status
-        )
-
-    def __exit__(self, *exc):
-        self._progress.stop()
 
 
 # -- rig sft --------------------------------------------------------------------------------------
@@ -245,14 +218,14 @@ def sft(
     start = time.perf_counter()
     with Tracker(cfg.tracking, out, params) as tracker:
         trainer = SftTrainer(policy, data, settings, engine, out, tracker)
-        with _Bar(console, f"SFT {stage}", steps) as bar:
+        with Bar(f"SFT {stage}", steps, console) as bar:
 
             def progress(step: int, m: dict[str, float]) -> None:
                 status = (
                     f"loss {m['loss/sft']:.3f} | acc r {m.get('accuracy/reasoning', 0):.2f} "
                     f"a {m.get('accuracy/action', 0):.2f} i {m.get('accuracy/image', 0):.2f}"
                 )
-                bar(step, status)
+                bar(step, status=status)
                 if not console.is_terminal and (step % eval_every == 0 or step == steps):
                     console.print(f"step {step}: {status}", highlight=False)
 
@@ -373,11 +346,11 @@ def evaluate(
     params = {"checkpoint": str(checkpoint), "env_id": env_id, "env_kwargs": kwargs,
               "size": size, **vars(settings)}  # fmt: skip
     with Tracker(cfg.tracking, out, params) as tracker:
-        with _Bar(console, "evaluating (episodes)", episodes) as bar:
+        with Bar("evaluating (episodes)", episodes, console) as bar:
             result = ev.evaluate_policy(
                 policy, env_id, size, kwargs, settings, video=out / ev.VIDEO,
                 vectorization=cfg.env.vectorization,
-                progress=lambda steps, done: bar(done, f"{steps} vector steps"),
+                progress=lambda steps, done: bar(done, status=f"{steps} vector steps"),
             )  # fmt: skip
         report = ev.write_report(result, out, {"checkpoint": str(checkpoint.resolve()),
                                                "env_id": env_id, "env_kwargs": kwargs})  # fmt: skip

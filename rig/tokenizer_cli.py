@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from rig.errors import UserError
+from rig.progress import Bar
 
 tokenizer_app = typer.Typer(
     help="Train the VQ tokenizer (the policy's image codes) and report its reconstruction PSNR.",
@@ -185,33 +186,20 @@ def train(
 
 
 class _Progress:
-    """A rich bar on stderr with the loss and the last held-out PSNR (quiet off a terminal)."""
+    """The bar with the loss and the last held-out PSNR as its status."""
 
     def __init__(self, console, total: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self._progress = Progress(
-            TextColumn("[bold]training VQ"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[status]}"), console=console, disable=not console.is_terminal,
-        )  # fmt: skip
-        self._task = self._progress.add_task("vq", total=total, status="")
+        self._bar = Bar("training VQ", total, console)
         self._psnr = "-"
 
     def __enter__(self):
-        self._progress.start()
+        self._bar.__enter__()
         return self
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         if "heldout/psnr" in metrics:
             self._psnr = f"{metrics['heldout/psnr']:.2f} dB"
-        status = f"loss {metrics['loss']:.4f} | held-out PSNR {self._psnr}"
-        self._progress.update(self._task, completed=step, status=status)
+        self._bar(step, status=f"loss {metrics['loss']:.4f} | held-out PSNR {self._psnr}")
 
     def __exit__(self, *exc):
-        self._progress.stop()
+        self._bar.__exit__(*exc)
