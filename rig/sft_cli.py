@@ -331,7 +331,7 @@ def evaluate(
         psnr_every=psnr_every, seed=seed, max_steps=max_steps, video_size=video_size,
     )  # fmt: skip
     try:
-        policy._check_context(
+        policy.check_context(
             policy.prompt(settings.task, 1)[0].shape[1]
             + settings.history * (policy.image_tokens + 3 + policy.trie.max_len),
             settings.max_reasoning_tokens,

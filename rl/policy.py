@@ -550,7 +550,7 @@ class RigPolicy(nn.Module):
         if history.mask.shape[0] != batch:
             raise ValueError(f"history has {history.mask.shape[0]} rows for {batch} frames")
         ids, mask = self.prompt(task, batch, history)
-        self._check_context(ids.shape[1], max_reasoning_tokens, lookahead)
+        self.check_context(ids.shape[1], max_reasoning_tokens, lookahead)
         frames_t = frames_t.to(dev)
         past, past_mask = history.frames.to(dev), history.mask.to(dev)
         stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
@@ -594,7 +594,7 @@ class RigPolicy(nn.Module):
             temperature=float(temperature),
         )
 
-    def _check_context(self, prompt_length: int, max_reasoning_tokens: int, lookahead: int) -> None:
+    def check_context(self, prompt_length: int, max_reasoning_tokens: int, lookahead: int) -> None:
         """ValueError if the longest sequence this act call can write exceeds the context."""
         decision = max_reasoning_tokens + 3 + self.trie.max_len  # reasoning <end> <action> ...
         imagined = 2 + self.image_tokens + 1  # <Imagine:> codes <end> <reasoning>|<review>
