@@ -315,12 +315,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically: a sibling temporary file, fsync, ``os.replace``."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
+def atomic_write(path: Path, data: bytes | str, tmp: Path | None = None) -> None:
+    """Write ``data`` to ``path`` atomically and durably: a sibling temporary file (``tmp``, by
+    default ``path``'s name with this module's prefix and the process id), fsync, ``os.replace``,
+    fsync of the folder. A crash leaves the old file or the new one, never a mix (the dataset
+    writer of ``supervised/`` uses it too)."""
+    path = Path(path)
+    tmp = tmp or path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+_write_file = atomic_write

@@ -69,18 +69,11 @@ class ShardError(DatasetError):
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write ``data`` to ``path`` atomically: tmp file, fsync, rename, fsync the folder (the tmp
+    name ``.<name>.tmp`` is what reopening a folder cleans up)."""
+    from learner.checkpoints import atomic_write  # here: importing learner imports torch
+
+    atomic_write(path, data, path.with_name(f".{path.name}.tmp"))
 
 
 def _json(obj: Any) -> bytes:
