@@ -112,7 +112,7 @@ class CheckpointManager:
             "files": files,
             "meta": dict(meta or {}),
         }
-        _write_file(tmp / META, json.dumps(record, indent=1))
+        atomic_write(tmp / META, json.dumps(record, indent=1))
         _fsync_dir(tmp)
 
         final = self.dir / name
@@ -120,7 +120,7 @@ class CheckpointManager:
             os.rename(final, self.dir / f"{DEL_PREFIX}{name}-{os.getpid()}")
         os.rename(tmp, final)
         _fsync_dir(self.dir)
-        _write_file(self.dir / POINTER, name + "\n")
+        atomic_write(self.dir / POINTER, name + "\n")
         self._prune(final)
         return final
 
@@ -328,6 +328,3 @@ def atomic_write(path: Path, data: bytes | str, tmp: Path | None = None) -> None
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-_write_file = atomic_write

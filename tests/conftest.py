@@ -38,18 +38,12 @@ def tiny_policy():
     (imagined frames then start at padded, row-dependent positions too). Tests must leave the
     weights as they found them."""
     import torch
+    from policies import end_biased
 
     from envs.crafter_env import crafter_codec
     from rl.policy import RigPolicy
 
-    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()
-    old = policy.model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        head.bias[policy.ids.end] = 5.5
-    policy.model.lm_head = head
+    policy = end_biased(RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval())
     # The world heads start at constant predictions (zero last layer); randomise it so that tests
     # comparing two routes to the reward/continue predictions compare something.
     with torch.no_grad():

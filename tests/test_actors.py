@@ -16,6 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from policies import assert_evaluate_reproduces, end_biased
 
 import envs
 from actors.env import RebuildOnError
@@ -29,15 +30,7 @@ SMALL_WORLD = {"area": [16, 16]}  # Crafter's world generation: 0.1 s instead of
 def ending_policy(codec) -> RigPolicy:
     """Tiny policy whose <end> logit is raised, so rows stop reasoning at different lengths
     and the generated columns get padded (conftest's tiny_policy trick)."""
-    policy = RigPolicy.from_preset("tiny", codec, seed=0)
-    old = policy.model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        head.bias[policy.ids.end] = 5.5
-    policy.model.lm_head = head
-    return policy
+    return end_biased(RigPolicy.from_preset("tiny", codec, seed=0))
 
 
 class FailingStep(gym.Wrapper):
@@ -119,11 +112,7 @@ def test_local_sample_keeps_act_outputs_exact(local_workers):
     assert batch.last_frames.shape == (2, 64, 64, 3)
 
     # The PPO invariant through RLlib: what act recorded is what the learner recomputes.
-    with torch.no_grad():
-        fresh = policy.evaluate(act)
-    mask = act.token_mask
-    torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
-    torch.testing.assert_close(fresh["values"], act.values, atol=1e-4, rtol=0)
+    assert_evaluate_reproduces(policy, act, values=True)
 
 
 def test_local_episode_stats_and_versions(local_workers):
@@ -159,12 +148,7 @@ def test_history_comes_from_the_episodes_across_sample_calls():
         for batch in (first, second):
             act = batch.act
             assert act.history_frames.shape == (len(batch), 2, 64, 64, 3)
-            with torch.no_grad():
-                fresh = policy.evaluate(act)
-            mask = act.token_mask
-            torch.testing.assert_close(
-                fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0
-            )
+            assert_evaluate_reproduces(policy, act)
         # first call: two episodes from their start, steps 0, 1, 2 each
         a = first.act
         expected = [[False, False], [False, True], [True, True]] * 2
@@ -206,10 +190,7 @@ def test_lookahead_outputs_survive_the_runner():
         act = workers.sample().act
         policy = workers.local.module.policy
         assert act.imagined_frames.shape == (4, 1, 64, 64, 3) and act.prompt_codes.any()
-        with torch.no_grad():
-            fresh = policy.evaluate(act)
-        mask = act.token_mask
-        torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
+        assert_evaluate_reproduces(policy, act)
     finally:
         workers.stop()
 

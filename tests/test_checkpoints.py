@@ -76,10 +76,10 @@ def _raise_on_pointer(original):
 CRASHES = {
     "inside write_fn": lambda mp: None,
     "before fsync": lambda mp: mp.setattr(checkpoints, "_fsync_tree", _raise),
-    "writing meta.json": lambda mp: mp.setattr(checkpoints, "_write_file", _raise),
+    "writing meta.json": lambda mp: mp.setattr(checkpoints, "atomic_write", _raise),
     "before rename": lambda mp: mp.setattr(os, "rename", _raise),
     "before pointer": lambda mp: mp.setattr(
-        checkpoints, "_write_file", _raise_on_pointer(checkpoints._write_file)
+        checkpoints, "atomic_write", _raise_on_pointer(checkpoints.atomic_write)
     ),
     "before pruning": lambda mp: mp.setattr(CheckpointManager, "_prune", _raise),
 }

@@ -1,0 +1,32 @@
+"""Test helpers shared by the policy and actor tests (tests/ is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def end_biased(policy, bias: float = 5.5):
+    """``policy`` with an untied output bias on ``<end>``, in place, returned.
+
+    A random model almost never writes <end> among ~800 tokens; the bias makes rows stop their
+    reasoning at different lengths, so generated columns get padded and every layout must
+    survive rows of several lengths."""
+    old = policy.model.lm_head
+    head = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        head.bias[policy.ids.end] = bias
+    policy.model.lm_head = head
+    return policy
+
+
+def assert_evaluate_reproduces(policy, act, values: bool = False) -> None:
+    """The PPO invariant: ``policy.evaluate(act)`` recomputes the log-probs ``act`` recorded
+    (and its values, with ``values``) to 1e-4."""
+    with torch.no_grad():
+        fresh = policy.evaluate(act)
+    mask = act.token_mask
+    torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
+    if values:
+        torch.testing.assert_close(fresh["values"], act.values, atol=1e-4, rtol=0)
