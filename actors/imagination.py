@@ -159,7 +159,7 @@ class Imaginer:
             continues.append(img.continue_prob.float().cpu())
             imagined.append(img.frames.cpu())
             current = img.frames
-        bootstrap = policy.act(current, tasks, generator=gen, **self.act_kwargs).values
+        bootstrap = policy.state_values(current, tasks)  # V(s_H): the state alone
 
         # Step-major (H, S) -> start-major rows n = s * H + h.
         act = ActOutput.collate(outs, policy.ids.pad)  # rows h * S + s

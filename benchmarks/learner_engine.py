@@ -155,7 +155,7 @@ def policy_update(
     rng = np.random.default_rng(seed)
     with torch.no_grad():
         act = policy.act(frames[:-1], "collect wood", reasoning_tokens, generator=gen)
-        boot = policy.act(frames[-1:], "collect wood", reasoning_tokens, generator=gen).values
+        boot = policy.state_values(frames[-1:], "collect wood")
         codes = frame_codes(policy, frames[1:])
     terminated = rng.random(rows) < 0.05
     exp = real_experience(

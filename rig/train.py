@@ -110,9 +110,16 @@ class Trainer:
                 f"{config.env.size}; set env.size={policy.image_size}"
             )
         policy.model.model.vqmodel.requires_grad_(False)  # next-frame targets stay fixed
-        self.reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        # The frozen reference (the initial weights) for the KL term, if it has a weight: a copy
+        # kept on the learner's device and in its dtype, so its log-probs are comparable from
+        # step 0 (DeepSpeed moves and casts the learner's module, not a copy made before).
+        initial = copy.deepcopy(policy) if config.ppo.loss_scales["kl"] > 0 else None
         self.engine = DeepSpeedEngine(policy, config.learner)
         self.policy: RigPolicy = self.engine.module
+        self.reference = None
+        if initial is not None:
+            like = next(self.policy.parameters())
+            self.reference = initial.to(like.device, like.dtype).eval().requires_grad_(False)
         self.checkpoints = CheckpointManager(run_dir, config.train.keep_checkpoints)
         if resume_from is not None:
             self._restore(resume_from)
@@ -241,6 +248,7 @@ class Trainer:
 
         from rl.experience import real_experience
         from rl.imagine import frame_codes
+        from rl.policy import History
 
         cfg, c = self.config, self.counters
         fresh = batch.versions >= c.version - cfg.ppo.max_policy_lag
@@ -257,13 +265,17 @@ class Trainer:
         is_last = np.append(chunks[1:] != chunks[:-1], True)
         # V(s_T) of each chunk's last frame; a chunk that ended in death needs none (GAE cuts)
         boot = torch.zeros(len(used))
-        needs = chunks[is_last][~batch.terminated[fresh][is_last]]
+        ends = np.flatnonzero(is_last)  # the last row of each chunk
+        alive = torch.as_tensor(ends[~batch.terminated[fresh][ends]])
         with torch.no_grad():
-            if len(needs):
-                boot[torch.as_tensor(needs)] = self.policy.act(
-                    last[torch.as_tensor(needs)], cfg.policy.task, cfg.policy.max_reasoning_tokens,
-                    cfg.policy.temperature, self.generator,
-                ).values.float().cpu()  # fmt: skip
+            if len(alive):
+                # V(s_T) as act computes V(s): the state's prompt with its history (the chunk's
+                # last step pushed in), nothing sampled; the learner's current weights, as
+                # RLlib's GAE connector uses them
+                needs = torch.as_tensor(chunks)[alive]
+                boot[needs] = self.policy.state_values(
+                    last[needs], cfg.policy.task, History.after(act[alive])
+                ).float().cpu()
             following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; fixed below)
             following[torch.as_tensor(is_last)] = last[chunks[is_last]]
             codes = frame_codes(self.policy, following)

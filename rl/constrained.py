@@ -52,6 +52,7 @@ class _Tables:
     child_tokens: torch.Tensor  # (N, K) int64 token ids of the children
     child_nodes: torch.Tensor  # (N, K) int64 node ids of the children
     action: torch.Tensor  # (N,) int64 codec index at a leaf, -1 elsewhere
+    choices: torch.Tensor  # (N,) int64 number of distinct tokens allowed at the node
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ class ActionTrie:
             child_tokens=torch.tensor(tokens, dtype=torch.int64),  # (N, K)
             child_nodes=torch.tensor(nodes, dtype=torch.int64),  # (N, K)
             action=torch.tensor(action, dtype=torch.int64),  # (N,)
+            choices=torch.tensor([len(c) for c in children], dtype=torch.int64),  # (N,)
         )
         self._by_device: dict[torch.device, _Tables] = {torch.device("cpu"): self._cpu}
         self.num_nodes = len(children)
@@ -170,6 +172,12 @@ class ActionTrie:
     def is_done(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(B,)`` bool: the row has written END and sits at a leaf."""
         return self._tables(nodes.device).action[nodes] >= 0
+
+    def num_choices(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``(...)`` int64 how many tokens each node allows: 1 means the next token is forced
+        (log-prob 0 whatever the logits), e.g. the second token of an action no other action
+        shares a first token with, or END at a leaf."""
+        return self._tables(nodes.device).choices[nodes]
 
     def action_index(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(B,)`` int64 codec index of each finished row; -1 where the row is not done."""

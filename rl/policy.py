@@ -27,8 +27,11 @@ Off by one: the logits at position i predict the token at i + 1::
     token:       <reasoning>  r1    ..  rk      <end>   <action> a1 .. <end>
     its logits predict:       r1    r2 ..       <end>   <action>  a1     a2 .. <end>  (sampled)
                                                         (forced)
-    value head:                                         hidden state at <action> (it has read
-                                                        the frame and the reasoning, not the action)
+
+The value head reads the hidden state at the first ``<reasoning>`` (the last column of the
+prompt before any lookahead: task, history and the frame now, nothing the policy sampled), so
+V(s) is a baseline of the state alone. Read after the sampled reasoning it would be
+V(s, reasoning) ~ Q(s, reasoning), and GAE would give the reasoning tokens no advantage.
 
 So generated column j is predicted by the hidden state at absolute position P + j - 1: the
 learner takes ``hidden[:, P-1 : P+L-1]``.
@@ -99,6 +102,15 @@ def shown(frames: Tensor, history_frames: Tensor, history_mask: Tensor) -> Tenso
     return stacked[real.to(stacked.device)]
 
 
+def value_columns(prompt_ids: Tensor, prompt_mask: Tensor, prompt_codes: Tensor,
+                  reasoning_id: int) -> Tensor:
+    """(B,) int64 column of each row's first ``<reasoning>``, where the value head reads."""
+    first = (prompt_ids == reasoning_id) & prompt_mask & ~prompt_codes  # (B, P)
+    if not bool(first.any(1).all()):
+        raise ValueError("a prompt has no <reasoning> column to read the value at")
+    return first.long().argmax(1)
+
+
 @dataclass
 class History:
     """The last k steps of B envs, oldest first: what the policy saw and did. Slot j of row b is
@@ -133,6 +145,14 @@ class History:
         """Forget the past of rows whose episode ended (``rows``: (B,) bool)."""
         self.mask = self.mask & ~torch.as_tensor(rows, dtype=torch.bool)[:, None]
 
+    @classmethod
+    def after(cls, out: ActOutput) -> History:
+        """The history of the step that follows each row of ``out`` in its episode: the
+        row's own history shifted by one, with the row's frame and action as the newest slot."""
+        hist = cls(out.history_frames.cpu(), out.history_actions.cpu(), out.history_mask.cpu())
+        hist.push(out.frames, out.actions)
+        return hist
+
 
 @dataclass
 class ActOutput:
@@ -148,12 +168,13 @@ class ActOutput:
     frames: Tensor  # (B, H, W, 3) uint8 the observed frames
     history_frames: Tensor  # (B, k, H, W, 3) uint8 past frames in the prompt (where history_mask)
     history_mask: Tensor  # (B, k) bool
+    history_actions: Tensor  # (B, k) int64 codec indices of the past actions (where history_mask)
     tokens: Tensor  # (B, L) int64 generated ids: reasoning, <end>, <action>, action ids, <end>
     attention_mask: Tensor  # (B, L) bool, False at padding columns
     log_probs: Tensor  # (B, L) float32 log-prob of each sampled token, 0 elsewhere
     reasoning_mask: Tensor  # (B, L) bool sampled reasoning tokens (closing <end> included)
     action_mask: Tensor  # (B, L) bool sampled action tokens (closing <end> included)
-    values: Tensor  # (B,) float32 value at the <action> marker
+    values: Tensor  # (B,) float32 V(s): value at the first <reasoning> (the state's prompt)
     lookahead_actions: Tensor  # (B, n) int64 the actions proposed in the lookahead, in order
     imagined_frames: Tensor  # (B, n, H, W, 3) uint8 the lookahead's imagined frames, decoded
     prompt_length: int  # P
@@ -205,7 +226,7 @@ class ActOutput:
         cat: dict[str, Any] = {}
         for f in fields(ActOutput):
             items = [getattr(o, f.name) for o in outputs]
-            if f.name in ("history_frames", "history_mask"):
+            if f.name in ("history_frames", "history_mask", "history_actions"):
                 items = [_pad_slots(x, K) for x in items]
             if f.name == "action_texts":
                 cat[f.name] = [t for item in items for t in item]
@@ -293,7 +314,6 @@ class _Decision:
     reasoning_mask: Tensor
     action_mask: Tensor
     actions: Tensor  # (B,)
-    values: Tensor  # (B,)
 
 
 class RigPolicy(nn.Module):
@@ -554,6 +574,7 @@ class RigPolicy(nn.Module):
         frames_t = frames_t.to(dev)
         past, past_mask = history.frames.to(dev), history.mask.to(dev)
         stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
+        values = self.value(stream.h)  # V(s) at <reasoning>, before anything is sampled
 
         proposals, imagined = [], []
         for i in range(lookahead):
@@ -580,12 +601,13 @@ class RigPolicy(nn.Module):
             frames=frames_t,
             history_frames=past,
             history_mask=past_mask,
+            history_actions=history.actions.to(dev),
             tokens=final.tokens,
             attention_mask=final.attention_mask,
             log_probs=final.log_probs,
             reasoning_mask=final.reasoning_mask,
             action_mask=final.action_mask,
-            values=final.values,
+            values=values,
             lookahead_actions=torch.stack(proposals, 1) if proposals else empty,
             imagined_frames=(
                 torch.stack(imagined, 1) if imagined else frames_t[:, None][:, :0]
@@ -647,11 +669,9 @@ class RigPolicy(nn.Module):
             push(torch.where(writing, ids.end, ids.pad), writing, zero, no, no)
             stream.feed(cols["tok"][-1], writing)
 
-        # <action> (forced); the value reads the hidden state there.
+        # <action> (forced)
         push(torch.full((batch,), ids.action, device=dev), every, zero, no, no)
-        h_action = stream.feed(cols["tok"][-1], every)
-        values = self.value(h_action)
-        logits = self.logits(h_action)
+        logits = self.logits(stream.feed(cols["tok"][-1], every))
 
         # Action: constrained by the trie until every row sits at a leaf.
         nodes = self.trie.root(batch, dev)
@@ -676,7 +696,6 @@ class RigPolicy(nn.Module):
             reasoning_mask=torch.stack(cols["reason"], 1),
             action_mask=torch.stack(cols["act"], 1),
             actions=self.trie.action_index(nodes),
-            values=values,
         )
 
     # -- learning ----------------------------------------------------------------------------
@@ -717,8 +736,11 @@ class RigPolicy(nn.Module):
         """Teacher-forced recomputation of ``act`` in one forward (no cache), with gradients.
 
         Returns ``log_probs`` (B, L) float32 (0 off the sampled tokens), ``entropies`` (B, L)
-        float32 of the distribution each sampled token was drawn from (0 elsewhere) and
-        ``values`` (B,) float32. Given the real next frame's VQ codes ``next_codes`` (B, G)
+        float32 of the distribution each sampled token was drawn from (0 elsewhere),
+        ``values`` (B,) float32 and ``choice_mask`` (B, L) bool: the sampled tokens that had a
+        choice (every reasoning token; action tokens where the trie allowed more than one), the
+        tokens a policy loss, an entropy or a KL should average over (a forced token has
+        log-prob 0 under any policy and would only dilute those means). Given the real next frame's VQ codes ``next_codes`` (B, G)
         (``rl.imagine.frame_codes``), the same forward goes on over ``<Imagine:>`` + those codes
         and also returns ``next_frame_logits`` (B, G, V_vq) float32 (``[:, g]`` predicts
         ``next_codes[:, g]``: the input of ``rl.losses.next_frame_loss``), and ``reward_pred``
@@ -731,16 +753,18 @@ class RigPolicy(nn.Module):
         action = batch.action_mask.to(self.device)
         full, _, start = self.forward_sequence(batch, next_codes)
         hidden = full[:, P - 1 : P + L - 1]  # (B, L, D) column j is predicted at P + j - 1
+        nodes = self.trie.path_nodes(tokens, action)  # (B, L) trie node before each token
 
-        # Value: the hidden state at <action> predicts column c + 1, i.e. it is hidden[:, c + 1].
-        col = (tokens == self.ids.action).long().argmax(1)  # (B,) column of <action>
-        values = self.value(hidden[torch.arange(len(col)), col + 1])
+        # Value: V(s) at the first <reasoning> of the prompt (act reads it after the prefill)
+        col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
+                            self.ids.reasoning).to(self.device)  # fmt: skip
+        values = self.value(full[torch.arange(len(col), device=self.device), col])
 
         log_probs = torch.zeros(tokens.shape, device=self.device)
         entropies = torch.zeros(tokens.shape, device=self.device)
         for mask, logp in (
             (reason, self.reasoning_log_softmax(self.logits(hidden[reason]), T)),  # (N, V)
-            (action, self._action_log_softmax(hidden, tokens, action, T)),
+            (action, self.trie.log_softmax(self.logits(hidden[action]), nodes[action], T)),
         ):
             taken = logp.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)  # (N,)
             p = logp.exp()
@@ -749,19 +773,30 @@ class RigPolicy(nn.Module):
             ent = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)  # (N,)
             log_probs = log_probs.masked_scatter(mask, taken)
             entropies = entropies.masked_scatter(mask, ent)
-        out = {"log_probs": log_probs, "entropies": entropies, "values": values}
+        choice = reason | (action & (self.trie.num_choices(nodes) > 1))
+        out = {"log_probs": log_probs, "entropies": entropies, "values": values,
+               "choice_mask": choice}  # fmt: skip
         if next_codes is not None:
             G = self.image_tokens
             out["next_frame_logits"] = code_logits(self, full[:, start : start + G])
             out["reward_pred"], out["continue_logit"] = self.world(full[:, -1])
         return out
 
-    def _action_log_softmax(
-        self, hidden: Tensor, tokens: Tensor, action: Tensor, temperature: float
+    @torch.no_grad()
+    def state_values(
+        self, frames: np.ndarray | Tensor, task: str | Sequence[str], history: History | None = None
     ) -> Tensor:
-        """(N, V) trie-masked log-probs at the N action positions, in row-major order."""
-        nodes = self.trie.path_nodes(tokens, action)  # (B, L) node before each token
-        return self.trie.log_softmax(self.logits(hidden[action]), nodes[action], temperature)
+        """(B,) float32 V(s) of each frame (B, H, W, 3) uint8 with its ``history``: the value
+        ``act`` reports for that state, from the prompt alone (one forward, nothing sampled).
+        What GAE bootstraps a cut chunk from."""
+        frames_t = _as_uint8(frames).to(self.device)
+        batch = frames_t.shape[0]
+        history = History.empty(batch, 0, self.image_size) if history is None else history
+        ids, mask = self.prompt(task, batch, history)
+        past, past_mask = history.frames.to(self.device), history.mask.to(self.device)
+        embeds = self.embed(ids, torch.zeros_like(mask), shown(frames_t, past, past_mask))
+        hidden, _ = self.hidden(None, mask, positions(mask), inputs_embeds=embeds)
+        return self.value(hidden[:, -1])
 
     # -- imagination --------------------------------------------------------------------------
 

@@ -221,6 +221,7 @@ def build_batch(
         frames=torch.stack([e.frame for e in examples]).to(dev),
         history_frames=history.frames.to(dev),
         history_mask=history.mask.to(dev),
+        history_actions=history.actions.to(dev),
         tokens=tensor(tokens, torch.int64),
         attention_mask=tensor(attn, torch.bool),
         log_probs=zeros,

@@ -191,3 +191,14 @@ def test_sampling_on_cuda_matches_the_codec(tok):
     assert _decoded(tok, sample) == [codec.encode(a) for a in sample.actions.tolist()]
     logits = torch.randn(batch, 3, len(tok), device="cuda")
     assert trie.masked_log_probs(logits, sample.tokens[:, :3], sample.valid[:, :3]).is_cuda
+
+
+def test_num_choices_counts_the_allowed_tokens():
+    """Paths a b END, a c END, d END: the root allows {a, d}, node a {b, c}, node d {END}."""
+    a, b, c, d, end = 10, 11, 12, 13, 2
+    trie = ActionTrie([[a, b, end], [a, c, end], [d, end]], eos_id=end)
+    root = trie.root(1)
+    after_a = trie.advance(root, torch.tensor([a]))
+    after_d = trie.advance(root, torch.tensor([d]))
+    leaf = trie.advance(trie.advance(after_a, torch.tensor([b])), torch.tensor([end]))
+    assert trie.num_choices(torch.cat([root, after_a, after_d, leaf])).tolist() == [2, 2, 1, 1]

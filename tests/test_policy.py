@@ -321,3 +321,54 @@ def test_plays_a_whole_crafter_episode_with_history_and_lookahead(policy, lookah
     venv.close()
     assert len(tracker.finished) == 2 and all(e["length"] == 8 for e in tracker.finished)
     assert not hist.mask.any()  # both episodes ended: the history starts afresh
+
+
+def test_value_is_a_baseline_of_the_state_alone(policy):
+    """V(s) is read before anything is sampled: two act calls on the same frames with different
+    sampled reasoning give the same values, ``state_values`` (the bootstrap) gives them too, and
+    ``evaluate`` reads them back from the stored sequence, also with history."""
+    hist = History.empty(3, 2, 64)
+    hist.push(frames(3, 30), np.array([1, 2, 3]))
+    hist.reset(np.array([False, True, False]))
+    a = policy.act(frames(3, 5), TASK, 6, 1.0, torch.Generator().manual_seed(1), history=hist)
+    b = policy.act(frames(3, 5), TASK, 6, 1.0, torch.Generator().manual_seed(2), history=hist)
+    assert not torch.equal(a.tokens, b.tokens)  # different reasoning was sampled ...
+    torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=0)  # ... same V(s)
+    torch.testing.assert_close(policy.state_values(frames(3, 5), TASK, hist), a.values,
+                               atol=1e-5, rtol=0)  # fmt: skip
+    assert torch.equal(a.history_actions, hist.actions)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.evaluate(a)["values"], a.values, atol=1e-4, rtol=0)
+    ahead = policy.act(frames(3, 5), TASK, 2, 1.0, torch.Generator().manual_seed(3), history=hist,
+                       lookahead=1)  # fmt: skip
+    torch.testing.assert_close(ahead.values, a.values, atol=1e-5, rtol=0)  # before the lookahead
+    with torch.no_grad():
+        torch.testing.assert_close(policy.evaluate(ahead)["values"], a.values, atol=1e-4, rtol=0)
+
+
+def test_history_after_a_step_is_what_the_next_prompt_shows(policy):
+    """``History.after(out)``: the next step's history, the row's own frame and action newest."""
+    hist = History.empty(2, 2, 64)
+    hist.push(frames(2, 40), np.array([4, 5]))
+    out = policy.act(frames(2, 6), TASK, 2, 1.0, torch.Generator().manual_seed(0), history=hist)
+    nxt = History.after(out)
+    expected = History(hist.frames.clone(), hist.actions.clone(), hist.mask.clone())
+    expected.push(frames(2, 6), out.actions)
+    assert torch.equal(nxt.frames, expected.frames) and torch.equal(nxt.mask, expected.mask)
+    assert torch.equal(nxt.actions, expected.actions)
+
+
+def test_forced_action_tokens_are_not_choices(policy):
+    """A token the trie forces (one allowed id: an action's own continuation, END at a leaf) has
+    log-prob 0 under any weights; ``choice_mask`` leaves it out of the losses' means."""
+    out = act(policy, 16, seed=3)
+    with torch.no_grad():
+        res = policy.evaluate(out)
+    choice = res["choice_mask"]
+    assert torch.equal(choice & out.reasoning_mask, out.reasoning_mask)  # reasoning all counts
+    forced = out.action_mask & ~choice
+    assert bool(forced.any())  # every action's closing <end> at least is forced
+    assert bool((out.log_probs[forced] == 0).all()) and bool((res["log_probs"][forced] == 0).all())
+    nodes = policy.trie.path_nodes(out.tokens, out.action_mask)
+    assert bool((policy.trie.num_choices(nodes[forced]) == 1).all())
+    assert bool((policy.trie.num_choices(nodes[out.action_mask & choice]) > 1).all())
