@@ -96,6 +96,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def param_groups(
+    named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scales: dict[str, float]
+) -> list[dict[str, Any]]:
+    """AdamW groups: matrices decay, biases and norm gains do not (nanoGPT's split); a
+    parameter whose name starts with a key of ``lr_scales`` (the longest such key) learns at
+    ``lr * lr_scales[key]`` (e.g. ``{value_head: 10}``: a fresh head beside a trained trunk).
+    A key that names no trainable parameter is an error, not a silent no-op."""
+    unused = [k for k in lr_scales if not any(n.startswith(k) for n, _ in named)]
+    if unused:
+        raise ValueError(f"learner.lr_scales names no trainable parameter: {unused} (parameter "
+                         f"names start with e.g. {sorted({n.split('.')[0] for n, _ in named})})")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        keys = [k for k in lr_scales if name.startswith(k)]
+        scale = lr_scales[max(keys, key=len)] if keys else 1.0
+        groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
+            for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0,
+                                                                             not kv[0][1]))]  # fmt: skip
+
+
 class _Engine:
     """What both engines share: the optimiser over the trainable parameters, the schedule, the API.
 
@@ -107,15 +128,14 @@ class _Engine:
 
     def __init__(self, model: nn.Module, config: LearnerConfig) -> None:
         self.config = config
-        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._trainable = [p for _, p in named]
         if not self._trainable:
             raise ValueError("the model has no trainable parameters (all requires_grad=False)")
-        decay = [p for p in self._trainable if p.ndim >= 2]
-        no_decay = [p for p in self._trainable if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": config.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(named, config.lr, config.weight_decay, dict(config.lr_scales)),
+            lr=config.lr, betas=config.betas,
+        )  # fmt: skip
         warmup = config.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
@@ -143,7 +163,7 @@ class _Engine:
 
     @property
     def lr(self) -> float:
-        """Learning rate of the next optimizer step."""
+        """Learning rate of the next optimizer step (of the parameters at scale 1)."""
         return self.optimizer.param_groups[0]["lr"]
 
     def backward_step(self, loss: torch.Tensor) -> dict[str, Any]:

@@ -37,8 +37,23 @@ def minibatch_loss(
     cfg: PPOConfig,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The combined loss of one minibatch (already on the policy's device) and its metrics."""
+    terms, metrics = minibatch_terms(policy, reference, mb, cfg)
+    total, m = losses.combine(terms, cfg.loss_scales)
+    return total, {**metrics, **m}
+
+
+def minibatch_terms(
+    policy: RigPolicy,
+    reference: RigPolicy | None,
+    mb: Experience,
+    cfg: PPOConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every loss term of one minibatch, unscaled, by name (``rl.losses.LOSS_NAMES``), and
+    the metrics. Policy, entropy and KL average over the tokens that had a choice
+    (``evaluate``'s ``choice_mask``): a token the trie forces has log-prob 0 under any policy."""
     res = policy.evaluate(mb.act, next_codes=mb.next_codes)
     act = mb.act
+    scored = res["choice_mask"]  # (B, L) reasoning tokens and action tokens with a choice
     real, imagined = ~mb.imagined, mb.imagined
     terms: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
@@ -52,7 +67,7 @@ def minibatch_loss(
         weight = mb.weights[rows].mean()
         pg, m = losses.policy_loss(
             res["log_probs"][rows], act.log_probs[rows], mb.advantages[rows],
-            act.token_mask[rows], act.reasoning_mask[rows],
+            scored[rows], act.reasoning_mask[rows],
             cfg.clip_eps, cfg.reasoning_weight, cfg.reduction,
         )  # fmt: skip
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
@@ -66,13 +81,16 @@ def minibatch_loss(
     terms["continue"] = zero
     if bool(real.any()):
         rows = real.nonzero().squeeze(1)
-        terms["entropy"], m = losses.entropy_bonus(res["entropies"][rows], act.token_mask[rows])
+        terms["entropy"], m = losses.entropy_bonus(res["entropies"][rows], scored[rows])
         metrics.update(m)
-        if reference is not None:
+        action = (act.action_mask & scored)[rows]  # the action's own tokens, without reasoning
+        decision = res["entropies"][rows].where(action, 0.0).sum(1)  # (B,) per decision
+        metrics["policy/action_entropy"] = decision.mean().detach()
+        if reference is not None and cfg.loss_scales["kl"] > 0:
             with torch.no_grad():
                 ref = reference.evaluate(act[rows])["log_probs"]
             terms["kl"], m = losses.kl_penalty(
-                res["log_probs"][rows], ref, act.token_mask[rows], cfg.kl_estimator
+                res["log_probs"][rows], ref, scored[rows], cfg.kl_estimator
             )
             metrics.update(m)
         terms["next_frame"], m = losses.next_frame_loss(
@@ -83,10 +101,36 @@ def minibatch_loss(
         metrics.update(m)
         terms["continue"], m = losses.continue_loss(res["continue_logit"][rows], mb.continues[rows])
         metrics.update(m)
+    return terms, metrics
 
-    total, m = losses.combine(terms, cfg.loss_scales)
-    metrics.update(m)
-    return total, metrics
+
+def term_grad_norms(
+    terms: dict[str, torch.Tensor], scales: dict[str, float], params: list[torch.Tensor]
+) -> dict[str, float]:
+    """``grad_norm/<term>``: the L2 norm of each scaled term's gradient over ``params``, on its
+    own, before clipping: shows which term the one global clip is spent on. One extra backward
+    per term (graph retained), so the learner measures it on one minibatch per update."""
+    out = {}
+    for name, term in terms.items():
+        if not term.requires_grad or scales[name] == 0:
+            continue
+        grads = torch.autograd.grad(scales[name] * term, params, retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        norms = [g.norm() for g in grads if g is not None]
+        out[f"grad_norm/{name}"] = float(torch.linalg.vector_norm(torch.stack(norms))) if norms \
+            else 0.0
+    return out
+
+
+def advantage_stats(exp: Experience) -> dict[str, float]:
+    """Mean and std of the raw advantages and of the returns (real rows), before any
+    normalisation: the scale the value head must fit and the policy gradient starts from."""
+    real = ~exp.imagined
+    if int(real.sum()) < 2:
+        return {}
+    adv, ret = exp.advantages[real], exp.returns[real]
+    return {"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
+            "returns/mean": float(ret.mean()), "returns/std": float(ret.std())}  # fmt: skip
 
 
 def normalize(exp: Experience) -> Experience:
@@ -109,19 +153,33 @@ def ppo_update(
     generator: torch.Generator,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
-    engine accumulates and clips as configured). Returns metrics averaged over minibatches, plus
-    ``learner/optimizer_steps`` and ``learner/grad_norm`` (last)."""
+    engine accumulates and clips as configured). Each epoch splits the batch into
+    near-equal minibatches, a whole number of accumulation cycles, so every optimiser step sees
+    as many rows as the others and no partial accumulation outlives the update (the weights
+    are published right after it). Returns metrics averaged over minibatches, plus
+    ``learner/optimizer_steps``, ``learner/grad_norm`` (last), the raw advantage statistics
+    (``advantage_stats``) and, where the engine keeps whole gradients (ZeRO 0), each term's
+    gradient norm on the first minibatch (``term_grad_norms``)."""
+    raw = advantage_stats(exp)
     if cfg.normalize_advantages:
         exp = normalize(exp)
     dev = policy.device
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     steps, grad_norm = 0, float("nan")
+    accum = int(getattr(engine.config, "grad_accum_steps", 1))
+    measure = getattr(engine.config, "zero_stage", 0) == 0
+    params = [p for p in policy.parameters() if p.requires_grad]
+    term_norms: dict[str, float] = {}
     policy.train()
     for _ in range(cfg.epochs):
-        for mb in exp.minibatches(cfg.minibatch_size, generator):
+        for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb, dev)
-            loss, metrics = minibatch_loss(policy, reference, mb, cfg)
+            terms, metrics = minibatch_terms(policy, reference, mb, cfg)
+            loss, m = losses.combine(terms, cfg.loss_scales)
+            metrics.update(m)
+            if measure and not term_norms:
+                term_norms = term_grad_norms(terms, cfg.loss_scales, params)
             stats = engine.backward_step(loss)
             if stats[OPTIMIZER_STEP]:
                 steps += 1
@@ -134,6 +192,8 @@ def ppo_update(
                     counts[k] += 1
     policy.eval()
     out = {k: sums[k] / counts[k] for k in sums}
+    out.update(raw)
+    out.update(term_norms)
     out["learner/optimizer_steps"] = float(steps)
     out["learner/grad_norm"] = grad_norm
     return out
@@ -145,4 +205,7 @@ def _to(exp: Experience, device: torch.device) -> Experience:
     return Experience(**fields)
 
 
-__all__ = ["PPOConfig", "minibatch_loss", "normalize", "ppo_update"]
+__all__ = [
+    "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize", "ppo_update",
+    "term_grad_norms",
+]  # fmt: skip

@@ -19,7 +19,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -150,6 +150,10 @@ class LearnerConfig(Section):
     # strict=False lets a YAML list become the tuple; the items stay strict floats.
     betas: tuple[StrictFloat, StrictFloat] = Field(
         strict=False, description="AdamW (beta1, beta2), each in [0, 1)"
+    )
+    lr_scales: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="learning-rate multiplier by parameter-name prefix, e.g. {value_head: 10}"
     )
     grad_accum_steps: int = Field(ge=1, description="micro-batches averaged per optimizer step")
     grad_clip: float = Field(ge=0, description="max global gradient L2 norm; 0 turns clipping off")

@@ -66,11 +66,22 @@ class Experience:
                 out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
         return Experience(**out)
 
-    def minibatches(self, size: int, generator: torch.Generator) -> Iterator[Experience]:
-        """Shuffled minibatches of ``size`` rows (the last one may be smaller)."""
-        order = torch.randperm(len(self), generator=generator)
-        for start in range(0, len(self), size):
-            yield self.rows(order[start : start + size])
+    def minibatches(
+        self, size: int, generator: torch.Generator, multiple_of: int = 1
+    ) -> Iterator[Experience]:
+        """One shuffled pass in near-equal minibatches of about ``size`` rows: N rows make
+        ``m = max(1, round(N / size))`` minibatches (rounded up to a multiple of
+        ``multiple_of``, the gradient accumulation steps) whose sizes differ by one at most,
+        so no straggler of a few rows gets an optimiser step of its own (72 rows at size 32:
+        36 + 36, not 32 + 32 + 8). With fewer rows than minibatches, rows repeat."""
+        n = len(self)
+        m = max(1, round(n / size))
+        m = -(-m // multiple_of) * multiple_of
+        order = torch.randperm(n, generator=generator)
+        if n < m:
+            order = order.repeat(-(-m // n))[:m]
+        for part in torch.tensor_split(order, m):
+            yield self.rows(part)
 
 
 def real_experience(

@@ -260,3 +260,19 @@ def test_bf16_zero2_follows_fp32_plain_torch(device):
     want = params(ref)
     for key, value in published.items():
         torch.testing.assert_close(value.float(), want[key], atol=1e-2, rtol=0)
+
+
+def test_lr_scales_give_a_prefix_its_own_learning_rate():
+    """``lr_scales={"1": 10}``: the second layer (names ``1.weight``, ``1.bias``) steps at ten
+    times the learning rate; decay stays on matrices only; an unknown prefix is an error."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = PlainTorchEngine(model, config(lr_scales={"1": 10.0}))
+    groups = engine.optimizer.param_groups
+    assert engine.lr == pytest.approx(CPU["lr"])  # the base rate is group 0's
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model[1].weight)]["lr"] == pytest.approx(10 * CPU["lr"])
+    assert by_param[id(model[0].weight)]["lr"] == pytest.approx(CPU["lr"])
+    assert by_param[id(model[1].bias)]["weight_decay"] == 0.0
+    assert by_param[id(model[1].weight)]["weight_decay"] == CPU["weight_decay"]
+    with pytest.raises(ValueError, match="names no trainable parameter: \\['head'\\]"):
+        PlainTorchEngine(nn.Linear(2, 2), config(lr_scales={"head": 2.0}))
