@@ -29,6 +29,10 @@ from rl import losses
 from rl.experience import Experience
 from rl.policy import RigPolicy
 
+GRAD_NORM_ROWS = 16
+"""Rows of one minibatch per update on which each term's gradient norm is measured (one
+forward and one backward per term on them: about a tenth of an update of 128-row minibatches)."""
+
 
 def minibatch_loss(
     policy: RigPolicy,
@@ -159,7 +163,7 @@ def ppo_update(
     are published right after it). Returns metrics averaged over minibatches, plus
     ``learner/optimizer_steps``, ``learner/grad_norm`` (last), the raw advantage statistics
     (``advantage_stats``) and, where the engine keeps whole gradients (ZeRO 0), each term's
-    gradient norm on the first minibatch (``term_grad_norms``)."""
+    gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``)."""
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
         exp = normalize(exp)
@@ -175,11 +179,14 @@ def ppo_update(
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb, dev)
+            if measure and not term_norms:  # a few rows of the first minibatch suffice
+                few = mb.rows(torch.arange(min(GRAD_NORM_ROWS, len(mb)), device=dev))
+                terms, _ = minibatch_terms(policy, reference, few, cfg)
+                term_norms = term_grad_norms(terms, cfg.loss_scales, params)
+                del terms
             terms, metrics = minibatch_terms(policy, reference, mb, cfg)
             loss, m = losses.combine(terms, cfg.loss_scales)
             metrics.update(m)
-            if measure and not term_norms:
-                term_norms = term_grad_norms(terms, cfg.loss_scales, params)
             stats = engine.backward_step(loss)
             if stats[OPTIMIZER_STEP]:
                 steps += 1
