@@ -7,6 +7,7 @@ Registered ids (importing ``envs`` registers them with Gymnasium):
 ``rig/MineRL-v0``             Minecraft through MineRL 1.0 (needs the ``minerl`` extra + JDK 8)
 ``rig/FakeMineRL-v0``         ours: MineRL 1.0's exact spaces, no Minecraft (tests, debugging)
 ``rig/Catch-v0``              a tiny pixel game, used as "any other Gymnasium env"
+``rig/ColorBandit-v0``        ours: the action is the frame's colour (the RL loop's smoke test)
 ============================  ================================================================
 
 Any other Gymnasium id with RGB observations and discrete actions works too, through
@@ -53,6 +54,9 @@ ENVS: dict[str, EnvInfo] = {
                 kwargs={"backend": "fake"}),
         EnvInfo("rig/Catch-v0", "envs.catch:CatchEnv",
                 "Catch, a tiny pixel game (generic-adapter path)", native=False),
+        EnvInfo("rig/ColorBandit-v0", "envs.bandit:ColorBanditEnv",
+                "the right action is the frame's colour (the RL loop's learning test)",
+                native=False),
     )
 }  # fmt: skip
 DEFAULT_ENV = "rig/Crafter-v0"
