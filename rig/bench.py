@@ -20,7 +20,7 @@ import typer
 from rig.errors import UserError
 
 app = typer.Typer(
-    help="Measure throughput side by side: policy, rollout, learner, sync, imagination.",
+    help="Side by side: policy, rollout, learner, sync, imagination speed; learning vs a peer PPO.",
     no_args_is_help=True,
 )
 
@@ -278,4 +278,47 @@ def imagination(
     _check_json_path(json_path)
     bench = _benchmark("imagination")
     result = bench.bench_imagination(envs, fragment, calls, reasoning_tokens, preset, threads)
+    _report(bench, result, json_path)
+
+
+# -- rig bench learning ----------------------------------------------------------------------------
+
+
+@app.command("learning")
+def learning(
+    env: Annotated[str, typer.Option("--env", help="env id, the same for both sides")] = (
+        "rig/Catch-v0"
+    ),
+    steps: Annotated[int, typer.Option("--steps", help="env-step budget of every run")] = 15000,
+    seeds: Annotated[str, typer.Option("--seeds", help="seeds, comma-separated")] = "0,1,2",
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="rig preset YAML that rig train runs")
+    ] = Path("configs/catch.yaml"),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key=value override passed to rig train (repeatable)"),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="return for 'env steps to reach'")
+    ] = 0.8,
+    only: Annotated[str, typer.Option("--only", help="rig | peer | both")] = "both",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="results folder (default runs/bench-learning-<time>)"),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="torch threads of every process")
+    ] = 1,
+    peer_epochs: Annotated[
+        int, typer.Option("--peer-epochs", min=1, help="PPO epochs per batch of the peer")
+    ] = 10,
+    json_path: JsonOpt = None,
+) -> None:
+    """rig train vs RLlib's PPO: return vs env steps on one env, budget and seeds; a plot."""
+    _check_json_path(json_path)
+    bench = _benchmark("learning")  # each run is a subprocess with its own Ray
+    result = bench.bench_learning(
+        env, steps, bench.parse_seeds(seeds), config, overrides or [], threshold, only, out,
+        threads, peer_epochs,
+    )  # fmt: skip
     _report(bench, result, json_path)

@@ -4,6 +4,7 @@ their size: timings depend on the machine's load) and its input errors."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import typer
@@ -140,3 +141,139 @@ def test_bad_input_of_the_other_benchmarks(rig_main, capsys, args, expected):
     assert rig_main(["bench", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
+# -- rig bench learning: the curve maths, the rig curve reader, input errors, a peer smoke run ----
+
+learning = bench._benchmark("learning")
+DEBUG_CATCH = [  # configs/debug.yaml made a Catch preset, until configs/catch.yaml exists
+    str(learning._ROOT / "configs" / "debug.yaml"),
+    *("--set", "env.kwargs={}", "--set", "imagination.horizon=0"),
+    *("--set", "policy.max_reasoning_tokens=0"),
+]
+
+
+def test_windowed_weights_iteration_means_by_episode_counts():
+    points = [(64, -1.0, 8), (128, 0.0, 0), (192, 1.0, 2), (256, 0.5, 100)]
+    # 192: its 2 episodes are too few for a window of 10, so the 8 of step 64 join them:
+    # (1.0 * 2 - 1.0 * 8) / 10 = -0.6; 256 alone holds 100 >= 10 episodes
+    assert learning.windowed(points, window=10) == [[64, -1.0, 8], [192, -0.6, 10],
+                                                    [256, 0.5, 100]]  # fmt: skip
+    assert learning.windowed([(64, 0.3, 0)], window=10) == []
+
+
+def test_steps_to_threshold_needs_a_full_window_and_can_be_never():
+    curve = [[100, 0.2, 50], [200, 0.9, 60], [300, 0.85, 120], [400, 0.95, 150]]
+    at = [150, 250, 350, 450]
+    assert learning.steps_to_threshold(curve, at, 0.8, min_episodes=100) == 350
+    assert learning.steps_to_threshold(curve, at, 0.8, min_episodes=0) == 250  # 60 episodes
+    assert learning.steps_to_threshold(curve, at, 0.99) is None
+    assert learning.steps_to_threshold([], at, 0.0) is None
+    assert learning.steps_to_threshold(curve, [50], -1.0, min_episodes=0) is None  # no point yet
+
+
+def test_median_curve_over_seeds_with_uneven_marks():
+    a = [[100, 0.0, 1], [300, 1.0, 1]]
+    b = [[150, 0.5, 1], [250, -0.5, 1]]
+    c = [[400, 2.0, 1]]
+    # each seed's value at a mark is its last point at or before it; seeds with none yet drop out
+    assert learning.median_curve([a, b, c], [50, 100, 200, 300, 400]) == [
+        None, 0.0, 0.25, 0.25, 1.0]  # fmt: skip
+
+
+def test_median_steps_counts_never_as_infinitely_late():
+    assert learning.median_steps([1000, None, 3000]) == 3000
+    assert learning.median_steps([1000, 2000]) == 1500
+    assert learning.median_steps([1000, None]) is None  # half the seeds never got there
+    assert learning.median_steps([None, None, 500]) is None
+    assert learning.median_steps([]) is None
+    assert learning.ratio(1500, 3000) == 0.5 and learning.ratio(None, 3000) is None
+
+
+def test_marks_and_plans_honour_the_budget():
+    assert learning.marks(15000, 10) == list(range(1500, 15001, 1500))
+    assert learning.marks(3, 10) == [1, 2, 3]
+    assert learning.peer_plan(15000) == {"iterations": 15, "batch": 1000, "minibatch": 128}
+    assert learning.peer_plan(1024) == {"iterations": 1, "batch": 1024, "minibatch": 128}
+    assert learning.peer_plan(100) == {"iterations": 1, "batch": 104, "minibatch": 104}
+    ns = types.SimpleNamespace
+    cfg = ns(rollout=ns(num_env_runners=0, fragment_length=8), env=ns(num_envs=4))
+    assert learning.rig_plan(cfg, 100) == {"steps_per_iteration": 32, "iterations": 4}
+    cfg = ns(rollout=ns(num_env_runners=2, fragment_length=8), env=ns(num_envs=4))
+    assert learning.rig_plan(cfg, 15000) == {"steps_per_iteration": 64, "iterations": 235}
+
+
+def test_rig_command_puts_the_benchmarks_keys_last(tmp_path):
+    command = learning.rig_command(tmp_path / "c.yaml", ["run.seed=9", "ppo.epochs=1"],
+                                   "rig/Catch-v0", 3, 12, tmp_path / "rig-seed3")  # fmt: skip
+    assert command[2:6] == ["rig.cli", "train", "-c", str(tmp_path / "c.yaml")]
+    assert command.index("ppo.epochs=1") < command.index("run.seed=3")
+    run_out = tmp_path / "rig-seed3"
+    assert command[-5:] == ["env.id=rig/Catch-v0", "run.seed=3", f"run.output_dir={run_out}",
+                            "train.iterations=12",
+                            f"tracking.tracking_uri=sqlite:///{run_out}/mlflow.db"]  # fmt: skip
+
+
+def test_read_rig_curve_from_what_rig_train_logs(tmp_path, monkeypatch):
+    from rig.config import load_config
+    from rig.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = load_config(None, []).tracking.model_copy(update={"system_metrics": False})
+    run_out = tmp_path / "rig-seed0"
+    with Tracker(tracking, run_out / "rig-train-x", {}) as tracker:  # -> run_out/mlflow.db
+        tracker.log_metrics({"episode/return_mean": -0.5, "episode/count": 8.0,
+                             "counters/env_steps": 64.0}, step=1)  # fmt: skip
+        tracker.log_metrics({"counters/env_steps": 128.0}, step=2)  # no episode ended
+        tracker.log_metrics({"episode/return_mean": 1.0, "episode/count": 4.0,
+                             "counters/env_steps": 192.0}, step=3)  # fmt: skip
+    assert learning.read_rig_curve(run_out) == [[64.0, -0.5, 8.0], [192.0, 1.0, 4.0]]
+    assert learning.read_rig_curve(tmp_path / "nothing-here") == []
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--env", "rig/Nope-v0"], "--env: unknown env id 'rig/Nope-v0'"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--seeds", "0,x"], "--seeds must be integers separated by commas"),
+        (["--seeds", "-1"], "--seeds must be integers >= 0"),
+        (["--seeds", ","], "--seeds must be integers >= 0"),
+        (["--seeds", "1,1"], "--seeds names a seed twice"),
+        (["--only", "rllib"], "--only must be rig, peer or both"),
+        (["--config", "no/such.yaml"], "--config no/such.yaml: no such file"),
+        (["--config", *DEBUG_CATCH, "--set", "ppo.epochz=1"], "unknown key 'ppo.epochz'"),
+        (["--json", "no/such/x.json"], "--json: folder no/such does not exist"),
+    ],
+)
+def test_learning_bad_input_is_one_line_and_exit_2(rig_main, capsys, tmp_path, args, expected):
+    assert rig_main(["bench", "learning", "--out", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_learning_refuses_a_used_out_folder(rig_main, capsys, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    assert rig_main(["bench", "learning", "--config", *DEBUG_CATCH, "--out", str(tmp_path)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_path):
+    out = tmp_path / "out"
+    args = ["bench", "learning", "--only", "peer", "--steps", "1024", "--seeds", "0",
+            "--peer-epochs", "1", "--config", *DEBUG_CATCH, "--out", str(out)]  # fmt: skip
+    assert rig_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "peer return" in printed and "1 iterations x 1024 env steps" in printed
+    result = json.loads((out / "results.json").read_text())
+    (run,) = result["methods"]["peer"]["runs"]
+    assert run["ok"] and run["wall_s"] > 0 and "rig" not in result["methods"]
+    steps, mean, episodes = run["points"][0]
+    # Catch episodes last 7 steps: 8 envs x 128 steps end about 144 of them, each return +-1
+    assert steps == 1024 and 100 <= episodes <= 150 and -1.0 <= mean <= 1.0
+    assert run["curve"][0] == [steps, mean, episodes]  # one iteration holds a full window
+    assert result["methods"]["peer"]["median"]["returns"][-1] == pytest.approx(mean)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "peer-seed0.log").is_file()

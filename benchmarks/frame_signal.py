@@ -1,0 +1,113 @@
+"""How much of the frame reaches the value head's input, and how well conditioned it is.
+
+A probe of the tiny policy at initialisation on Catch frames with the ball one row above the
+paddle row and the target y = ball column - paddle column (what the value and the policy must
+read). It collects the hidden state at the first ``<reasoning>`` (where ``RigPolicy.value``
+reads) for ``--train`` frames and reports, on ``--test`` held-out frames:
+
+* ridge regression on it (closed form): how much of y is linearly in the state at all;
+* 300 Adam steps (lr 1e-3, batch 32) of a linear head and of the value head's MLP shape, on the
+  raw state and on the state standardised per feature (train-set mean and std): what gradient
+  descent can get out of it in a budget like an RL run's;
+* the across-frame std of the state per feature against its mean magnitude.
+
+docs/benchmarks.md ("Why Catch is hard for the tiny policy") records what it printed.
+
+    python benchmarks/frame_signal.py [--preset tiny] [--train 3000] [--test 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def catch_states(policy, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, D) hidden states at the first <reasoning> and (n,) targets for random Catch frames."""
+    from envs.catch import CatchEnv
+    from envs.pixel import resize_frame
+
+    env, frames, ys = CatchEnv(), [], []
+    for _ in range(n):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        env._ball[:] = [env.rows - 2, rng.integers(env.cols)]
+        env._paddle = int(np.clip(env._ball[1] + rng.integers(-1, 2), 0, env.cols - 1))
+        frames.append(resize_frame(env._frame(), policy.image_size))
+        ys.append(float(env._ball[1] - env._paddle))
+    out = []
+    with torch.no_grad():
+        for chunk in np.array_split(np.stack(frames), max(1, n // 256)):
+            ids, mask = policy.prompt("catch the ball", len(chunk))
+            embeds = policy.embed(ids, torch.zeros_like(mask), torch.as_tensor(chunk))
+            from rl.policy import positions
+
+            hidden, _ = policy.hidden(None, mask, positions(mask), inputs_embeds=embeds)
+            out.append(hidden[:, -1])
+    return torch.cat(out), torch.tensor(ys)
+
+
+def explained(pred: torch.Tensor, y: torch.Tensor) -> float:
+    return 1.0 - float(((pred - y) ** 2).mean() / y.var())
+
+
+def run(preset: str = "tiny", train: int = 3000, test: int = 500, seed: int = 0) -> dict:
+    import envs
+    from rl.policy import RigPolicy
+
+    torch.manual_seed(seed)
+    policy = RigPolicy.from_preset(preset, envs.get_codec(envs.make("rig/Catch-v0", 64)), seed)
+    rng = np.random.default_rng(seed)
+    h, y = catch_states(policy, train, rng)
+    h_test, y_test = catch_states(policy, test, rng)
+    mu, sd = h.mean(0), h.std(0) + 1e-6
+    results = {"state_std_over_mean_abs": float(h.std(0).mean() / h.abs().mean())}
+
+    a = torch.cat([h, torch.ones(len(h), 1)], 1).double()
+    w = torch.linalg.solve(a.T @ a + 1e-3 * a.shape[1] * torch.eye(a.shape[1], dtype=a.dtype),
+                           a.T @ y.double())  # fmt: skip
+    results["ridge"] = explained((torch.cat([h_test, torch.ones(test, 1)], 1).double() @ w).float(),
+                                 y_test)  # fmt: skip
+    for name, f in (("raw", lambda x: x), ("standardised", lambda x: (x - mu) / sd)):
+        for kind in ("linear", "mlp"):
+            torch.manual_seed(seed)
+            d = h.shape[1]
+            head = (torch.nn.Linear(d, 1) if kind == "linear" else torch.nn.Sequential(
+                torch.nn.Linear(d, d), torch.nn.Tanh(), torch.nn.Linear(d, 1)))  # fmt: skip
+            opt = torch.optim.Adam(head.parameters(), 1e-3)
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(300):
+                i = torch.randint(0, train, (32,), generator=gen)
+                loss = ((head(f(h[i])).squeeze(-1) - y[i]) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                results[f"adam_{kind}_{name}"] = explained(head(f(h_test)).squeeze(-1), y_test)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    r = run(args.preset, args.train, args.test, args.seed)
+    print(f"state at <reasoning>: across-frame std / mean |value| = "
+          f"{r['state_std_over_mean_abs']:.3f}")  # fmt: skip
+    print(f"held-out explained variance of y: ridge {r['ridge']:.3f}")
+    for kind in ("linear", "mlp"):
+        raw, std = r[f"adam_{kind}_raw"], r[f"adam_{kind}_standardised"]
+        print(f"  300 Adam steps, {kind} head: raw state {raw:.3f}, standardised state {std:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""Learning: ``rig train`` against RLlib's PPO on one env, one env-step budget and the same seeds.
+
+Each run is a subprocess with a fresh Ray, so a crash ends that run and not the benchmark; runs
+go seed by seed, rig then peer, so a busy stretch of a shared machine hits both sides. Everything
+lands in ``--out``: ``results.json`` (every curve), ``curves.png`` and one log per run::
+
+    rig-seed<S>.log, rig-seed<S>/   rig train -c CONFIG train.export_at_end=false [--set ...]
+                                      env.id=ENV run.seed=S run.output_dir=OUT/rig-seed<S>
+                                      train.iterations=N tracking.tracking_uri=<that folder's
+                                      mlflow.db>; N = ceil(steps / env steps per iteration),
+                                      an iteration being max(1, rollout.num_env_runners) x
+                                      env.num_envs x rollout.fragment_length of the resolved
+                                      config. The curve is read back from that MLflow store:
+                                      episode/return_mean, episode/count, counters/env_steps
+                                      at each iteration's step.
+    peer-seed<S>.log, .json         RLlib's PPO (new API stack) on the env rig builds from the
+                                      same resolved config (actors.env.make_env, i.e.
+                                      envs.make(env.id, env.size, **env.kwargs)); lr 3e-4, 8
+                                      envs, the budget split into equal train batches of ~1024
+                                      (a multiple of 8), minibatch 128, 10 epochs (--peer-epochs),
+                                      .debugging(seed=S), until the budget is sampled.
+
+The peer's model is RLlib's default for a (64, 64, 3) image (PPOCatalog, ray 2.60): a CNN
+encoder with RLlib's 64x64 filters [[16, 4, 2], [32, 4, 2], [64, 4, 2], [128, 4, 2]] ("same"
+padding, ReLU, 4x4x128 = 2048 features) shared by policy and value (vf_share_layers), and linear
+heads (2048 -> action logits, 2048 -> value): 181k parameters for Catch's 3 actions. That CNN
+does not cast uint8 frames (its first conv fails on them), so frames go through RLlib's own
+``NormalizedImageEnv`` (float32, x / 128 - 1), as in RLlib's Atari examples.
+``num_env_runners=0``: the envs step in the peer's process, where a wrapper records each finished
+episode's return, so both sides give the same record per iteration (mean return and count of the
+episodes that ended in it); RLlib's ``episode_return_mean`` (its 100-episode moving mean) is kept
+next to it in results.json.
+
+The curve maths are pure functions (unit tested). An iteration's smoothed return is the
+episode-weighted mean of the newest iterations that hold at least ``WINDOW`` (100) episodes
+between them (all so far, before there are that many). A seed's value at a mark is that of its
+last iteration at or before the mark. The table shows the median over seeds at 10 evenly spaced
+marks; steps to threshold is the first of 50 marks where the smoothed return over a full window
+is >= the threshold (so its resolution is budget / 50, or an iteration of that side if coarser),
+"never" otherwise, and a median over seeds counts "never" as infinitely late. Ratios rig / peer
+of the medians: env steps to threshold (lower is better; <= 1.0: rig is at least as
+sample-efficient) and wall-clock seconds of a whole run (process start to exit).
+
+    rig bench learning --steps 15000 --seeds 0,1,2
+    python benchmarks/learning.py --only peer --steps 15000 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(_ROOT))  # run as a script from anywhere
+
+from benchmarks.common import print_result  # noqa: E402
+from rig.errors import UserError  # noqa: E402
+
+METHODS = ("rig", "peer")
+WINDOW = 100  # episodes in a moving mean
+TABLE_MARKS = 10
+THRESHOLD_MARKS = 50
+RIG_RETURN, RIG_COUNT, RIG_STEPS = "episode/return_mean", "episode/count", "counters/env_steps"
+PEER_ENV = "rig-bench-learning"  # the name the peer's env creator is registered under
+PEER_ENVS = 8
+PEER_BATCH = 1024
+PEER_MINIBATCH = 128
+PEER_EPOCHS = 10
+PEER_LR = 3e-4
+
+Point = Sequence[float]  # (env steps, mean return, episodes): one iteration, or its window
+
+
+# -- curve maths ---------------------------------------------------------------------------------
+
+
+def windowed(points: Sequence[Point], window: int = WINDOW) -> list[list[float]]:
+    """Per-iteration ``(env steps, mean return, episodes)`` -> ``[env steps, smoothed mean,
+    episodes in the window]``: the episode-weighted mean of the newest iterations that hold at
+    least ``window`` episodes together. Iterations without episodes give no point."""
+    out = []
+    for i, (steps, _, count) in enumerate(points):
+        if count <= 0:
+            continue
+        total = episodes = 0.0
+        for _, mean, n in reversed(points[: i + 1]):
+            if n > 0:
+                total, episodes = total + mean * n, episodes + n
+                if episodes >= window:
+                    break
+        out.append([steps, total / episodes, episodes])
+    return out
+
+
+def marks(budget: int, n: int) -> list[int]:
+    """``n`` evenly spaced env-step marks ending at ``budget`` (fewer if ``budget < n``)."""
+    return sorted({round(budget * k / n) for k in range(1, n + 1)} - {0})
+
+
+def value_at(curve: Sequence[Point], step: float) -> Point | None:
+    """The curve's last point at or before ``step`` (None before its first point)."""
+    found = None
+    for point in curve:
+        if point[0] > step:
+            break
+        found = point
+    return found
+
+
+def median_curve(curves: Sequence[Sequence[Point]], at: Sequence[int]) -> list[float | None]:
+    """Median over curves of their value at each mark; curves with no point yet are left out;
+    None where no curve has one."""
+    out = []
+    for mark in at:
+        values = [p[1] for p in (value_at(c, mark) for c in curves) if p is not None]
+        out.append(statistics.median(values) if values else None)
+    return out
+
+
+def steps_to_threshold(
+    curve: Sequence[Point], at: Sequence[int], threshold: float, min_episodes: float = WINDOW
+) -> int | None:
+    """The first mark where the curve's value, over at least ``min_episodes`` episodes, is
+    >= ``threshold``; None: never."""
+    for mark in at:
+        point = value_at(curve, mark)
+        if point is not None and point[2] >= min_episodes and point[1] >= threshold:
+            return mark
+    return None
+
+
+def median_steps(values: Sequence[int | None]) -> float | None:
+    """Median of steps-to-threshold over seeds, "never" (None) counting as infinitely late."""
+    if not values:
+        return None
+    median = statistics.median(math.inf if v is None else v for v in values)
+    return None if math.isinf(median) else median
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# -- plans ---------------------------------------------------------------------------------------
+
+
+def rig_plan(config: Any, steps: int) -> dict[str, int]:
+    """Env steps per ``rig train`` iteration of a resolved config and the iterations to cover
+    ``steps`` (0 env runners sample in-process: one runner's worth)."""
+    per = max(1, config.rollout.num_env_runners) * config.env.num_envs
+    per *= config.rollout.fragment_length
+    return {"steps_per_iteration": per, "iterations": math.ceil(steps / per)}
+
+
+def peer_plan(steps: int, envs: int = PEER_ENVS, batch: int = PEER_BATCH) -> dict[str, int]:
+    """The budget as equal train batches of about ``batch`` env steps, each a multiple of
+    ``envs`` (RLlib's automatic fragment length is batch / envs), covering ``steps``."""
+    iterations = max(1, round(steps / batch))
+    size = math.ceil(steps / iterations / envs) * envs
+    return {"iterations": math.ceil(steps / size), "batch": size,
+            "minibatch": min(PEER_MINIBATCH, size)}  # fmt: skip
+
+
+def rig_command(
+    config: Path, overrides: Sequence[str], env: str, seed: int, iterations: int, run_out: Path
+) -> list[str]:
+    """``rig train`` for one seed; the benchmark's own keys come last, so they win."""
+    return [
+        sys.executable, "-m", "rig.cli", "train", "-c", str(config), "train.export_at_end=false",
+        *overrides, f"env.id={env}", f"run.seed={seed}", f"run.output_dir={run_out}",
+        f"train.iterations={iterations}", f"tracking.tracking_uri=sqlite:///{run_out}/mlflow.db",
+    ]  # fmt: skip
+
+
+# -- the rig side --------------------------------------------------------------------------------
+
+
+def read_rig_curve(run_out: Path) -> list[list[float]]:
+    """``[env steps, mean return, episodes]`` per iteration of the ``rig train`` run in
+    ``run_out``, from its MLflow store (iterations without finished episodes log none)."""
+    ids = sorted(run_out.glob("*/mlflow_run_id"))
+    if not ids or not (run_out / "mlflow.db").is_file():
+        return []
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    client = mlflow.MlflowClient(f"sqlite:///{run_out.resolve()}/mlflow.db")
+    run_id = ids[-1].read_text().strip()
+    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+               for key in (RIG_RETURN, RIG_COUNT, RIG_STEPS)}  # fmt: skip
+    returns, counts, env_steps = history[RIG_RETURN], history[RIG_COUNT], history[RIG_STEPS]
+    return [[env_steps[s], returns[s], counts[s]]
+            for s in sorted(counts) if s in returns and s in env_steps]  # fmt: skip
+
+
+def run_rig(config: Path, overrides: Sequence[str], env: str, seed: int, iterations: int,
+            out: Path, threads: int) -> dict[str, Any]:  # fmt: skip
+    run_out = (out / f"rig-seed{seed}").resolve()
+    log = out / f"rig-seed{seed}.log"
+    command = rig_command(config.resolve(), overrides, env, seed, iterations, run_out)
+    code, seconds = _subprocess(command, log, threads)
+    return _run(seed, code, seconds, log, read_rig_curve(run_out))
+
+
+# -- the peer side -------------------------------------------------------------------------------
+
+_FINISHED: list[float] = []  # returns of episodes ended since the last drain (the peer's process)
+
+
+class _EpisodeReturns(gym.Wrapper):
+    """Appends each finished episode's return to ``_FINISHED``."""
+
+    def reset(self, **kwargs):
+        self._return = 0.0
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._return += float(reward)
+        if terminated or truncated:
+            _FINISHED.append(self._return)
+        return obs, reward, terminated, truncated, info
+
+
+def _peer_env(env_config: dict[str, Any]) -> gym.Env:
+    from ray.rllib.env.wrappers.atari_wrappers import NormalizedImageEnv
+
+    from actors.env import make_env
+
+    return NormalizedImageEnv(_EpisodeReturns(make_env(env_config)))
+
+
+def run_peer_here(
+    env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
+    epochs: int = PEER_EPOCHS, threads: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """RLlib's PPO in this process until ``steps`` env steps are sampled (module doc); returns
+    ``{"points": [[env steps, mean return, episodes]], "rllib_return_mean": [[env steps, v]]}``."""
+    import ray
+    import torch
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.utils.metrics import (
+        ENV_RUNNER_RESULTS,
+        EPISODE_RETURN_MEAN,
+        NUM_ENV_STEPS_SAMPLED_LIFETIME,
+    )
+    from ray.tune.registry import register_env
+
+    torch.set_num_threads(threads)
+    plan = peer_plan(steps)
+    register_env(PEER_ENV, _peer_env)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    points, rllib_means, sampled = [], [], 0
+    try:
+        config = (
+            PPOConfig()
+            .environment(PEER_ENV, env_config={"id": env, "size": size, "kwargs": kwargs})
+            .env_runners(
+                num_env_runners=0, num_envs_per_env_runner=PEER_ENVS, rollout_fragment_length="auto"
+            )
+            .training(
+                lr=PEER_LR,
+                train_batch_size_per_learner=plan["batch"],
+                minibatch_size=plan["minibatch"],
+                num_epochs=epochs,
+            )
+            .debugging(seed=seed)
+        )
+        algo = config.build_algo()
+        _FINISHED.clear()  # episodes of the spaces-probing env, if any
+        while sampled < steps:
+            result = algo.train()
+            now = int(result[NUM_ENV_STEPS_SAMPLED_LIFETIME])
+            if now <= sampled:
+                raise RuntimeError(f"RLlib sampled no env steps in an iteration (at {now})")
+            sampled, returns = now, _FINISHED[:]
+            _FINISHED.clear()
+            if returns:
+                points.append([sampled, statistics.fmean(returns), len(returns)])
+            rllib = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
+            if rllib is not None and math.isfinite(rllib):
+                rllib_means.append([sampled, float(rllib)])
+            mean = f"{points[-1][1]:+.3f} over {len(returns)} episodes" if returns else "-"
+            print(f"peer seed {seed}: {sampled} env steps, return {mean}", flush=True)
+        algo.stop()
+    finally:
+        ray.shutdown()
+    return {"points": points, "rllib_return_mean": rllib_means}
+
+
+def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int, out: Path,
+             epochs: int, threads: int) -> dict[str, Any]:  # fmt: skip
+    """``run_peer_here`` in a subprocess (this file with ``--peer-worker``)."""
+    log, answer = out / f"peer-seed{seed}.log", out / f"peer-seed{seed}.json"
+    spec = {"env": env, "size": size, "kwargs": kwargs, "seed": seed, "steps": steps,
+            "epochs": epochs, "threads": threads, "answer": str(answer.resolve())}  # fmt: skip
+    command = [sys.executable, str(Path(__file__).resolve()), "--peer-worker", json.dumps(spec)]
+    code, seconds = _subprocess(command, log, threads)
+    found = json.loads(answer.read_text()) if answer.is_file() else {}
+    run = _run(seed, code, seconds, log, found.get("points", []))
+    run["rllib_return_mean"] = found.get("rllib_return_mean", [])
+    return run
+
+
+def _peer_worker(spec_json: str) -> None:
+    # By the module's name, not __main__'s: Ray pickles the env creator, and a function of
+    # __main__ travels by value with a copy of _FINISHED instead of this process's list.
+    from benchmarks.learning import run_peer_here as run
+
+    spec = json.loads(spec_json)
+    answer = Path(spec.pop("answer"))
+    answer.write_text(json.dumps(run(**spec)) + "\n")
+
+
+# -- running both --------------------------------------------------------------------------------
+
+
+def _subprocess(command: list[str], log: Path, threads: int) -> tuple[int, float]:
+    """Exit code and wall-clock seconds of ``command``, its output to ``log``."""
+    limits = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    env = {**os.environ, **limits, "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    return code, time.perf_counter() - start
+
+
+def _run(seed: int, code: int, seconds: float, log: Path, points: list) -> dict[str, Any]:
+    error = None
+    if code != 0:
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        error = f"exit code {code}: {lines[-1].strip() if lines else 'no output'}"
+    return {"seed": seed, "ok": code == 0, "error": error, "wall_s": seconds, "log": str(log),
+            "points": points}  # fmt: skip
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be integers separated by commas, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"--seeds must be integers >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds names a seed twice: {text!r}")
+    return seeds
+
+
+def bench_learning(
+    env: str = "rig/Catch-v0",
+    steps: int = 15000,
+    seeds: Sequence[int] = (0, 1, 2),
+    config: str | Path = "configs/catch.yaml",
+    overrides: Sequence[str] = (),
+    threshold: float = 0.8,
+    only: str = "both",
+    out: str | Path | None = None,
+    threads: int = 1,
+    peer_epochs: int = PEER_EPOCHS,
+    say: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run both sides (or ``only`` one) for every seed; write ``results.json`` and
+    ``curves.png`` to ``out``; returns the results. Bad input is a ``UserError``."""
+    from envs import check_env_id
+    from rig.config import load_config
+    from rig.runs import ensure_writable_dir
+
+    say = say or (lambda line: print(line, file=sys.stderr, flush=True))
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if only not in (*METHODS, "both"):
+        raise UserError(f"--only must be rig, peer or both, got {only!r}")
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
+    try:
+        check_env_id(env)
+    except ValueError as err:
+        raise UserError(f"--env: {err}") from None
+    config = Path(config)
+    if not config.is_file():
+        raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
+    cfg = load_config(config, [*overrides, f"env.id={env}"])
+    out = Path(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; give a new folder")
+    ensure_writable_dir(out, "--out")
+
+    methods = METHODS if only == "both" else (only,)
+    plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs}}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for seed in seeds:  # seed by seed, both sides, so a busy stretch hits both
+        for method in methods:
+            say(f"{method} seed {seed}: running, log {out / f'{method}-seed{seed}.log'}")
+            if method == "rig":
+                run = run_rig(config, overrides, env, seed, plans["rig"]["iterations"], out,
+                              threads)  # fmt: skip
+            else:
+                run = run_peer(env, cfg.env.size, dict(cfg.env.kwargs), seed, steps, out,
+                               peer_epochs, threads)  # fmt: skip
+            say(f"{method} seed {seed}: {'done' if run['ok'] else run['error']} "
+                f"({run['wall_s']:.0f} s, {len(run['points'])} points)")  # fmt: skip
+            runs[method].append(run)
+    result = summarize(runs, steps, threshold)
+    result["config"] = {
+        "env": env, "size": cfg.env.size, "env_kwargs": dict(cfg.env.kwargs), "steps": steps,
+        "seeds": list(seeds), "config": str(config), "overrides": list(overrides),
+        "threshold": threshold, "window": WINDOW, "threads": threads, "only": only,
+        "out": str(out), "plans": {m: plans[m] for m in methods}, "ray": _version("ray"),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_curves(result, out / "curves.png")
+    return result
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: float) -> dict:
+    """Smoothed curves, steps to threshold and final return per run; medians over the runs
+    that finished; rig / peer ratios."""
+    table, fine = marks(steps, TABLE_MARKS), marks(steps, THRESHOLD_MARKS)
+    methods: dict[str, Any] = {}
+    for method, method_runs in runs.items():
+        for run in method_runs:
+            run["curve"] = windowed(run["points"])
+            run["steps_to_threshold"] = steps_to_threshold(run["curve"], fine, threshold)
+            final = value_at(run["curve"], steps)
+            run["final_return"] = None if final is None else final[1]
+        ok = [r for r in method_runs if r["ok"]]
+        finals = [r["final_return"] for r in ok if r["final_return"] is not None]
+        methods[method] = {
+            "runs": method_runs,
+            "median": {
+                "returns": median_curve([r["curve"] for r in ok], table),
+                "steps_to_threshold": median_steps([r["steps_to_threshold"] for r in ok]),
+                "final_return": statistics.median(finals) if finals else None,
+                "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
+            },
+        }
+    ratios = {"steps": None, "wall": None}
+    if set(methods) == set(METHODS):
+        rig, peer = methods["rig"]["median"], methods["peer"]["median"]
+        ratios["steps"] = ratio(rig["steps_to_threshold"], peer["steps_to_threshold"])
+        ratios["wall"] = ratio(rig["wall_s"], peer["wall_s"])
+    return {"marks": table, "threshold_marks": fine, "methods": methods, "ratios": ratios}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def plot_curves(result: dict[str, Any], path: Path) -> None:
+    """Return vs env steps: a thin line per seed, a thick median, the threshold dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    c = result["config"]
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method, color in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
+        if method not in result["methods"]:
+            continue
+        # a seed's return holds from one iteration to the next (value_at): steps, drawn "post"
+        runs = result["methods"][method]["runs"]
+        for run in runs:
+            if run["curve"]:
+                ax.step(*zip(*[p[:2] for p in run["curve"]], strict=True), where="post",
+                        color=color, lw=0.8, alpha=0.4, marker=".", ms=3)  # fmt: skip
+        ok = [r["curve"] for r in runs if r["ok"]]
+        at = sorted({p[0] for curve in ok for p in curve})
+        median = [(m, v) for m, v in zip(at, median_curve(ok, at), strict=True) if v is not None]
+        if median:
+            ax.step(*zip(*median, strict=True), where="post", color=color, lw=2.5, marker="o",
+                    ms=3, label=f"{method}: median of {len(ok)} seeds")  # fmt: skip
+    ax.axhline(c["threshold"], color="gray", ls="--", lw=1, label=f"threshold {c['threshold']}")
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(f"mean episode return (moving, >= {c['window']} episodes)")
+    ax.set_title(f"{c['env']}: rig train vs RLlib PPO, seeds {', '.join(map(str, c['seeds']))}")
+    ax.set_xlim(0, c["steps"])
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _num(value: float | None, fmt: str = "{:.2f}", none: str = "-") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def header(result: dict[str, Any]) -> str:
+    c = result["config"]
+    parts = [f"{c['env']} ({c['size']}px), {c['steps']} env steps per run, seeds "
+             f"{','.join(map(str, c['seeds']))}; median over seeds of the mean episode return "
+             f"(episode-weighted moving mean over >= {c['window']} episodes)"]  # fmt: skip
+    if "rig" in c["plans"]:
+        p = c["plans"]["rig"]
+        command = " ".join(["rig train -c", c["config"], *c["overrides"]])
+        parts.append(f"rig: {command} ({p['iterations']} iterations x "
+                     f"{p['steps_per_iteration']} env steps)")  # fmt: skip
+    if "peer" in c["plans"]:
+        p = c["plans"]["peer"]
+        parts.append(f"peer: RLlib {c['ray']} PPO, default CNN, lr {PEER_LR}, {PEER_ENVS} envs, "
+                     f"{p['iterations']} iterations x {p['batch']} env steps, minibatch "
+                     f"{p['minibatch']}, {p['epochs']} epochs")  # fmt: skip
+    return "; ".join(parts)
+
+
+COLUMNS = ("env steps", "rig return", "peer return")
+
+
+def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
+    columns = [result["methods"][m]["median"]["returns"] if m in result["methods"]
+               else [None] * len(result["marks"]) for m in METHODS]  # fmt: skip
+    return [(str(mark), *(_num(col[i], "{:+.3f}") for col in columns))
+            for i, mark in enumerate(result["marks"])]  # fmt: skip
+
+
+def ratio_lines(result: dict[str, Any]) -> list[str]:
+    c, methods = result["config"], result["methods"]
+
+    def per_seed(method: str, key: str, fmt: str, none: str) -> str:
+        data = methods[method]
+        seeds = [f"seed {r['seed']} " + (_num(r[key], fmt, none) if r["ok"] else "failed")
+                 for r in data["runs"]]  # fmt: skip
+        return f"{method}: {', '.join(seeds)}; median {_num(data['median'][key], fmt, none)}"
+
+    lines = [f"env steps to reach return {c['threshold']} (moving mean over >= {c['window']} "
+             "episodes, at budget/50 marks):"]  # fmt: skip
+    lines += [f"  {per_seed(m, 'steps_to_threshold', '{:.0f}', 'never')}" for m in methods]
+    lines.append(f"final return at {c['steps']} env steps:")
+    lines += [f"  {per_seed(m, 'final_return', '{:+.3f}', '-')}" for m in methods]
+    lines.append("wall-clock seconds per run:")
+    lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in methods]
+    if set(methods) == set(METHODS):
+        steps = result["ratios"]["steps"]
+        lines.append(f"steps-to-threshold ratio rig / peer (medians): "
+                     f"{_num(steps, none='n/a (a side never reached it)')} "
+                     "(lower is better; <= 1.0: rig is at least as sample-efficient)")  # fmt: skip
+        lines.append(f"wall-clock ratio rig / peer (medians): {_num(result['ratios']['wall'])}")
+    failed = [f"{m} seed {r['seed']}: {r['error']} (log {r['log']})"
+              for m in methods for r in methods[m]["runs"] if not r["ok"]]  # fmt: skip
+    lines += [f"failed: {line}" for line in failed]
+    lines.append(f"results: {c['out']}/results.json, plot: {c['out']}/curves.png")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="rig/Catch-v0")
+    parser.add_argument("--steps", type=int, default=15000, help="env-step budget per run")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
+    parser.add_argument("--config", default="configs/catch.yaml", help="rig preset YAML")
+    parser.add_argument("--set", action="append", default=[], dest="overrides",
+                        metavar="KEY=VALUE", help="rig train override (repeatable)")  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--only", default="both", choices=("rig", "peer", "both"))
+    parser.add_argument("--out", default=None, help="default runs/bench-learning-<time>")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--peer-epochs", type=int, default=PEER_EPOCHS)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.peer_worker is not None:  # one peer run, started by run_peer
+        _peer_worker(args.peer_worker)
+        return None
+    try:
+        result = bench_learning(
+            args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
+            args.threshold, args.only, args.out, args.threads, args.peer_epochs,
+        )  # fmt: skip
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_result(sys.modules[__name__], result, args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
