@@ -113,7 +113,7 @@ def term_grad_norms(
 ) -> dict[str, float]:
     """``grad_norm/<term>``: the L2 norm of each scaled term's gradient over ``params``, on its
     own, before clipping: shows which term the one global clip is spent on. One extra backward
-    per term (graph retained), so the learner measures it on one minibatch per update."""
+    per term (graph retained), so ``ppo_update`` measures it on ``GRAD_NORM_ROWS`` rows once."""
     out = {}
     for name, term in terms.items():
         if not term.requires_grad or scales[name] == 0:
@@ -174,12 +174,12 @@ def ppo_update(
     accum = int(getattr(engine.config, "grad_accum_steps", 1))
     measure = getattr(engine.config, "zero_stage", 0) == 0
     params = [p for p in policy.parameters() if p.requires_grad]
-    term_norms: dict[str, float] = {}
+    term_norms: dict[str, float] | None = None if measure else {}
     policy.train()
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb, dev)
-            if measure and not term_norms:  # a few rows of the first minibatch suffice
+            if term_norms is None:  # once per update, on a few rows of the first minibatch
                 few = mb.rows(torch.arange(min(GRAD_NORM_ROWS, len(mb)), device=dev))
                 terms, _ = minibatch_terms(policy, reference, few, cfg)
                 term_norms = term_grad_norms(terms, cfg.loss_scales, params)
@@ -200,7 +200,7 @@ def ppo_update(
     policy.eval()
     out = {k: sums[k] / counts[k] for k in sums}
     out.update(raw)
-    out.update(term_norms)
+    out.update(term_norms or {})
     out["learner/optimizer_steps"] = float(steps)
     out["learner/grad_norm"] = grad_norm
     return out
