@@ -40,6 +40,23 @@ DEFAULTS_FILE = CONFIG_DIR / "defaults.yaml"
 COMMAND_LINE = "command line"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as users write numbers: PyYAML follows YAML 1.1, whose floats need a dot, so
+    ``3e-4`` and ``1e5`` would stay strings; YAML 1.2 (and Python, and every ML paper's config)
+    reads them as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 class Section(BaseModel):
     # strict: YAML already gives typed values, so "3" for an int is a mistake worth reporting.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -241,7 +258,7 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple =
         _merge(tree, _read_yaml(path), _display(path), sources)
     for item in overrides:
         key, value = _parse_override(item)
-        _merge(tree, _nest(key, value), COMMAND_LINE, sources)
+        _override(tree, key, value, sources)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
@@ -262,7 +279,7 @@ def dump_config(config: Config) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml_load(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -287,16 +304,29 @@ def _parse_override(item: str) -> tuple[str, Any]:
             f"override {item!r} is not of the form section.key=value (e.g. env.num_envs=8)"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw  # not YAML: keep it as the string the user typed
     return key.strip(), value
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
+def _override(tree: dict, key: str, value: Any, sources: dict) -> None:
+    """Apply one ``key=value`` override in place. The dotted path walks into sections and
+    free-form mappings alike, so ``ppo.loss_scales.next_frame=0.0`` changes that one entry;
+    the value then replaces what was at the end of the path (``env.kwargs={}`` clears it),
+    except that a section given as a mapping (``env={size: 96}``) merges key by key."""
+    *parents, leaf = key.split(".")
+    node, path = tree, ()
+    for part in parents:
+        path = (*path, part)
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+        if _model_at(path) is None:  # a mapping the command line changed: errors name it
+            sources[path] = COMMAND_LINE
+        else:
+            sources.setdefault(path, COMMAND_LINE)
+    _merge(node, {leaf: value}, COMMAND_LINE, sources, path)
 
 
 def _merge(tree: dict, layer: dict, source: str, sources: dict, prefix: tuple = ()) -> None:

@@ -33,6 +33,42 @@ def test_layers_defaults_preset_overrides():
     assert load_config(DEBUG, ["env.kwargs={}"]).env.kwargs == {}  # a mapping value replaces whole
 
 
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("3e-4", 3e-4), ("1e5", 1e5), ("1E-3", 1e-3), ("+2e-4", 2e-4), ("5e+2", 500.0),
+     ("3.0e-4", 3e-4), ("0.0003", 3e-4), (".5", 0.5), ("1", 1.0)],
+)  # fmt: skip
+def test_floats_as_users_type_them(text, value, tmp_path):
+    """YAML 1.1 reads 3e-4 (no dot) as a string; a float field must take it, from the command
+    line and from a preset file alike."""
+    assert load_config(None, [f"learner.lr={text}"]).learner.lr == pytest.approx(value)
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"learner:\n  lr: {text}\n")
+    assert load_config(preset).learner.lr == pytest.approx(value)
+
+
+def test_non_numbers_stay_strings():
+    assert load_config(None, ["policy.task=1e5x"]).policy.task == "1e5x"
+    assert load_config(None, ["policy.task=e5"]).policy.task == "e5"
+
+
+def test_a_dotted_override_changes_one_mapping_entry():
+    base = load_config(DEBUG).ppo.loss_scales
+    scales = load_config(DEBUG, ["ppo.loss_scales.next_frame=0.0"]).ppo.loss_scales
+    assert scales == {**base, "next_frame": 0.0} and base["next_frame"] != 0.0
+    kwargs = load_config(DEBUG, ["env.kwargs.view=[9, 9]"]).env.kwargs
+    assert kwargs == {"length": 64, "view": [9, 9]}  # the preset's length stays
+    # a whole mapping still replaces: names missing from it are an error on the command line
+    code = main(["config", "show", "-c", DEBUG, "ppo.loss_scales={policy: 1.0}"])
+    assert code == 2
+
+
+def test_a_dotted_override_naming_an_unknown_entry_blames_the_command_line(capsys):
+    code, _, err = run_cli(capsys, "config", "show", "-c", DEBUG, "ppo.loss_scales.nxt_frame=0")
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: command line: ppo.loss_scales:") and "unknown ['nxt_frame']" in err
+
+
 def test_every_preset_validates():
     for preset in sorted((ROOT / "configs").glob("*.yaml")):
         load_config(preset)
