@@ -93,7 +93,11 @@ def envs_list(as_json: Annotated[bool, typer.Option("--json", help="machine-read
         typer.echo(json.dumps(rows, indent=2))
         return
     table = Table(title="Registered envs (any other Gymnasium pixel env works by its id too)")
-    for column in ("id", "observation", "actions", "example actions", "description"):
+    # ids never wrap, so they can be copied whole; the other columns fold to fit the terminal
+    table.add_column("id", no_wrap=True, min_width=max(len(row["id"]) for row in rows))
+    table.add_column("observation", overflow="fold")
+    table.add_column("actions", no_wrap=True)
+    for column in ("example actions", "description"):
         table.add_column(column, overflow="fold")
     for row in rows:  # escaped: '[minerl]' or 'camera:[0,10]' are text, not rich markup
         cells = (row["id"], row["observation"], row["actions"], row["examples"], row["description"])

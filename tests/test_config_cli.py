@@ -216,3 +216,16 @@ def test_envs_list_table_shows_brackets_as_text(capsys, monkeypatch):
     assert code == 0
     assert "'forward, sprint, jump, camera:[5,0]'" in out  # not swallowed as rich markup
     assert "rig/Catch-v0" in out and "'noop', 'move_up', 'place_furnace'" in out
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_envs_list_never_wraps_an_id(capsys, monkeypatch, columns):
+    """On a narrow terminal the other columns fold; every id stays whole on one line."""
+    from rig.envinfo import describe_envs
+
+    monkeypatch.setenv("COLUMNS", columns)
+    code, out, _ = run_cli(capsys, "envs", "list")
+    assert code == 0
+    assert max(len(line) for line in out.splitlines()) <= int(columns)
+    for row in describe_envs():
+        assert row["id"] in out, row["id"]
