@@ -120,6 +120,79 @@ def test_generic_adapter_rejects_unsuitable_envs():
         PixelAdapter(gym.make("CartPole-v1"))
 
 
+class _GridWorld(gym.Env):
+    """MiniGrid's observation layout: a Dict whose ``image`` is a (7, 7, 3) uint8 grid of object,
+    colour and state codes (0-10), declared as Box(0, 255); render() draws it as RGB."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(self, render_mode=None, rgb_image=False):
+        self.render_mode, self.rgb_image = render_mode, rgb_image
+        self.observation_space = gym.spaces.Dict({
+            "image": gym.spaces.Box(0, 255, (7, 7, 3), np.uint8),
+            "direction": gym.spaces.Discrete(4),
+        })  # fmt: skip
+        self.action_space = gym.spaces.Discrete(3)
+
+    def _grid(self):
+        grid = np.full((7, 7, 3), (1, 0, 0), np.uint8)  # empty floor
+        grid[0, :], grid[-1, :], grid[:, 0], grid[:, -1] = (2, 5, 0), (2, 5, 0), (2, 5, 0), (2, 5, 0)
+        grid[3, 3] = (10, 0, 0)  # the agent
+        return grid * 20 if self.rgb_image else grid
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return {"image": self._grid(), "direction": 0}, {}
+
+    def step(self, action):
+        return {"image": self._grid(), "direction": 0}, 0.0, False, False, {}
+
+    def render(self):
+        return np.kron(self._grid() * 25, np.ones((8, 8, 1), np.uint8))  # 56 x 56 RGB
+
+
+@pytest.fixture
+def fresh_announcements(monkeypatch):
+    import envs.pixel
+
+    monkeypatch.setattr(envs.pixel, "_ANNOUNCED", set(), raising=False)
+
+
+def test_generic_adapter_renders_a_symbolic_grid_observation(capsys, fresh_announcements):
+    env = PixelAdapter(_GridWorld(render_mode="rgb_array"), size=28)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (28, 28, 3) and obs.max() == 250  # the rendered frame, not codes 0-10
+    np.testing.assert_array_equal(obs, env.step(0)[0])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "grid of symbolic codes ((7, 7, 3) values 0..10" in err
+    assert "using render() RGB frames" in err
+    PixelAdapter(_GridWorld(render_mode="rgb_array")).reset(seed=1)
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_generic_adapter_refuses_a_symbolic_grid_it_cannot_render(fresh_announcements):
+    with pytest.raises(ValueError, match="grid of symbolic codes.*render_mode=rgb_array"):
+        PixelAdapter(_GridWorld())
+    with pytest.raises(ValueError, match="grid of symbolic codes"):  # the same grid as a Box
+        PixelAdapter(_BoxOnly(_GridWorld())).reset(seed=0)
+
+
+def test_generic_adapter_keeps_an_rgb_image_entry(capsys, fresh_announcements):
+    env = PixelAdapter(_GridWorld(render_mode="rgb_array", rgb_image=True), size=7)
+    obs, _ = env.reset(seed=0)
+    assert obs.max() == 200  # the entry itself (codes x 20), not render()'s x 25
+    assert "using observation['image'] as RGB frames" in capsys.readouterr().err
+
+
+class _BoxOnly(gym.ObservationWrapper):
+    def __init__(self, env):
+        super().__init__(env)
+        self.observation_space = env.observation_space["image"]
+
+    def observation(self, obs):
+        return obs["image"]
+
+
 def test_unknown_env_id_suggests_ours():
     with pytest.raises(ValueError, match="did you mean 'rig/Crafter-v0'"):
         envs.make("Crafter-v0")
