@@ -14,7 +14,11 @@ so a laptop needs no server and every run of an output folder shows up in one UI
 SQLite rather than a ``file:`` store because MLflow 3 refuses to open file stores unless
 ``MLFLOW_ALLOW_FILE_STORE=true`` is set (the file backend is in maintenance mode). Creating the
 database runs MLflow's migrations once, a few seconds (1.7 s to 7 s measured on 2 busy CPU cores);
-later runs open it in milliseconds.
+later runs open it in milliseconds. Several runs may share one database at once (two ``rig
+train`` started together on one output folder): opening the store, creating the experiment and
+the run happen under an exclusive lock on ``mlflow.db.lock``, so only the first process runs the
+migrations (two at once fail with "table ... already exists"), and SQLite serialises the later
+writes, each run into its own MLflow run.
 
 Recommended section (configs/defaults.yaml)::
 
@@ -28,6 +32,12 @@ Recommended section (configs/defaults.yaml)::
 System metrics need ``psutil`` (a dependency of deepspeed); GPU rows also need ``nvidia-ml-py``
 (``pynvml``), which nothing here installs: without it MLflow logs CPU, memory, disk and network
 only. ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` changes the 10 s period.
+
+Resuming (``--resume``) replays the iterations after the checkpoint: :meth:`Tracker.rewind`
+deletes the abandoned attempt's rows after the checkpoint's step, so those steps read as the
+resumed run computed them. That needs a SQL store (SQLite, or a database MLflow's SQL store
+opens); against a tracking server, which has no call to delete metric rows, the new rows are
+logged beside the old ones (MLflow's latest value is the new one) and a warning says so.
 
 Metric values that are None are skipped (a metric not computed this iteration). NaN and
 infinite values are skipped too, because MLflow's charts show NaN as a gap and store infinity
@@ -137,8 +147,9 @@ class Tracker:
     ``run_id=None`` starts a new run named after the run folder and logs ``params`` (the
     resolved config, flattened to dotted keys, and whole as ``config.yaml``). A ``run_id``
     resumes that run: same id, status back to RUNNING, and metrics continue after the highest
-    step already logged; rows for steps it already has (logged after the checkpoint the training
-    resumed from, before the crash) are dropped with one warning, so every step has one value.
+    step already logged; :meth:`rewind` to the checkpoint's step first makes the replayed steps
+    log again (module docstring). Without it, rows for steps the run already has are dropped
+    with one warning, so every step has one value.
     On resume, params MLflow already holds keep their first value (MLflow params are immutable);
     keys whose value changed are named in a warning and the new config is logged as
     ``config-resume-<k>.yaml``.
@@ -166,14 +177,15 @@ class Tracker:
         output_dir = self.run_dir.parent
         self.tracking_uri = resolve_tracking_uri(config, output_dir)
         try:
-            self.client = mlflow.MlflowClient(self.tracking_uri)
-            experiment_id = self._experiment_id(output_dir)
-            if run_id is None:
-                run = self.client.create_run(
-                    experiment_id, run_name=self.run_dir.name, tags=_context_tags()
-                )
-            else:
-                run = self.client.get_run(run_id)
+            with _store_lock(self.tracking_uri):  # one process at a time creates the database
+                self.client = mlflow.MlflowClient(self.tracking_uri)
+                experiment_id = self._experiment_id(output_dir)
+                if run_id is None:
+                    run = self.client.create_run(
+                        experiment_id, run_name=self.run_dir.name, tags=_context_tags()
+                    )
+                else:
+                    run = self.client.get_run(run_id)
         except MlflowException as err:
             raise UserError(
                 f"MLflow tracking at {self.tracking_uri!r}: {err.message.splitlines()[0]}"
@@ -234,6 +246,27 @@ class Tracker:
         for i in range(0, len(rows), METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=rows[i : i + METRICS_PER_BATCH])
 
+    def rewind(self, step: int) -> None:
+        """Forget this run's training metrics after ``step`` (the iteration a resume restored),
+        so the replayed steps are logged again and read as this attempt computed them. System
+        metrics keep their own steps and stay."""
+        if step + 1 >= self.next_step:
+            return  # nothing was logged after it
+        store = self.client._tracking_client.store
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+        except ImportError:  # pragma: no cover - mlflow without SQLAlchemy
+            SqlAlchemyStore = ()  # noqa: N806
+        if isinstance(store, SqlAlchemyStore):
+            _delete_metrics_after(store, self.run_id, step)
+        else:
+            _log.warning(
+                "MLflow at %s cannot delete metric rows: steps %d-%d of run %s keep the values "
+                "of the attempt before the resume next to this one's",
+                self.tracking_uri, step + 1, self.next_step - 1, self.run_id,
+            )  # fmt: skip
+        self.next_step = step + 1
+
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` (e.g. the reasoning traces of an iteration) as an artifact file."""
         self.client.log_text(self.run_id, text, artifact_file)
@@ -261,7 +294,13 @@ class Tracker:
         self._ended = True
         if self._monitor is not None:
             self._monitor.finish()
-        self.client.set_terminated(self.run_id, status)
+        if status == "FINISHED":
+            self.client.set_terminated(self.run_id, status)
+            return
+        try:  # a failing run (a full disk, a lost server) must not hide its error behind this
+            self.client.set_terminated(self.run_id, status)
+        except Exception as err:
+            _log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, err)
 
     def __enter__(self) -> Tracker:
         return self
@@ -330,6 +369,57 @@ class Tracker:
             _log.warning("system metrics are off: %s", err)
             return None
         return monitor
+
+
+@contextlib.contextmanager
+def _store_lock(tracking_uri: str):
+    """An exclusive lock on ``<db>.lock`` beside a SQLite store (a no-op for other stores)."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no flock; MLflow's own retries remain
+        yield
+        return
+    path = Path(tracking_uri[len(prefix) :]).with_suffix(".db.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _delete_metrics_after(store: Any, run_id: str, step: int) -> None:
+    """Delete the run's non-system metric rows with a step > ``step`` and recompute the
+    latest value of every key they touched (MLflow's latest_metrics table), in one transaction."""
+    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric
+
+    with store.ManagedSessionMaker(read_only=False) as session:
+        later = session.query(SqlMetric).filter(
+            SqlMetric.run_uuid == run_id, SqlMetric.step > step,
+            ~SqlMetric.key.startswith(SYSTEM_PREFIX),
+        )  # fmt: skip
+        keys = {key for (key,) in later.with_entities(SqlMetric.key).distinct()}
+        later.delete(synchronize_session=False)
+        for key in keys:
+            latest = session.query(SqlLatestMetric).filter_by(run_uuid=run_id, key=key).one_or_none()
+            newest = (
+                session.query(SqlMetric)
+                .filter_by(run_uuid=run_id, key=key)
+                .order_by(SqlMetric.step.desc(), SqlMetric.timestamp.desc(), SqlMetric.value.desc())
+                .first()
+            )
+            if latest is None:
+                continue
+            if newest is None:
+                session.delete(latest)
+            else:
+                latest.value, latest.timestamp = newest.value, newest.timestamp
+                latest.step, latest.is_nan = newest.step, newest.is_nan
 
 
 def _next_step(run: Any) -> int:

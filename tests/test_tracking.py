@@ -110,11 +110,74 @@ def test_resume_continues_same_run_without_repeated_steps(output_dir, caplog):
     assert second.run_id == first.run_id
     steps = [step for step, _ in history(second, "loss")]
     assert steps == list(range(8))
+    assert "keeping those and dropping the replayed steps" in caplog.text
     run = client(second).get_run(second.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["env.size"] == "64"  # MLflow params are immutable
     assert run.data.params["new"] == "1"
     assert "env.size" in caplog.text
+
+
+def test_rewind_makes_replayed_steps_read_as_the_resumed_run(output_dir, caplog):
+    """Crash after step 4, resume from the checkpoint at step 2: steps 3 and 4 must hold what
+    the resumed attempt logged, once each, and the run's latest value is its last one."""
+    run_dir = output_dir / "r-train-1"
+    first = Tracker(make_config(), run_dir, PARAMS)
+    for step in range(5):
+        first.log_metrics({"loss": float(step), "only_before": 1.0}, step)
+    first.end("FAILED")
+
+    with Tracker(make_config(), run_dir, PARAMS, run_id=saved_run_id(run_dir)) as second:
+        second.rewind(2)
+        for step in range(3, 6):
+            second.log_metrics({"loss": 10.0 + step}, step)
+
+    assert history(second, "loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0), (5, 15.0)]
+    assert [s for s, _ in history(second, "only_before")] == [0, 1, 2]
+    run = client(second).get_run(second.run_id)
+    assert run.data.metrics["loss"] == 15.0 and run.data.metrics["only_before"] == 1.0
+    assert "dropping the replayed steps" not in caplog.text
+
+
+def _concurrent_tracker(output_dir: str, name: str, start_at: float, queue) -> None:
+    """One process of the concurrency test: wait for the common start, then log 20 steps."""
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from pathlib import Path
+
+    while time.time() < start_at:
+        time.sleep(0.005)
+    try:
+        with Tracker(make_config(), Path(output_dir) / name, PARAMS) as tracker:
+            for step in range(20):
+                tracker.log_metrics({"loss": float(step)}, step)
+        queue.put((name, tracker.run_id))
+    except Exception as err:  # reported to the test, which fails with it
+        queue.put((name, f"{type(err).__name__}: {err}"))
+
+
+def test_concurrent_runs_on_a_fresh_sqlite_store(tmp_path):
+    """Two processes create the same fresh database at the same instant (MLflow's migrations
+    race: "table ... already exists" without the lock) and then log side by side."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    start_at = time.time() + 8.0  # both imported and waiting by then, even on a busy machine
+    procs = [ctx.Process(target=_concurrent_tracker, args=(str(tmp_path), f"c-train-{k}",
+                                                           start_at, queue)) for k in (1, 2)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    results = dict(queue.get(timeout=300) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    ids = {name: saved_run_id(tmp_path / name) for name in results}
+    assert results == ids, results  # each process got its own run, recorded in its own folder
+    store = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for run_id in ids.values():
+        assert store.get_run(run_id).info.status == "FINISHED"
+        assert [m.step for m in store.get_metric_history(run_id, "loss")] == list(range(20))
 
 
 def test_failure_marks_run_failed_and_interrupt_killed(output_dir):
