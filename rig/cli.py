@@ -170,7 +170,7 @@ def train(
     import shutil
 
     from rig.config import load_config, save_config
-    from rig.runs import new_run_dir
+    from rig.runs import claim_run_dir
 
     extra = [f"policy.init_from={init_from}"] if init_from is not None else []
     checkpoint = None
@@ -183,9 +183,10 @@ def train(
         cfg = load_config(run_dir / "config.yaml", [*(overrides or []), *extra])
     else:
         cfg = load_config(config, [*(overrides or []), *extra])
-        run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name, "train")
     if cfg.policy.init_from is not None:
         _check_policy_dir(Path(cfg.policy.init_from), "--init-from")
+    if checkpoint is None:  # mkdir is the claim: atomic, never another run's folder
+        run_dir = claim_run_dir(cfg.run.output_dir, cfg.run.name, "train")
 
     from rich.console import Console
 
@@ -193,7 +194,7 @@ def train(
     from rig.train import Trainer
 
     console = Console(stderr=True)
-    created = not run_dir.exists()
+    created = checkpoint is None  # claimed above: ours alone, removed if the start fails
     try:
         with console.status("starting Ray, env runners, imagination actors and the learner"):
             trainer = Trainer(cfg, run_dir, resume_from=checkpoint)

@@ -29,7 +29,10 @@ def check_writable_file(path: Path, flag: str, suffix: str) -> None:
 
 
 def new_run_dir(output_dir: str | Path, name: str, command: str) -> Path:
-    """A fresh ``<output_dir>/<name>-<command>-<timestamp>[-k]`` path (not created yet)."""
+    """A fresh ``<output_dir>/<name>-<command>-<timestamp>[-k]`` path (not created yet).
+
+    Two processes started in the same second can get the same path; a command whose folder
+    must be its own alone (``rig train``) uses :func:`claim_run_dir`."""
     out = Path(output_dir)
     ensure_writable_dir(out, f"run.output_dir {str(out)!r}")
     base = out / f"{name}-{command}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -38,3 +41,24 @@ def new_run_dir(output_dir: str | Path, name: str, command: str) -> Path:
         k += 1
         path = base.with_name(f"{base.name}-{k}")
     return path
+
+
+def claim_run_dir(output_dir: str | Path, name: str, command: str) -> Path:
+    """Create and return a fresh ``<output_dir>/<name>-<command>-<timestamp>[-k]`` folder.
+
+    The claim is the ``mkdir`` itself (no ``exist_ok``), which the filesystem makes atomic: of
+    two processes started in the same second, one gets ``...-<timestamp>``, the other
+    ``...-<timestamp>-2``, and neither ever writes into the other's folder."""
+    out = Path(output_dir)
+    ensure_writable_dir(out, f"run.output_dir {str(out)!r}")
+    base = out / f"{name}-{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, k = base, 1
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            k += 1
+            path = base.with_name(f"{base.name}-{k}")
+        except OSError as err:
+            raise UserError(f"run.output_dir: cannot create {str(path)!r} ({err.strerror})") from None
