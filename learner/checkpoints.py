@@ -17,8 +17,10 @@ invisible:
 2. every file and folder in it is fsynced: a rename is only atomic for what has reached the
    disk, and without it a power loss can leave a renamed checkpoint of empty files;
 3. ``meta.json`` is written last, with the iteration, the time, the caller's metadata and the
-   size of every file, and fsynced: it is the completeness marker, and the sizes also catch a
-   checkpoint truncated or half-copied later (rsync to another disk);
+   size and sha256 digest of every file, and fsynced: it is the completeness marker; the sizes
+   catch a checkpoint truncated or half-copied later (rsync to another disk) at every listing,
+   the digests catch bytes changed in place (same size) when a checkpoint is resumed or
+   exported (:func:`resolve_resume` reads every byte once; listing does not);
 4. the folder is renamed to ``iter_N`` (atomic on one filesystem) and the parent fsynced;
 5. ``latest`` is rewritten (temporary file + ``os.replace``);
 6. checkpoints beyond ``keep_last`` are moved to ``.del-*`` and then deleted, oldest first.
@@ -29,14 +31,21 @@ skips (with a warning) one that does not, falling back to the one before. Leftov
 ``.del-*`` folders are removed when a manager is opened and before each save. One process writes
 a run's checkpoints (the driver, or DeepSpeed rank 0 for the manager's own files).
 
+A full disk while writing (``ENOSPC``, or any error of torch's writer with under 1 MiB left) removes
+the half-written folder, which frees the space it took, and raises :class:`DiskFullError`, a user
+error naming the checkpoint and the last good one; nothing older is touched.
+
 RNG state: :func:`rng_state` returns Python's, NumPy's global and torch's (CPU and every CUDA
-device) generator states as plain types, so ``torch.save(rng_state(), tmp_dir / "rng.pt")`` in a
-``write_fn`` and ``set_rng_state(torch.load(path, weights_only=True))`` on resume round-trip
-without unpickling arbitrary objects. Each process saves its own (``rng_rank{r}.pt``).
+device) generator states as plain types and byte tensors; :func:`dump_rng` writes them (and any
+``torch.Generator`` of the caller) as JSON and :func:`load_rng` restores them, so resuming a run
+folder from elsewhere unpickles nothing of ours. Each process saves its own.
 """
 
 from __future__ import annotations
 
+import base64
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -64,6 +73,10 @@ _RUN_NAME = r"-[A-Za-z0-9_]+-\d{8}-\d{6}(-\d+)?$"  # <name>-<command>-<timestamp
 
 class CheckpointError(UserError):
     """A run folder or checkpoint given to resume from is missing, empty or damaged."""
+
+
+class DiskFullError(UserError):
+    """The disk filled up while a checkpoint was written; the half-written one is gone."""
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -103,24 +116,44 @@ class CheckpointManager:
         _remove_leftovers(self.dir)
         name = checkpoint_name(iteration)
         tmp = self.dir / f"{TMP_PREFIX}{name}-{os.getpid()}"
-        tmp.mkdir()
-        write_fn(tmp)
-        files = _fsync_tree(tmp)
-        record = {
-            "iteration": iteration,
-            "time": time.time(),
-            "files": files,
-            "meta": dict(meta or {}),
-        }
-        atomic_write(tmp / META, json.dumps(record, indent=1))
-        _fsync_dir(tmp)
+        try:
+            tmp.mkdir()
+            write_fn(tmp)
+            files, digests = _fsync_tree(tmp)
+            record = {
+                "iteration": iteration,
+                "time": time.time(),
+                "files": files,
+                "sha256": digests,
+                "meta": dict(meta or {}),
+            }
+            atomic_write(tmp / META, json.dumps(record, indent=1))
+            _fsync_dir(tmp)
+        except BaseException as err:
+            full = _disk_full(err, self.dir)  # before the removal frees the space again
+            shutil.rmtree(tmp, ignore_errors=True)
+            if full:
+                good = newest.name if newest is not None else "none (this run saved none yet)"
+                raise DiskFullError(
+                    f"no space left on {_mount_point(self.dir)} while saving checkpoint {name} "
+                    f"in {self.dir}; the last good one is {good}"
+                ) from err
+            raise
 
         final = self.dir / name
         if final.exists():  # same iteration saved again: move the old one aside, then replace
             os.rename(final, self.dir / f"{DEL_PREFIX}{name}-{os.getpid()}")
         os.rename(tmp, final)
         _fsync_dir(self.dir)
-        atomic_write(self.dir / POINTER, name + "\n")
+        try:
+            atomic_write(self.dir / POINTER, name + "\n")
+        except OSError as err:  # the checkpoint is committed; only the pointer is stale
+            if not _disk_full(err, self.dir):
+                raise
+            raise DiskFullError(
+                f"no space left on {_mount_point(self.dir)} after saving checkpoint {name} in "
+                f"{self.dir}; the last good one is {name}"
+            ) from err
         self._prune(final)
         return final
 
@@ -152,10 +185,11 @@ class CheckpointManager:
         _remove_leftovers(self.dir)
 
 
-def read_meta(checkpoint: str | Path) -> dict[str, Any]:
-    """The checkpoint's meta.json (iteration, time, files, the caller's ``meta``), validated."""
+def read_meta(checkpoint: str | Path, verify: bool = False) -> dict[str, Any]:
+    """The checkpoint's meta.json (iteration, time, files, the caller's ``meta``), validated;
+    ``verify`` also checks every file's sha256 digest (reads the whole checkpoint)."""
     path = Path(checkpoint)
-    problem = _problem(path)
+    problem = _problem(path, digests=verify)
     if problem is not None:
         raise CheckpointError(f"corrupted checkpoint {path}: {problem}")
     return json.loads((path / META).read_text())
@@ -166,12 +200,14 @@ def resolve_resume(arg: str, output_dir: str | Path, name: str | None = None) ->
 
     ``arg`` is a run folder, or ``auto``: among the run folders in ``output_dir`` (only those of
     run ``name`` when given), the one whose newest complete checkpoint was saved last. The run
-    folder is ``result.parent.parent``. Read-only: leftovers are cleaned by the manager."""
+    folder is ``result.parent.parent``. The checkpoint returned has had every file's sha256
+    checked against its meta.json; one that fails is skipped with a warning, for the one before
+    it. Read-only: leftovers are cleaned by the manager."""
     if arg != "auto":
         run = Path(arg)
         if not run.is_dir():
             raise CheckpointError(f"no run folder {arg}")
-        found = _latest_or_reasons(run)
+        found = _latest_or_reasons(run, digests=True)
         if isinstance(found, str):
             raise CheckpointError(f"run {arg} has no complete checkpoint ({found})")
         return found
@@ -188,7 +224,12 @@ def resolve_resume(arg: str, output_dir: str | Path, name: str | None = None) ->
         raise CheckpointError(
             f"--resume auto: no run folder {which}in {out} has a complete checkpoint"
         )
-    return max(candidates, key=lambda c: json.loads((c / META).read_text())["time"])
+    newest = max(candidates, key=lambda c: json.loads((c / META).read_text())["time"])
+    run = newest.parent.parent
+    found = _latest_or_reasons(run, digests=True)  # the digests of the chosen run only
+    if isinstance(found, str):
+        raise CheckpointError(f"--resume auto: run {run} has no complete checkpoint ({found})")
+    return found
 
 
 # -- RNG state --------------------------------------------------------------------------------------
@@ -215,6 +256,49 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def dump_rng(generators: Mapping[str, Any] | None = None) -> str:
+    """:func:`rng_state` and the states of the caller's ``torch.Generator`` objects as JSON
+    (byte tensors as base64), for a checkpoint file that loads without unpickling."""
+    state = dict(rng_state())
+    state["generators"] = {k: g.get_state() for k, g in (generators or {}).items()}
+    return json.dumps(_to_json(state))
+
+
+def load_rng(text: str, generators: Mapping[str, Any] | None = None) -> None:
+    """Restore what :func:`dump_rng` wrote, into the global generators and ``generators``."""
+    state = _from_json(json.loads(text))
+    for key, generator in (generators or {}).items():
+        generator.set_state(state["generators"][key])
+    set_rng_state(state)
+
+
+def _to_json(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.dtype != torch.uint8:
+            raise TypeError(f"RNG states are uint8 tensors, got {value.dtype}")
+        return {"uint8_base64": base64.b64encode(value.numpy().tobytes()).decode()}
+    if isinstance(value, Mapping):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, dict) and set(value) == {"uint8_base64"}:
+        data = bytearray(base64.b64decode(value["uint8_base64"]))
+        return torch.frombuffer(data, dtype=torch.uint8).clone()
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
@@ -248,11 +332,13 @@ def _named(ckpt_dir: Path) -> list[Path]:
     return sorted(found, key=_iteration)
 
 
-def _problem(path: Path) -> str | None:
-    """Why ``path`` is not a complete checkpoint, or None if it is."""
+def _problem(path: Path, digests: bool = False) -> str | None:
+    """Why ``path`` is not a complete checkpoint, or None if it is; ``digests`` also checks
+    the sha256 of every file (checkpoints written before digests were kept pass without)."""
     try:
         record = json.loads((path / META).read_text())
         iteration, files = record["iteration"], record["files"]
+        sha256 = record.get("sha256", {})
     except FileNotFoundError:
         return f"no {META} (incomplete)"
     except (OSError, ValueError, KeyError, TypeError):
@@ -265,21 +351,61 @@ def _problem(path: Path) -> str | None:
             return f"{rel} missing"
         if file.stat().st_size != size:
             return f"{rel} has {file.stat().st_size} bytes, {META} says {size}"
+    if digests:
+        for rel, digest in sha256.items():
+            if _sha256(path / rel) != digest:
+                return f"{rel} has changed since it was saved (sha256 differs from {META})"
     return None
 
 
-def _latest_or_reasons(run: Path) -> Path | str:
+def _latest_or_reasons(run: Path, digests: bool = False) -> Path | str:
     """The run's newest complete checkpoint, or why there is none (for the error line)."""
     named = _named(run / CHECKPOINTS)
     if not named:
         return "checkpoints/ is missing or empty"
     reasons = []
     for path in reversed(named):
-        problem = _problem(path)
+        problem = _problem(path, digests)
         if problem is None:
+            for reason in reasons:  # only when falling back: else the error line says it all
+                _log.warning("skipping checkpoint %s/%s", path.parent, reason)
             return path
         reasons.append(f"{path.name}: {problem}")
     return "; ".join(reasons)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _disk_full(err: BaseException, where: Path) -> bool:
+    """Whether ``err`` (or what caused it) means the disk under ``where`` is full. torch's zip
+    writer reports ENOSPC without the errno ("file write failed", "basic_ios::clear: iostream
+    error", "unexpected pos ..."), so without one the free space decides: under 1 MiB left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left" in str(seen) or "disk is full" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: never a full disk
+        return False
+    try:
+        return shutil.disk_usage(where).free < 1 << 20
+    except OSError:
+        return False
+
+
+def _mount_point(path: Path) -> str:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return str(path)
 
 
 def _remove_leftovers(ckpt_dir: Path) -> None:
@@ -291,20 +417,25 @@ def _remove_leftovers(ckpt_dir: Path) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every file and folder under ``root``; return {relative path: size} of the files."""
-    files = {}
+def _fsync_tree(root: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """fsync every file and folder under ``root``; return {relative path: size} and
+    {relative path: sha256 hex digest} of the files."""
+    files, digests = {}, {}
     for folder, _, names in os.walk(root):
         for name in names:
             path = Path(folder) / name
+            rel = path.relative_to(root).as_posix()
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
+                digest = hashlib.sha256()
+                while chunk := os.read(fd, 1 << 20):
+                    digest.update(chunk)
             finally:
                 os.close(fd)
-            files[path.relative_to(root).as_posix()] = path.stat().st_size
+            files[rel], digests[rel] = path.stat().st_size, digest.hexdigest()
         _fsync_dir(Path(folder))
-    return files
+    return files, digests
 
 
 def _fsync_dir(path: Path) -> None:

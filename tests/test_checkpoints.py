@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
+import re
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +18,16 @@ from learner import checkpoints
 from learner.checkpoints import (
     CheckpointError,
     CheckpointManager,
+    DiskFullError,
+    dump_rng,
+    load_rng,
     read_meta,
     resolve_resume,
     rng_state,
     set_rng_state,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def writer(payload: str):
@@ -206,3 +215,118 @@ def test_rng_state_round_trips_through_torch_save(tmp_path):
 def test_keep_last_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep_last"):
         CheckpointManager(tmp_path, keep_last=0)
+
+
+# -- digests, a full disk, RNG as JSON ---------------------------------------------------------------
+
+
+def test_bytes_changed_in_place_are_caught_by_the_digests(tmp_path, caplog):
+    """Same size, other bytes: the size check passes, the sha256 in meta.json does not. Resume
+    falls back to the one before (with a warning); verifying the damaged one names the file."""
+    run = tmp_path / "rig-train-20260101-000000"
+    manager = CheckpointManager(run, keep_last=3)
+    manager.save(1, writer("good"))
+    second = manager.save(2, writer("good"))
+    assert set(read_meta(second)["sha256"]) == {"model/weights.bin", "counters.json"}
+    (second / "model" / "weights.bin").write_text("evil")  # 4 bytes, as before
+
+    assert manager.latest() == second  # listing checks sizes only (cheap)
+    assert resolve_resume(str(run), tmp_path).name == "iter_000001"
+    assert resolve_resume("auto", tmp_path).name == "iter_000001"
+    assert "iter_000002: model/weights.bin has changed since it was saved" in caplog.text
+    with pytest.raises(CheckpointError, match=r"model/weights.bin has changed since it was saved"):
+        read_meta(second, verify=True)
+    (run / "checkpoints" / "iter_000001" / "counters.json").write_text(" " * 18)
+    with pytest.raises(CheckpointError, match=r"has no complete checkpoint \(iter_000002: .*sha256"):
+        resolve_resume(str(run), tmp_path)
+
+
+def _enospc(tmp):
+    (tmp / "weights.bin").write_bytes(b"x" * 10)
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def _torch_write_failed(tmp):
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed "
+                       "writing file data/0: file write failed")  # fmt: skip
+
+
+@pytest.mark.parametrize("write", [_enospc, _torch_write_failed], ids=["ENOSPC", "torch"])
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch, write):
+    run = tmp_path / "run"
+    manager = CheckpointManager(run, keep_last=1)
+    manager.save(4, writer("old"))
+    full = shutil.disk_usage(tmp_path)._replace(free=0)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(DiskFullError) as caught:
+        manager.save(6, write)
+    assert re.fullmatch(r"no space left on /\S* while saving checkpoint iter_000006 in \S+; "
+                        r"the last good one is iter_000004", str(caught.value)), caught.value  # fmt: skip
+    assert entries(manager) == {"iter_000004", "latest"}  # the half-written one is gone
+    assert (manager.latest() / "model" / "weights.bin").read_text() == "old"
+
+
+def test_an_unrelated_write_error_is_not_called_a_full_disk(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    with pytest.raises(RuntimeError, match="file write failed"):  # plenty of space here
+        manager.save(1, _torch_write_failed)
+    with pytest.raises(PermissionError):
+        manager.save(1, lambda tmp: (_ for _ in ()).throw(PermissionError(errno.EACCES, "no")))
+
+
+_TMPFS_SCRIPT = """
+import sys, torch
+from learner.checkpoints import CheckpointManager, DiskFullError
+manager = CheckpointManager(sys.argv[1], keep_last=2)
+manager.save(1, lambda tmp: torch.save(torch.zeros(1000), tmp / "w.pt"))
+try:
+    manager.save(2, lambda tmp: torch.save(torch.zeros(1_000_000), tmp / "w.pt"))  # 4 MB
+except DiskFullError as err:
+    print("error:", err)
+print("left:", sorted(p.name for p in manager.dir.iterdir()))
+"""
+
+
+def test_a_full_tmpfs_while_saving_is_one_line(tmp_path):
+    """The real thing where a tmpfs can be mounted (a private mount namespace, no root needed
+    where user namespaces are allowed); skipped elsewhere, the simulated tests above remain."""
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) to mount a private tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    command = (f"mount -t tmpfs -o size=2m tmpfs {mnt} && cd {ROOT} && "
+               f"{sys.executable} -c '{_TMPFS_SCRIPT}' {mnt}/run")  # fmt: skip
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {mnt}"],
+                           capture_output=True, text=True)  # fmt: skip
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.strip()}")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", command], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == (f"error: no space left on {mnt} while saving checkpoint iter_000002 in "
+                        f"{mnt}/run/checkpoints; the last good one is iter_000001"), done.stdout  # fmt: skip
+    assert lines[1] == "left: ['iter_000001', 'latest']"
+
+
+def test_rng_state_round_trips_through_json(tmp_path):
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(5)
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    text = dump_rng({"generator": generator})
+    json.loads(text)  # plain JSON: nothing to unpickle
+    draw = lambda: (random.random(), np.random.rand(), torch.rand(1).item(), np.random.randn(),  # noqa: E731
+                    torch.rand(1, generator=generator).item())  # fmt: skip
+    expected = draw()
+
+    random.seed(2)
+    np.random.seed(2)
+    torch.manual_seed(2)
+    generator.manual_seed(9)
+    load_rng(text, {"generator": generator})
+    assert draw() == expected
