@@ -51,6 +51,15 @@ DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or 
 * The optimiser is torch's ``AdamW`` handed in as a client optimiser, which ZeRO supports; the
   DeepSpeed config's ``"optimizer"`` section would build ``FusedAdam``/``DeepSpeedCPUAdam``,
   which compile C++/CUDA ops at first use.
+
+Loading a checkpoint unpickles nothing but tensors, containers and plain types: DeepSpeed's own
+loader calls ``torch.load(..., weights_only=False)``, which runs whatever code a crafted file
+names, so the engine's checkpoint engine is handed a loader with ``weights_only=True`` that
+allows, besides torch's defaults, exactly the DeepSpeed classes its checkpoints hold
+(:data:`DEEPSPEED_PICKLED`: the loss scaler and the parameter-fragment addresses of ZeRO 1-3's
+optimiser states, ZeRO-3's stage enum). Those are rebuilt from their attribute dicts (no
+``__reduce__`` call, no import of anything else); any other global in a file is refused. The plain engine's file loads with
+``weights_only=True`` too.
 """
 
 from __future__ import annotations
@@ -70,6 +79,15 @@ from rig.config import LearnerConfig
 GRAD_NORM = "grad_norm"  # float: total L2 norm of the averaged gradient before clipping
 LR = "lr"  # float: learning rate this update used (or would use, off the boundary)
 OPTIMIZER_STEP = "optimizer_step"  # bool: this call ended an accumulation cycle and stepped
+
+# DeepSpeed classes its checkpoint files pickle (0.19.8, ZeRO 0-3, fp32/bf16/fp16), the only
+# globals the engine's loader allows beyond torch's weights_only defaults.
+DEEPSPEED_PICKLED = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
 
 _PLAIN_CHECKPOINT = "plain_engine.pt"
 _CLIENT_STATE = "rig_client_state"
@@ -238,7 +256,7 @@ class PlainTorchEngine(_Engine):
         path = Path(directory) / tag / _PLAIN_CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"no plain-engine checkpoint at {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self._module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["lr_scheduler"])
@@ -268,6 +286,7 @@ class DeepSpeedEngine(_Engine):
         )
         self._module = self._engine.module
         self._deepspeed = deepspeed
+        self._engine.checkpoint_engine.load = _weights_only_load  # see the module docstring
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._engine(*args, **kwargs)
@@ -328,6 +347,19 @@ class DeepSpeedEngine(_Engine):
 
 
 # -- DeepSpeed set-up -----------------------------------------------------------------------------
+
+
+def _weights_only_load(path: str, map_location=None):
+    """DeepSpeed's checkpoint-engine ``load`` with ``weights_only=True`` (module docstring)."""
+    import importlib
+
+    allowed = []
+    for name in DEEPSPEED_PICKLED:
+        module, _, attr = name.rpartition(".")
+        allowed.append(getattr(importlib.import_module(module), attr))
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
 
 
 def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
