@@ -183,8 +183,9 @@ def train(
         cfg = load_config(run_dir / "config.yaml", [*(overrides or []), *extra])
     else:
         cfg = load_config(config, [*(overrides or []), *extra])
-    if cfg.policy.init_from is not None:
-        _check_policy_dir(Path(cfg.policy.init_from), "--init-from")
+    flag = "--init-from" if init_from is not None else "policy.init_from"
+    if cfg.policy.init_from is not None:  # before any folder exists: a bad one leaves nothing
+        _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id)
     if checkpoint is None:  # mkdir is the claim: atomic, never another run's folder
         run_dir = claim_run_dir(cfg.run.output_dir, cfg.run.name, "train")
 
@@ -198,9 +199,13 @@ def train(
     try:
         with console.status("starting Ray, env runners, imagination actors and the learner"):
             trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
-    except BaseException:
+    except BaseException as err:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written yet
+        from rl.model import CheckpointError
+
+        if isinstance(err, CheckpointError):  # the init_from directory's files do not load
+            raise UserError(f"{flag}: {err}") from None
         raise
     save_config(cfg, run_dir)
     try:
@@ -237,14 +242,32 @@ def export(
     typer.echo(f"exported {checkpoint} -> {path}")
 
 
-def _check_policy_dir(path: Path, flag: str) -> None:
-    """A clear one-line error for a missing, broken or foreign checkpoint directory, up front."""
+def _check_init_from(path: Path, flag: str, env_id: str) -> None:
+    """A clear one-line error, up front, for a missing, broken or foreign checkpoint directory
+    (its heads file included), or one trained on another env than ``env_id``: the rule
+    ``rig sft --init-from`` applies (``sft_cli._trained_env``)."""
+    from safetensors import safe_open
+
     from rl.model import CheckpointError, check_pretrained_dir
+    from rl.policy import HEADS_FILE
 
     try:
-        check_pretrained_dir(path)
+        record, _ = check_pretrained_dir(path)
     except CheckpointError as err:
         raise UserError(f"{flag}: {err}") from None
+    heads = path / HEADS_FILE
+    if heads.is_file():
+        try:
+            with safe_open(str(heads), framework="pt") as f:
+                f.keys()
+        except Exception as err:  # safetensors' own SafetensorError, OSError
+            raise UserError(f"{flag}: corrupted heads file {heads}: {err}") from None
+    trained_on = sft_cli._trained_env(record or {})
+    if trained_on is not None and trained_on != env_id:
+        raise UserError(
+            f"{flag} {path} was trained on {trained_on} but env.id is {env_id}; "
+            f"set env.id={trained_on} (or start from a checkpoint of {env_id})"
+        )
 
 
 class _TrainProgress:

@@ -1,0 +1,96 @@
+"""`rig train --init-from` with a checkpoint that cannot or must not be used: one line, exit 2,
+no traceback and no run folder, by the rule `rig sft --init-from` applies.
+
+Component tier: a tiny policy is saved once; each case damages or relabels a copy of it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from rig.cli import main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = str(ROOT / "configs" / "debug.yaml")
+FAST = ["rollout.num_env_runners=0", "imagination.num_actors=0", "tracking.system_metrics=false"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny Crafter policy as `rig train` exports it (the config rides in the record)."""
+    from envs.crafter_env import crafter_codec
+    from rl.policy import RigPolicy
+
+    path = tmp_path_factory.mktemp("ckpt") / "policy"
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=0)
+    policy.save(path, extra={"config": {"env": {"id": "rig/Crafter-v0"}}})
+    return path
+
+
+def _copy(saved: Path, tmp_path: Path, extra: dict | None = None) -> Path:
+    import json
+
+    from rl.model import RIG_FILE
+
+    path = tmp_path / "copy"
+    shutil.copytree(saved, path)
+    if extra is not None:
+        record = json.loads((path / RIG_FILE).read_text())
+        record["extra"] = extra
+        (path / RIG_FILE).write_text(json.dumps(record))
+    return path
+
+
+def _refused(in_tmp: Path, capsys, *args) -> str:
+    code = main(["train", "--config", DEBUG, *FAST, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    runs = in_tmp / "runs"
+    assert not runs.exists() or not [p for p in runs.iterdir() if "-train-" in p.name]
+    return err
+
+
+def test_truncated_heads_file_is_one_line(saved, in_tmp, capsys):
+    from rl.policy import HEADS_FILE
+
+    path = _copy(saved, in_tmp)
+    heads = path / HEADS_FILE
+    heads.write_bytes(heads.read_bytes()[: heads.stat().st_size // 2])
+    err = _refused(in_tmp, capsys, "--init-from", str(path))
+    assert f"--init-from: corrupted heads file {heads}" in err
+
+
+def test_heads_that_do_not_fit_are_one_line(saved, in_tmp, capsys):
+    """Readable, but not this policy's heads: found only when the policy loads (the Trainer)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from rl.policy import HEADS_FILE
+
+    path = _copy(saved, in_tmp)
+    save_file({"value_head.weight": torch.zeros(3, 3)}, str(path / HEADS_FILE))
+    err = _refused(in_tmp, capsys, "--init-from", str(path))
+    assert "--init-from: " in err and "does not fit this policy" in err
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"config": {"env": {"id": "rig/Catch-v0"}}},  # a `rig train` export
+     {"sft": {"env_id": "rig/Catch-v0"}}],  # a `rig sft` checkpoint
+)  # fmt: skip
+def test_a_checkpoint_of_another_env_is_refused(saved, in_tmp, capsys, extra):
+    path = _copy(saved, in_tmp, extra)
+    err = _refused(in_tmp, capsys, "--init-from", str(path))
+    assert f"--init-from {path} was trained on rig/Catch-v0 but env.id is rig/Crafter-v0" in err
+    assert "set env.id=rig/Catch-v0" in err
+
+
+def test_policy_init_from_in_the_config_is_checked_the_same_way(saved, in_tmp, capsys):
+    path = _copy(saved, in_tmp, {"sft": {"env_id": "rig/Catch-v0"}})
+    err = _refused(in_tmp, capsys, f"policy.init_from={path}")
+    assert f"policy.init_from {path} was trained on rig/Catch-v0" in err
