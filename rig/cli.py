@@ -186,6 +186,9 @@ def train(
     flag = "--init-from" if init_from is not None else "policy.init_from"
     if cfg.policy.init_from is not None:  # before any folder exists: a bad one leaves nothing
         _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id)
+    from rig.tracking import check_tracking_reachable
+
+    check_tracking_reachable(cfg.tracking, cfg.run.output_dir)  # seconds, not MLflow's minutes
     if checkpoint is None:  # mkdir is the claim: atomic, never another run's folder
         run_dir = claim_run_dir(cfg.run.output_dir, cfg.run.name, "train")
 
@@ -208,9 +211,16 @@ def train(
             raise UserError(f"{flag}: {err}") from None
         raise
     save_config(cfg, run_dir)
+    params = cfg.model_dump(mode="json")
     try:
-        params = cfg.model_dump(mode="json")
-        with Tracker(cfg.tracking, run_dir, params, run_id=saved_run_id(run_dir) if checkpoint else None) as tracker:
+        tracker = Tracker(cfg.tracking, run_dir, params, run_id=saved_run_id(run_dir) if checkpoint else None)
+    except BaseException:
+        trainer.close()
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # the run never started
+        raise
+    try:
+        with tracker:
             with _TrainProgress(console, cfg.train.iterations, trainer.counters.iteration) as progress:
                 trainer.run(tracker, progress)
             if cfg.train.export_at_end:
