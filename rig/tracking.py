@@ -243,8 +243,9 @@ class Tracker:
             rows.append(Metric(key, number, now, step))
         if nonfinite:
             rows.append(Metric(NONFINITE_KEY, float(nonfinite), now, step))
-        for i in range(0, len(rows), METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=rows[i : i + METRICS_PER_BATCH])
+        with self._disk_full_is_one_line():
+            for i in range(0, len(rows), METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=rows[i : i + METRICS_PER_BATCH])
 
     def rewind(self, step: int) -> None:
         """Forget this run's training metrics after ``step`` (the iteration a resume restored),
@@ -269,7 +270,8 @@ class Tracker:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` (e.g. the reasoning traces of an iteration) as an artifact file."""
-        self.client.log_text(self.run_id, text, artifact_file)
+        with self._disk_full_is_one_line():
+            self.client.log_text(self.run_id, text, artifact_file)
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         """Write an (H, W, 3) uint8 image as an artifact, e.g. ``images/iter_000100.png``."""
@@ -277,11 +279,13 @@ class Tracker:
             raise ValueError(
                 f"log_image needs an (H, W, 3) uint8 array, got {image.dtype} {image.shape}"
             )
-        self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+        with self._disk_full_is_one_line():
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         """Copy a folder (an exported HF checkpoint) into the run's artifacts."""
-        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        with self._disk_full_is_one_line():
+            self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def end(self, status: str = "FINISHED") -> None:
         """Stop system metrics, then mark the run ``status`` (FINISHED, FAILED or KILLED).
@@ -314,6 +318,25 @@ class Tracker:
             self.end("FAILED")
 
     # -- helpers ----------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _disk_full_is_one_line(self):
+        """A full disk under the store or the artifacts (SQLite: "database or disk is full")
+        is a user error naming where the run's checkpoints are, not a traceback."""
+        try:
+            yield
+        except Exception as err:
+            import errno
+
+            text = str(err)
+            full = "disk is full" in text or "No space left" in text or (
+                isinstance(err, OSError) and err.errno == errno.ENOSPC)  # fmt: skip
+            if not full:
+                raise
+            raise UserError(
+                f"no space left on the disk of MLflow's store {self.tracking_uri} while logging "
+                f"run {self.run_id}; its checkpoints are in {self.run_dir / 'checkpoints'}"
+            ) from err
 
     def _experiment_id(self, output_dir: Path) -> str:
         from mlflow.exceptions import MlflowException

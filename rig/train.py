@@ -45,7 +45,14 @@ from rig.errors import UserError
 log = logging.getLogger(__name__)
 
 COUNTERS_FILE = "counters.json"
+RNG_FILE = "rng.json"  # JSON, nothing to unpickle (checkpoints before it hold rng.pt)
 ENGINE_TAG = "engine"
+# Settings a DeepSpeed checkpoint only loads back into: its files' layout depends on them.
+LAYOUT_KEYS = ("learner.zero_stage", "learner.precision")
+
+
+class DivergedError(UserError):
+    """The loss or the weights turned non-finite; the run stopped before saving or publishing."""
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Trainer:
 
         self.config, self.run_dir = config, run_dir
         self.counters = Counters()
+        self.resumed_from: int | None = None  # the iteration restored by --resume
         random.seed(config.run.seed)
         np.random.seed(config.run.seed)
         torch.manual_seed(config.run.seed)
@@ -189,6 +197,7 @@ class Trainer:
         """Send the learner's weights (as ``counters.version``) to runners and actors; seconds."""
         start = time.perf_counter()
         state = self.engine.published_state_dict()
+        self._check_finite({}, state)  # never hand runners (or a checkpoint) non-finite weights
         version = self.counters.version
         if self._ray_started:  # one zero-copy put for runners and actors alike
             from actors.weights import publish
@@ -202,43 +211,100 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        import torch
-
-        from learner.checkpoints import rng_state
+        """Engine, counters and RNG states as ``checkpoints/iter_N`` (learner.checkpoints);
+        meta.json also keeps the resolved config, so a resume can name a changed setting."""
+        from learner.checkpoints import dump_rng
 
         c = self.counters
 
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(tmp, ENGINE_TAG, {"iteration": c.iteration})
             (tmp / COUNTERS_FILE).write_text(json.dumps(vars(c)))
-            torch.save({"rng": rng_state(), "generator": self.generator.get_state()},
-                       tmp / "rng.pt")  # fmt: skip
+            (tmp / RNG_FILE).write_text(dump_rng({"generator": self.generator}))
 
-        return self.checkpoints.save(c.iteration, write, {"version": c.version})
+        meta = {"version": c.version, "config": self.config.model_dump(mode="json")}
+        return self.checkpoints.save(c.iteration, write, meta)
 
     def _restore(self, checkpoint: Path) -> None:
-        """Model, optimiser, scheduler, counters and RNG states from ``checkpoint``. Files that
-        pass the size check (``learner.checkpoints``) but do not load (bytes damaged in place,
-        another program's files) fail in one line naming the checkpoint and the error."""
-        import torch
+        """Model, optimiser, scheduler, counters and RNG states from ``checkpoint``.
 
-        from learner.checkpoints import CheckpointError, set_rng_state
+        A setting the checkpoint's layout depends on (:data:`LAYOUT_KEYS`) that differs from the
+        one it was saved with is refused up front, naming it. Files that do not load are then
+        told apart by their sha256 digests: changed since saving is corruption (resume from the
+        one before); intact is a mismatch with this run's config, and the line names the
+        settings that differ from the checkpoint's."""
+        from learner.checkpoints import CheckpointError, load_rng, read_meta
 
+        saved = read_meta(checkpoint)["meta"].get("config")
+        differs = _config_differences(saved, self.config.model_dump(mode="json"))
+        layout = [d for d in differs if d.split("=")[0] in LAYOUT_KEYS]
+        run = checkpoint.parent.parent
+        if layout:
+            raise CheckpointError(
+                f"cannot resume {checkpoint} with {', '.join(layout)}: a DeepSpeed checkpoint "
+                f"loads only with the ZeRO stage and precision it was saved with (nothing is "
+                f"wrong with it); resume with the saved values, or `rig export {run} DIR` and "
+                f"start a new run with --init-from DIR"
+            )
         try:
             self.engine.load_checkpoint(checkpoint, ENGINE_TAG)
             self.counters = Counters(**json.loads((checkpoint / COUNTERS_FILE).read_text()))
-            state = torch.load(checkpoint / "rng.pt", weights_only=False)
-            set_rng_state(state["rng"])
-            self.generator.set_state(state["generator"])
+            if (checkpoint / RNG_FILE).is_file():
+                load_rng((checkpoint / RNG_FILE).read_text(), {"generator": self.generator})
+            else:  # written before rng.json: tensors and plain types only
+                self._restore_rng_pt(checkpoint / "rng.pt")
         except UserError:
             raise
         except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            cause = f"{type(err).__name__}: {first[:200]}"
+            try:
+                read_meta(checkpoint, verify=True)
+            except CheckpointError as damaged:
+                raise CheckpointError(
+                    f"{damaged}; delete that folder to resume from the one before it"
+                ) from err
+            if _has_digests(checkpoint):
+                changed = f"; settings changed since it was saved: {', '.join(differs)}" if differs else ""
+                raise CheckpointError(
+                    f"checkpoint {checkpoint} is intact (sha256 checked) but does not load into "
+                    f"this run ({cause}){changed}; resume with the settings it was saved with"
+                ) from err
             raise CheckpointError(
-                f"corrupted checkpoint {checkpoint}: {type(err).__name__}: {first[:200]}; "
+                f"corrupted checkpoint {checkpoint}: {cause}; "
                 f"delete that folder to resume from the one before it"
             ) from err
         self.counters.version += 1  # the restored weights are published as a new version
+        self.resumed_from = self.counters.iteration
+
+    def _restore_rng_pt(self, path: Path) -> None:
+        import torch
+
+        from learner.checkpoints import set_rng_state
+
+        state = torch.load(path, weights_only=True)
+        set_rng_state(state["rng"])
+        self.generator.set_state(state["generator"])
+
+    def _check_finite(self, metrics: dict[str, float], state=None) -> None:
+        """Stop (DivergedError) before a non-finite loss or weights are published or saved."""
+        import torch
+
+        bad = [k for k, v in metrics.items() if (k.startswith("loss/") or k == "learner/grad_norm")
+               and v is not None and not np.isfinite(float(v))]  # fmt: skip
+        if state is not None:
+            bad += [f"weights {k}" for k, v in state.items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+        if not bad:
+            return
+        latest = self.checkpoints.latest()
+        good = f"the last good checkpoint is {latest.name}" if latest else "no checkpoint was saved"
+        more = f" and {len(bad) - 2} more" if len(bad) > 2 else ""
+        raise DivergedError(
+            f"iteration {self.counters.iteration + 1}: {', '.join(bad[:2])}{more} not finite; "
+            f"stopped without saving it, {good} (rig train --resume {self.run_dir}, perhaps with "
+            f"a lower learner.lr or learner.grad_clip)"
+        )
 
     # -- one iteration -----------------------------------------------------------------------
 
@@ -322,6 +388,8 @@ class Trainer:
         gate_open = False
         last_accuracy = 0.0
         metrics: dict[str, float] = {}
+        if self.resumed_from is not None:  # MLflow forgets the abandoned attempt's later steps
+            tracker.rewind(self.resumed_from)
         pending = self.pool.submit(self._sample)
         while c.iteration < cfg.train.iterations:
             t_start = time.perf_counter()
@@ -350,6 +418,7 @@ class Trainer:
                 exp = Experience.concat(parts, self.policy.ids.pad)
                 metrics.update(ppo_update(self.engine, self.policy, self.reference, exp,
                                           cfg.ppo, self.generator))  # fmt: skip
+                self._check_finite(metrics)
                 metrics["learner/samples_per_s"] = (
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
                 )
@@ -447,12 +516,39 @@ class Trainer:
             self.imagination.stop()
 
 
+def _config_differences(saved: dict | None, current: dict) -> list[str]:
+    """``key=current (saved: old)`` for every dotted key whose value changed (none if unknown)."""
+    if saved is None:
+        return []
+    from rig.tracking import flatten_params
+
+    old, new = flatten_params(saved), flatten_params(current)
+    return [f"{k}={new.get(k)} (saved: {old.get(k)})" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]  # fmt: skip
+
+
+def _has_digests(checkpoint: Path) -> bool:
+    from learner.checkpoints import META
+
+    return bool(json.loads((checkpoint / META).read_text()).get("sha256"))
+
+
 def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     """A ``rig train`` checkpoint -> an HF directory: the run's policy architecture (preset or
-    init_from), the DeepSpeed checkpoint's weights, ``RigPolicy.save``."""
+    init_from), the DeepSpeed checkpoint's weights, ``RigPolicy.save``. The learner settings
+    are the checkpoint's own (meta.json), so a resume that changed them does not matter; a
+    checkpoint with non-finite weights is refused."""
+    import torch
+
     import envs
     from learner import DeepSpeedEngine
+    from learner.checkpoints import CheckpointError, read_meta
+    from rig.config import LearnerConfig
     from rl.policy import RigPolicy
+
+    saved = read_meta(checkpoint)["meta"].get("config")
+    if saved is not None:
+        config = config.model_copy(update={"learner": LearnerConfig.model_validate(saved["learner"])})
 
     codec = envs.get_codec(envs.make(config.env.id, config.env.size, **config.env.kwargs))
     if config.policy.init_from:
@@ -462,10 +558,15 @@ def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     policy.model.model.vqmodel.requires_grad_(False)  # as in training: same optimiser layout
     engine = DeepSpeedEngine(policy, config.learner)
     engine.load_checkpoint(checkpoint, ENGINE_TAG)
+    bad = [k for k, v in engine.published_state_dict().items()
+           if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+    if bad:
+        raise CheckpointError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} "
+                              f"tensors, e.g. {bad[0]}); delete that folder to export the one before it")  # fmt: skip
     counters = json.loads((checkpoint / COUNTERS_FILE).read_text())
     extra = {"iteration": counters["iteration"], "version": counters["version"],
              "config": config.model_dump(mode="json")}  # fmt: skip
     return engine.module.save(out_dir, extra=extra)
 
 
-__all__ = ["Counters", "Trainer", "act_kwargs", "export_checkpoint", "policy_factory"]
+__all__ = ["Counters", "DivergedError", "Trainer", "act_kwargs", "export_checkpoint", "policy_factory"]

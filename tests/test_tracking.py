@@ -180,6 +180,21 @@ def test_concurrent_runs_on_a_fresh_sqlite_store(tmp_path):
         assert [m.step for m in store.get_metric_history(run_id, "loss")] == list(range(20))
 
 
+def test_a_full_disk_under_the_store_is_one_user_error(output_dir, monkeypatch):
+    import sqlite3
+
+    tracker = Tracker(make_config(), output_dir / "full-train-1", PARAMS)
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(tracker.client, "log_batch", full)
+    monkeypatch.setattr(tracker.client, "set_terminated", full)
+    expected = r"^no space left on the disk of MLflow's store .*checkpoints are in .*full-train-1/"
+    with pytest.raises(UserError, match=expected), tracker:
+        tracker.log_metrics({"loss": 1.0}, 1)  # ending FAILED fails too: warned, not raised
+
+
 def test_failure_marks_run_failed_and_interrupt_killed(output_dir):
     with pytest.raises(RuntimeError), Tracker(make_config(), output_dir / "c-1", PARAMS) as failed:
         raise RuntimeError("boom")
