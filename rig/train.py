@@ -179,19 +179,17 @@ class Trainer:
             return
         import ray
 
+        from actors.local import init_ray
+
         if not ray.is_initialized():
             address = self.config.train.ray_address
-            if address is None:
-                # A local Ray counts logical CPUs: declare one per actor at least, so a 2-core
-                # laptop runs the debug preset's 3 actors, knowingly oversubscribed, instead of
-                # waiting forever for a CPU that never frees up.
-                actors = self.config.rollout.num_env_runners + (
-                    self.config.imagination.num_actors if self.config.imagination.horizon else 0
-                )
-                ray.init(num_cpus=max(os.cpu_count() or 1, actors), include_dashboard=False,
-                         log_to_driver=False, logging_level=logging.WARNING)  # fmt: skip
-            else:
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            # A local Ray (loopback only, actors/local.py) counts logical CPUs: declare one per
+            # actor at least, so a 2-core laptop runs the debug preset's 3 actors, knowingly
+            # oversubscribed, instead of waiting forever for a CPU that never frees up.
+            actors = self.config.rollout.num_env_runners + (
+                self.config.imagination.num_actors if self.config.imagination.horizon else 0
+            )
+            init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, actors))
 
     def _publish(self) -> float:
         """Send the learner's weights (as ``counters.version``) to runners and actors; seconds."""

@@ -364,14 +364,13 @@ def collect(
 def _collect_ray(args: tuple, todo: list[int], workers: int, store: Callable) -> None:
     """One Ray actor per worker, each playing one episode at a time; episodes are stored in the
     order they finish (ids keep them apart)."""
-    import logging
-
     import ray
+
+    from actors.local import init_ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)  # fmt: skip
+        init_ray(num_cpus=workers)  # loopback only, nothing left running after a kill
     try:
         remote = ray.remote(num_cpus=1)(EpisodeCollector)
         actors = [remote.remote(*args) for _ in range(workers)]
