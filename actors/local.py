@@ -16,6 +16,9 @@ init and run forever, and every later run starts another set. A watchdog process
 as a script, in its own session so Ctrl-C does not take it first) snapshots the driver's process
 tree every second and, once the driver is gone, ends what is left of it: SIGTERM, then SIGKILL
 after 5 s. It needs ``psutil`` (a dependency of deepspeed and of Ray's own tooling).
+
+Token auth stays on (Ray's default for a local cluster since 2.52), chosen explicitly so that
+Ray does not print that it chose it on every run.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     from ray._private import ray_constants
 
+    if "RAY_AUTH_MODE" not in os.environ:  # RAY_AUTH_MODE=disabled (or token) still wins
+        # Token auth is Ray's default for a local cluster; chosen here as ray.init chooses it
+        # (the variable, then its C++ config reloaded), Ray does not print a notice every run.
+        with contextlib.suppress(ImportError, AttributeError):
+            from ray._private.authentication import authentication_token_setup as auth
+
+            auth._enable_token_auth()
     before = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[LOOPBACK_ENV] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False  # read when the node IP is chosen, inside init

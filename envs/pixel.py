@@ -15,24 +15,25 @@ object, colour and state codes (values 0-10), which as pixels is a near-black fr
 first observation is looked at (:func:`looks_symbolic`: every value in 1..``GRID_MAX``); a grid
 of codes is replaced by the env's ``render()`` frames, or refused where the env was not made with
 ``render_mode="rgb_array"``. A ``Dict`` observation is looked at when the adapter is built, and
-which source is used is printed once per env id.
+which source is used is logged once per env id (a warning, so the CLI shows it).
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 
 import gymnasium as gym
 import numpy as np
 
 from envs.codecs import default_codec
 
+logger = logging.getLogger(__name__)
 IMAGE_KEYS = ("pixels", "rgb", "image", "pov")
 GRID_MAX = 15
 """Values all in 1..GRID_MAX: symbolic codes, not RGB (an RGB frame that dark is black to the
 policy anyway; an all-zero frame, a game's fade-in, is left as RGB)."""
 
-_ANNOUNCED: set[tuple[str, str]] = set()  # (env name, source) already printed in this process
+_ANNOUNCED: set[tuple[str, str]] = set()  # (env name, source) already said in this process
 
 
 def is_rgb_box(space: gym.Space) -> bool:
@@ -151,11 +152,11 @@ def _renders_rgb(env: gym.Env) -> bool:
 
 
 def _announce(env: gym.Env, source: str, message: str) -> None:
-    """Print which image source an env's frames come from, once per env and source."""
+    """Say which image source an env's frames come from, once per env and source."""
     key = (_name(env), source)
     if key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
-        print(f"{key[0]}: {message}", file=sys.stderr, flush=True)
+        logger.warning("%s: %s", key[0], message)  # shown as "warning: ..." by the CLI
 
 
 def _name(env: gym.Env) -> str:

@@ -194,43 +194,46 @@ def train(
 
     from rich.console import Console
 
+    from rig.console import LOG_FILE, to_log_file
     from rig.tracking import Tracker, saved_run_id
     from rig.train import Trainer
 
-    console = Console(stderr=True)
-    created = checkpoint is None  # claimed above: ours alone, removed if the start fails
-    try:
-        with console.status("starting Ray, env runners, imagination actors and the learner"):
-            trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
-    except BaseException as err:
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written yet
-        from rl.model import CheckpointError
+    # warnings, library log lines and C++ stderr go to <run>/train.log (rig/console.py)
+    with to_log_file(run_dir / LOG_FILE) as terminal:
+        console = Console(file=terminal)  # the live line; the rest goes to the log file
+        created = checkpoint is None  # claimed above: ours alone, removed if the start fails
+        try:
+            with console.status("starting Ray, env runners, imagination actors and the learner"):
+                trainer = Trainer(cfg, run_dir, resume_from=checkpoint)
+        except BaseException as err:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)  # nothing of value was written yet
+            from rl.model import CheckpointError
 
-        if isinstance(err, CheckpointError):  # the init_from directory's files do not load
-            raise UserError(f"{flag}: {err}") from None
-        raise
-    save_config(cfg, run_dir)
-    params = cfg.model_dump(mode="json")
-    try:
-        tracker = Tracker(cfg.tracking, run_dir, params, run_id=saved_run_id(run_dir) if checkpoint else None)
-    except BaseException:
-        trainer.close()
-        if created:
-            shutil.rmtree(run_dir, ignore_errors=True)  # the run never started
-        raise
-    try:
-        with tracker:
-            with _TrainProgress(console, cfg.train.iterations, trainer.counters.iteration) as progress:
-                trainer.run(tracker, progress)
-            if cfg.train.export_at_end:
-                export_dir = trainer.export(run_dir / "export")
-                tracker.log_artifacts(export_dir, "policy")
-                typer.echo(f"exported policy: {export_dir}")
-    finally:
-        trainer.close()
-    typer.echo(f"run folder: {run_dir}")
-    typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id}); browse with: mlflow ui --backend-store-uri {tracker.tracking_uri}")
+            if isinstance(err, CheckpointError):  # the init_from directory's files do not load
+                raise UserError(f"{flag}: {err}") from None
+            raise
+        save_config(cfg, run_dir)
+        params = cfg.model_dump(mode="json")
+        try:
+            tracker = Tracker(cfg.tracking, run_dir, params, run_id=saved_run_id(run_dir) if checkpoint else None)
+        except BaseException:
+            trainer.close()
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)  # the run never started
+            raise
+        try:
+            with tracker:
+                with _TrainProgress(console, cfg.train.iterations, trainer.counters.iteration) as progress:
+                    trainer.run(tracker, progress)
+                if cfg.train.export_at_end:
+                    export_dir = trainer.export(run_dir / "export")
+                    tracker.log_artifacts(export_dir, "policy")
+                    typer.echo(f"exported policy: {export_dir}")
+        finally:
+            trainer.close()
+        typer.echo(f"run folder: {run_dir}")
+        typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id}); browse with: mlflow ui --backend-store-uri {tracker.tracking_uri}")
 
 
 @app.command("export")

@@ -158,16 +158,17 @@ def fresh_announcements(monkeypatch):
     monkeypatch.setattr(envs.pixel, "_ANNOUNCED", set(), raising=False)
 
 
-def test_generic_adapter_renders_a_symbolic_grid_observation(capsys, fresh_announcements):
+def test_generic_adapter_renders_a_symbolic_grid_observation(caplog, fresh_announcements):
     env = PixelAdapter(_GridWorld(render_mode="rgb_array"), size=28)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (28, 28, 3) and obs.max() == 250  # the rendered frame, not codes 0-10
     np.testing.assert_array_equal(obs, env.step(0)[0])
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "grid of symbolic codes ((7, 7, 3) values 0..10" in err
-    assert "using render() RGB frames" in err
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "envs.pixel"]
+    assert "grid of symbolic codes ((7, 7, 3) values 0..10" in said
+    assert "using render() RGB frames" in said
+    caplog.clear()
     PixelAdapter(_GridWorld(render_mode="rgb_array")).reset(seed=1)
-    assert capsys.readouterr().err == ""  # said once
+    assert not [r for r in caplog.records if r.name == "envs.pixel"]  # said once
 
 
 def test_generic_adapter_refuses_a_symbolic_grid_it_cannot_render(fresh_announcements):
@@ -177,11 +178,11 @@ def test_generic_adapter_refuses_a_symbolic_grid_it_cannot_render(fresh_announce
         PixelAdapter(_BoxOnly(_GridWorld())).reset(seed=0)
 
 
-def test_generic_adapter_keeps_an_rgb_image_entry(capsys, fresh_announcements):
+def test_generic_adapter_keeps_an_rgb_image_entry(caplog, fresh_announcements):
     env = PixelAdapter(_GridWorld(render_mode="rgb_array", rgb_image=True), size=7)
     obs, _ = env.reset(seed=0)
     assert obs.max() == 200  # the entry itself (codes x 20), not render()'s x 25
-    assert "using observation['image'] as RGB frames" in capsys.readouterr().err
+    assert "using observation['image'] as RGB frames" in caplog.text
 
 
 class _BoxOnly(gym.ObservationWrapper):
