@@ -300,7 +300,13 @@ def evaluate(
     out = _out_dir(out, cfg, "eval")
     record = _checkpoint_record(checkpoint, "--checkpoint")
     trained = (record.get("extra") or {}).get("sft") or {}
-    env_id = env or trained.get("env_id") or cfg.env.id
+    trained_on = _trained_env(record)  # the rule of rig sft and rig train --init-from
+    if env is not None and trained_on is not None and env != trained_on:
+        raise UserError(
+            f"--checkpoint {checkpoint} was trained on {trained_on} but --env is {env}; "
+            f"evaluate it on {trained_on} (leave out --env)"
+        )
+    env_id = env or trained_on or cfg.env.id
     kwargs = dict(trained.get("env_kwargs") or {}) if env_id == trained.get("env_id") else {}
     kwargs.update(cfg.env.kwargs)
     size = int(trained.get("size") or cfg.env.size)

@@ -94,3 +94,13 @@ def test_policy_init_from_in_the_config_is_checked_the_same_way(saved, in_tmp, c
     path = _copy(saved, in_tmp, {"sft": {"env_id": "rig/Catch-v0"}})
     err = _refused(in_tmp, capsys, f"policy.init_from={path}")
     assert f"policy.init_from {path} was trained on rig/Catch-v0" in err
+
+
+def test_rig_eval_applies_the_same_rule(saved, in_tmp, capsys):
+    path = _copy(saved, in_tmp, {"config": {"env": {"id": "rig/Catch-v0"}}})
+    code = main(["eval", "--checkpoint", str(path), "--env", "rig/Crafter-v0", "--out",
+                 str(in_tmp / "eval")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--checkpoint {path} was trained on rig/Catch-v0 but --env is rig/Crafter-v0" in err
+    assert not (in_tmp / "eval").exists()
