@@ -33,6 +33,9 @@ Overrides = Annotated[
 
 def _out_dir(out: Path | None, cfg, command: str) -> Path:
     from rig.runs import new_run_dir
+    from rig.tracking import check_tracking_reachable
+
+    check_tracking_reachable(cfg.tracking, cfg.run.output_dir)  # seconds, not MLflow's minutes
 
     if out is None:
         return new_run_dir(cfg.run.output_dir, cfg.run.name, command)

@@ -98,6 +98,9 @@ def train(
             f"--into-checkpoint {into_checkpoint}: not a policy checkpoint directory (no model.safetensors)"
         )
     cfg = load_config(None, [])
+    from rig.tracking import check_tracking_reachable
+
+    check_tracking_reachable(cfg.tracking, cfg.run.output_dir)  # seconds, not MLflow's minutes
     if out is None:
         out = new_run_dir(cfg.run.output_dir, cfg.run.name, "tokenizer")
     elif out.exists() and any(out.iterdir()):

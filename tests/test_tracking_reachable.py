@@ -90,3 +90,17 @@ def test_tracking_that_fails_to_start_leaves_no_folder(in_tmp, capsys, monkeypat
     err = capsys.readouterr().err
     assert code == 2 and "401 Unauthorized" in err
     assert not [p for p in (in_tmp / "runs").iterdir() if "-train-" in p.name]
+
+
+def test_rig_eval_and_rig_tokenizer_check_up_front_too(in_tmp, capsys, monkeypatch):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    start = time.monotonic()
+    code = main(["eval", "--checkpoint", str(in_tmp / "nowhere"), f"tracking.tracking_uri={uri}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is not reachable" in err, err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # rig tokenizer train reads no overrides
+    code = main(["tokenizer", "train", "--frames-from-env", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not reachable" in err and "unset MLFLOW_TRACKING_URI" in err, err
+    assert time.monotonic() - start < 30
+    assert not (in_tmp / "runs").exists() or not any((in_tmp / "runs").iterdir())
