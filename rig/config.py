@@ -4,7 +4,9 @@ Layers, later ones win, merged key by key (a preset only names what it changes):
 
 1. ``configs/defaults.yaml``: every key, the single source of default values;
 2. a preset file (``--config configs/debug.yaml``), or none;
-3. ``key=value`` overrides from the command line (``env.num_envs=8``), values read as YAML.
+3. ``key=value`` overrides from the command line (``env.num_envs=8``), values read as YAML
+   (with YAML 1.2's floats: ``3e-4``); a dotted key reaches one entry of a mapping too
+   (``ppo.loss_scales.next_frame=0.0``), a mapping as the value replaces it whole.
 
 The merged tree is validated by pydantic models whose fields mirror the YAML sections one to one
 (a section is the keyword arguments of one constructor). Unknown keys, wrong types and
