@@ -32,6 +32,7 @@ Recommended ``learner:`` section (CPU debug values; on a GPU cluster use ``zero_
       grad_accum_steps: 1
       grad_clip: 1.0
       warmup_steps: 10
+      warmup_skip: []      # name prefixes at full lr from step 1, e.g. [value_head] (fresh heads)
       device: auto         # cuda (nccl) when a GPU is visible, else cpu (gloo)
 
 DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or oneCCL):
@@ -67,6 +68,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,24 +117,30 @@ def resolve_device(device: str) -> str:
 
 
 def param_groups(
-    named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float, lr_scales: dict[str, float]
+    named: list[tuple[str, nn.Parameter]], lr: float, weight_decay: float,
+    lr_scales: dict[str, float], warmup_skip: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """AdamW groups: matrices decay, biases and norm gains do not (nanoGPT's split); a
     parameter whose name starts with a key of ``lr_scales`` (the longest such key) learns at
     ``lr * lr_scales[key]`` (e.g. ``{value_head: 10}``: a fresh head beside a trained trunk).
-    A key that names no trainable parameter is an error, not a silent no-op."""
-    unused = [k for k in lr_scales if not any(n.startswith(k) for n, _ in named)]
+    A parameter whose name starts with an entry of ``warmup_skip`` is in a group marked
+    ``warmup_skip: True`` (full learning rate from the first step, see ``_Engine``). A key that
+    names no trainable parameter is an error, not a silent no-op."""
+    unused = [k for k in [*lr_scales, *warmup_skip] if not any(n.startswith(k) for n, _ in named)]
     if unused:
-        raise ValueError(f"learner.lr_scales names no trainable parameter: {unused} (parameter "
-                         f"names start with e.g. {sorted({n.split('.')[0] for n, _ in named})})")
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+        raise ValueError(f"learner.lr_scales/warmup_skip name no trainable parameter: {unused} "
+                         f"(parameter names start with e.g. "
+                         f"{sorted({n.split('.')[0] for n, _ in named})})")  # fmt: skip
+    groups: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for name, p in named:
         keys = [k for k in lr_scales if name.startswith(k)]
         scale = lr_scales[max(keys, key=len)] if keys else 1.0
-        groups.setdefault((scale, p.ndim >= 2), []).append(p)
-    return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
-            for (scale, decay), params in sorted(groups.items(), key=lambda kv: (kv[0][0] != 1.0,
-                                                                             not kv[0][1]))]  # fmt: skip
+        skip = any(name.startswith(k) for k in warmup_skip)
+        groups.setdefault((scale, p.ndim >= 2, skip), []).append(p)
+    order = sorted(groups.items(), key=lambda kv: (kv[0][2], kv[0][0] != 1.0, not kv[0][1]))
+    return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0,
+             "warmup_skip": skip}
+            for (scale, decay, skip), params in order]  # fmt: skip
 
 
 class _Engine:
@@ -151,12 +159,23 @@ class _Engine:
         if not self._trainable:
             raise ValueError("the model has no trainable parameters (all requires_grad=False)")
         self.optimizer = torch.optim.AdamW(
-            param_groups(named, config.lr, config.weight_decay, dict(config.lr_scales)),
+            param_groups(named, config.lr, config.weight_decay, dict(config.lr_scales),
+                         list(config.warmup_skip)),
             lr=config.lr, betas=config.betas,
         )  # fmt: skip
         warmup = config.warmup_steps
+
+        def ramp(step: int) -> float:
+            return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+        def full(step: int) -> float:
+            return 1.0
+
+        # One factor per group: the trunk warms up, fresh heads (warmup_skip) do not, so they
+        # fit before the trunk moves much (LP-FT; rl/heads.py says why that matters).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer,
+            [full if g["warmup_skip"] else ramp for g in self.optimizer.param_groups],
         )
 
     # -- the shared API ---------------------------------------------------------------------------

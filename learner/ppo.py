@@ -27,6 +27,7 @@ from learner.engine import GRAD_NORM, OPTIMIZER_STEP
 from rig.config import PPOConfig
 from rl import losses
 from rl.experience import Experience
+from rl.heads import frozen_statistics
 from rl.policy import RigPolicy
 
 GRAD_NORM_ROWS = 16
@@ -181,7 +182,8 @@ def ppo_update(
             mb = _to(mb, dev)
             if term_norms is None:  # once per update, on a few rows of the first minibatch
                 few = mb.rows(torch.arange(min(GRAD_NORM_ROWS, len(mb)), device=dev))
-                terms, _ = minibatch_terms(policy, reference, few, cfg)
+                with frozen_statistics(policy):  # a diagnostic, not data for the value head
+                    terms, _ = minibatch_terms(policy, reference, few, cfg)
                 term_norms = term_grad_norms(terms, cfg.loss_scales, params)
                 del terms
             terms, metrics = minibatch_terms(policy, reference, mb, cfg)

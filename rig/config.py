@@ -177,6 +177,11 @@ class LearnerConfig(Section):
     grad_accum_steps: int = Field(ge=1, description="micro-batches averaged per optimizer step")
     grad_clip: float = Field(ge=0, description="max global gradient L2 norm; 0 turns clipping off")
     warmup_steps: int = Field(ge=0, description="optimizer steps of linear LR warmup from lr/N")
+    warmup_skip: list[str] = Field(
+        default_factory=list,
+        description="parameter-name prefixes that skip the warmup (fresh heads fit while the "
+        "trunk warms up), e.g. [value_head]",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         description="auto: cuda if a GPU is visible, else cpu"
     )

@@ -53,6 +53,7 @@ forward, so its log-probs equal ``act``'s to float32 rounding.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -63,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from rl.constrained import ActionTrie, build_action_trie
+from rl.heads import ValueHead
 from rl.imagine import (
     ImagineOutput,
     WorldHeads,
@@ -78,6 +80,7 @@ if TYPE_CHECKING:
 
     from envs.codecs import ActionCodec
 
+LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEADS_FILE = "rig_heads.safetensors"
 """The value and world heads inside a checkpoint directory (``value_head.*``, ``world.*``); the
 Janus weights stay in ``model.safetensors`` so that transformers loads the directory as is."""
@@ -346,9 +349,7 @@ class RigPolicy(nn.Module):
         hidden = int(model.config.text_config.hidden_size)
         self.vocab_size = int(model.config.text_config.vocab_size)
         param = next(model.parameters())
-        self.value_head = nn.Sequential(
-            nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 1)
-        ).to(param.device)
+        self.value_head = ValueHead(hidden).to(param.device)  # standardised read-out (rl.heads)
         self.world = WorldHeads(hidden).to(param.device)
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -400,6 +401,11 @@ class RigPolicy(nn.Module):
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"corrupted heads file {file}: {err}") from None
             heads = {k: v for k, v in policy.state_dict().items() if not k.startswith("model.")}
+            if set(state) >= LEGACY_VALUE_KEYS:  # the MLP value head before rl.heads
+                state = {k: v for k, v in state.items() if not k.startswith("value_head.")}
+                state.update({k: v for k, v in heads.items() if k.startswith("value_head.")})
+                warnings.warn(f"{file} holds the old MLP value head: the value head starts "
+                              "fresh (the world heads are loaded)", stacklevel=2)  # fmt: skip
             if set(state) != set(heads) or any(state[k].shape != heads[k].shape for k in heads):
                 raise CheckpointError(
                     f"{file} does not fit this policy (hidden size "
@@ -530,9 +536,8 @@ class RigPolicy(nn.Module):
         return self.model.lm_head(hidden).float()
 
     def value(self, hidden: Tensor) -> Tensor:
-        """(..., D) hidden at the ``<action>`` marker -> (...) float32 value."""
-        head_dtype = self.value_head[0].weight.dtype
-        return self.value_head(hidden.to(head_dtype)).squeeze(-1).float()
+        """(..., D) hidden at the first ``<reasoning>`` -> (...) float32 V(s)."""
+        return self.value_head(hidden)
 
     def reasoning_log_softmax(self, logits: Tensor, temperature: float) -> Tensor:
         """(..., V) logits -> (..., V) log-probs of the tempered softmax, markers banned."""

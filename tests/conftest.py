@@ -38,14 +38,14 @@ def tiny_policy():
     (imagined frames then start at padded, row-dependent positions too). Tests must leave the
     weights as they found them."""
     import torch
-    from policies import end_biased
+    from policies import end_biased, value_readout
 
     from envs.crafter_env import crafter_codec
     from rl.policy import RigPolicy
 
-    policy = end_biased(RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval())
-    # The world heads start at constant predictions (zero last layer); randomise it so that tests
-    # comparing two routes to the reward/continue predictions compare something.
+    policy = value_readout(end_biased(RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()))
+    # The world and value heads start at constant predictions (zero last layer); randomise them
+    # so that tests comparing two routes to the predictions compare something.
     with torch.no_grad():
         for layer in (policy.world.reward[-1], policy.world.cont[-1]):
             layer.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))

@@ -21,6 +21,15 @@ def end_biased(policy, bias: float = 5.5):
     return policy
 
 
+def value_readout(policy, seed: int = 1):
+    """``policy`` with a random value read-out, in place, returned. The value head starts at
+    V = 0 (zero last layer, rl/heads.py); tests that compare two routes to the value (act,
+    evaluate, state_values, with and without history) need one that depends on the state."""
+    with torch.no_grad():
+        policy.value_head.out.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+    return policy
+
+
 def assert_evaluate_reproduces(policy, act, values: bool = False) -> None:
     """The PPO invariant: ``policy.evaluate(act)`` recomputes the log-probs ``act`` recorded
     (and its values, with ``values``) to 1e-4."""

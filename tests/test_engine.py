@@ -262,6 +262,23 @@ def test_bf16_zero2_follows_fp32_plain_torch(device):
         torch.testing.assert_close(value.float(), want[key], atol=1e-2, rtol=0)
 
 
+def test_warmup_skip_gives_fresh_heads_the_full_rate_while_the_trunk_warms_up():
+    """``warmup_skip=["1"]``: the second layer steps at the full rate from the first step while
+    the first ramps up over ``warmup_steps``, through save and load of the schedule too."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = PlainTorchEngine(model, config(warmup_steps=4, warmup_skip=["1"]))
+    rates = []
+    for _ in range(5):
+        by_param = {id(p): g["lr"] for g in engine.optimizer.param_groups for p in g["params"]}
+        rates.append((by_param[id(model[0].weight)], by_param[id(model[1].weight)]))
+        engine.backward_step(model(torch.ones(2, 3)).sum())
+    trunk, head = zip(*rates, strict=True)
+    assert trunk == pytest.approx([CPU["lr"] * k / 4 for k in (1, 2, 3, 4, 4)])
+    assert head == pytest.approx([CPU["lr"]] * 5)
+    with pytest.raises(ValueError, match="name no trainable parameter: \\['head'\\]"):
+        PlainTorchEngine(nn.Linear(2, 2), config(warmup_skip=["head"]))
+
+
 def test_lr_scales_give_a_prefix_its_own_learning_rate():
     """``lr_scales={"1": 10}``: the second layer (names ``1.weight``, ``1.bias``) steps at ten
     times the learning rate; decay stays on matrices only; an unknown prefix is an error."""
@@ -274,5 +291,5 @@ def test_lr_scales_give_a_prefix_its_own_learning_rate():
     assert by_param[id(model[0].weight)]["lr"] == pytest.approx(CPU["lr"])
     assert by_param[id(model[1].bias)]["weight_decay"] == 0.0
     assert by_param[id(model[1].weight)]["weight_decay"] == CPU["weight_decay"]
-    with pytest.raises(ValueError, match="names no trainable parameter: \\['head'\\]"):
+    with pytest.raises(ValueError, match="name no trainable parameter: \\['head'\\]"):
         PlainTorchEngine(nn.Linear(2, 2), config(lr_scales={"head": 2.0}))

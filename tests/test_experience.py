@@ -133,7 +133,7 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
     assert "policy/clip_frac_imagined" in metrics and "next_frame/accuracy" in metrics
     after = policy.state_dict()
     assert all(torch.isfinite(v).all() for v in after.values())  # no nan from masked entropies
-    assert not torch.equal(before["value_head.0.weight"], after["value_head.0.weight"])
+    assert not torch.equal(before["value_head.out.weight"], after["value_head.out.weight"])
     assert not torch.equal(before["world.reward.2.weight"], after["world.reward.2.weight"])
     vq = [k for k in after if ".vqmodel." in k]
     assert vq and all(torch.equal(before[k], after[k]) for k in vq)  # the tokenizer stays fixed
@@ -178,9 +178,9 @@ def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
     assert all(torch.isfinite(v).all() for v in state0.values())
     for loss, state in others:
         assert loss == pytest.approx(loss0, rel=1e-4, abs=1e-5)
-        for key in ("value_head.0.weight", "model.lm_head.weight", "world.cont.2.bias"):
+        for key in ("value_head.out.weight", "model.lm_head.weight", "world.cont.2.bias"):
             torch.testing.assert_close(state[key], state0[key], atol=1e-5, rtol=1e-4)
-    assert not torch.equal(state0["value_head.0.weight"], tiny_policy.value_head[0].weight)
+    assert not torch.equal(state0["value_head.out.weight"], tiny_policy.value_head.out.weight)
 
 
 class _SliceableAct(_Act):
@@ -248,7 +248,7 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
             act = policy.act(frames, "collect wood", 0, 1.0, gen)
         exp = real_experience(act, rewards, np.ones(n, bool), np.zeros(n, bool), np.arange(n),
                               torch.zeros(n), codes, np.zeros(n, np.int64), 0.99, 0.95)  # fmt: skip
-        torch.testing.assert_close(exp.returns, torch.as_tensor(rewards))  # one-step episodes
+        torch.testing.assert_close(exp.returns, torch.as_tensor(rewards), atol=1e-4, rtol=0)  # 1 step
         metrics = ppo_update(engine, policy, None, exp, cfg, gen)
         if metrics["value/explained_variance"] > 0.95:
             break

@@ -84,7 +84,7 @@ def test_evaluate_recomputes_act_log_probs(policy):
 
     # gradients reach the LM and the value head
     (res["log_probs"].sum() + res["values"].sum()).backward()
-    assert policy.value_head[0].weight.grad is not None
+    assert policy.value_head.out.weight.grad is not None
     assert policy.model.lm_head.weight.grad.abs().sum() > 0
     policy.zero_grad(set_to_none=True)
 
@@ -271,7 +271,10 @@ def test_save_load_round_trip(tmp_path):
     policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
     with torch.no_grad():
         policy.world.reward[-1].weight.normal_()
-        policy.value_head[-1].bias.fill_(0.25)
+        policy.value_head.out.bias.fill_(0.25)
+        policy.value_head.out.weight.normal_()
+        policy.value_head.norm.mean.normal_()
+        policy.value_head.norm.var.uniform_(0.5, 2.0)
     path = policy.save(tmp_path / "ckpt", extra={"iteration": 7})
     loaded = RigPolicy.load(path, crafter_codec())
     assert loaded.heads_loaded and loaded.record["extra"] == {"iteration": 7}
@@ -372,3 +375,27 @@ def test_forced_action_tokens_are_not_choices(policy):
     nodes = policy.trie.path_nodes(out.tokens, out.action_mask)
     assert bool((policy.trie.num_choices(nodes[forced]) == 1).all())
     assert bool((policy.trie.num_choices(nodes[out.action_mask & choice]) > 1).all())
+
+
+def test_heads_of_the_old_mlp_value_head_load_with_a_fresh_value_head(tmp_path):
+    """A checkpoint saved before rl.heads (value_head.0/.2: an MLP on the raw state) still
+    loads: its world heads are used, the value head starts fresh (V = 0), with a warning."""
+    from safetensors.torch import load_file, save_file
+
+    from envs.crafter_env import crafter_codec
+    from rl.policy import HEADS_FILE, RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    with torch.no_grad():
+        policy.world.reward[-1].weight.normal_()
+    path = policy.save(tmp_path / "ckpt")
+    state = {k: v for k, v in load_file(str(path / HEADS_FILE)).items()
+             if not k.startswith("value_head.")}  # fmt: skip
+    D = policy.value_head.out.in_features
+    state.update({"value_head.0.weight": torch.ones(D, D), "value_head.0.bias": torch.ones(D),
+                  "value_head.2.weight": torch.ones(1, D), "value_head.2.bias": torch.ones(1)})
+    save_file(state, str(path / HEADS_FILE))
+    with pytest.warns(UserWarning, match="old MLP value head"):
+        loaded = RigPolicy.load(path, crafter_codec())
+    torch.testing.assert_close(loaded.world.reward[-1].weight, policy.world.reward[-1].weight)
+    assert torch.equal(loaded.value_head.out.weight, torch.zeros_like(loaded.value_head.out.weight))

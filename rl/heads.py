@@ -1,0 +1,98 @@
+"""The value head: a linear read-out of the decision state, standardised per feature.
+
+Why standardised. At ``<reasoning>`` the LM's hidden state (after its final RMSNorm, norm
+sqrt(D)) is mostly one vector shared by every frame; what the frame changes is a few percent of
+it (on Catch from scratch: across-frame std 0.03 per feature against values of order 1). A
+linear head on the raw state is badly conditioned: it learns slowly, and the noise it starts
+with (a random read-out uncorrelated with the return) is cheapest to remove by shrinking the
+frame's share of the state, which the trunk then does within 50 optimiser steps (the across-frame
+std falls 40x, and the critic's explained variance stays at 0). Standardised per feature, the
+same state is linearly read at once (a ridge fit on it has EV 1.00 on Catch at initialisation)
+and a zero-initialised linear head fits returns in tens of steps, so the gradient that reaches
+the trunk points along the frame's features instead of against them. This is the read-out
+equivalent of observation normalisation (VecNormalize, DreamerV3's symlog inputs) applied where
+the head reads, and of LP-FT's "fit the head before the trunk moves" (with
+``learner.warmup_skip: [value_head]``). docs/benchmarks.md ("Learning") has the measurements.
+
+The statistics are buffers (saved in ``rig_heads.safetensors`` and published with the weights),
+updated only by forwards that train (``module.training`` and grad enabled: the learner's
+minibatches), never while acting, so actors read V with the learner's statistics of the
+published version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class RunningStandardize(nn.Module):
+    """``(h - mean) / sqrt(var + eps)`` per feature with running statistics.
+
+    A training forward first folds its batch into the statistics: the cumulative average over
+    the first ``1 / momentum`` batches (the first batch sets them), then an exponential average
+    with weight ``momentum``; then it standardises with them (detached: no gradient flows
+    through the statistics). Other forwards, and any inside :func:`frozen_statistics`, only
+    standardise. Computed in float32. ``eps`` (added to the variance) floors the scale at
+    0.01: a feature that hardly varies over a batch is not blown up into noise.
+    """
+
+    def __init__(self, features: int, momentum: float = 0.01, eps: float = 1e-4):
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(features))
+        self.register_buffer("var", torch.ones(features))
+        self.register_buffer("count", torch.zeros(()))
+        self.frozen = False
+
+    def forward(self, h: Tensor) -> Tensor:  # (..., D) -> (..., D) float32
+        x = h.float()
+        if self.training and torch.is_grad_enabled() and not self.frozen:
+            with torch.no_grad():
+                rows = x.detach().reshape(-1, x.shape[-1])
+                weight = max(self.momentum, 1.0 / (float(self.count) + 1.0))
+                mean = rows.mean(0)
+                var = rows.var(0, unbiased=False) if len(rows) > 1 else torch.zeros_like(mean)
+                self.mean.lerp_(mean.to(self.mean.dtype), weight)
+                self.var.lerp_(var.to(self.var.dtype), weight)
+                self.count.add_(1)
+        return (x - self.mean.float()) / torch.sqrt(self.var.float() + self.eps)
+
+
+@contextmanager
+def frozen_statistics(module: nn.Module) -> Iterator[None]:
+    """Forwards of ``module`` inside leave every :class:`RunningStandardize` as it is (extra
+    forwards for diagnostics must not count as data)."""
+    norms = [m for m in module.modules() if isinstance(m, RunningStandardize)]
+    before = [m.frozen for m in norms]
+    for m in norms:
+        m.frozen = True
+    try:
+        yield
+    finally:
+        for m, was in zip(norms, before, strict=True):
+            m.frozen = was
+
+
+class ValueHead(nn.Module):
+    """(..., D) decision state -> (...) float32 V(s): standardise, then one zero-initialised
+    linear layer (V = 0 before the first update, whatever the statistics)."""
+
+    def __init__(self, hidden: int, momentum: float = 0.01):
+        super().__init__()
+        self.norm = RunningStandardize(hidden, momentum)
+        self.out = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        z = self.norm(h)
+        return self.out(z.to(self.out.weight.dtype)).squeeze(-1).float()
+
+
+__all__ = ["RunningStandardize", "ValueHead", "frozen_statistics"]
