@@ -521,15 +521,22 @@ class RigPolicy(nn.Module):
         """Last hidden states (B, T, D) of the LM over text ``input_ids`` (B, T), or over ready
         ``inputs_embeds`` (B, T, D) (:meth:`embed`), and the cache. ``attention_mask`` covers
         the cached positions too: (B, past + T)."""
+        # transformers >= 5.2x names the KV cache ``cache`` (``past_key_values`` still works but
+        # warns on every run); older releases only know ``past_key_values``.
+        if not hasattr(self, "_cache_kw"):
+            import inspect
+
+            params = inspect.signature(self.model.model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
         out = self.model.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask.long(),
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{self._cache_kw: past_key_values},
         )
-        return out.last_hidden_state, out.past_key_values
+        return out.last_hidden_state, getattr(out, self._cache_kw)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., D) hidden -> (..., V) float32 logits (float32 on both sides: act == evaluate)."""

@@ -124,8 +124,8 @@ def test_local_episode_stats_and_versions(local_workers):
     assert batch.truncated.sum() == 2 and (batch.versions == 0).all()
 
     state = {k: v.clone() for k, v in policy.state_dict().items()}
-    state["value_head.2.weight"].zero_()
-    state["value_head.2.bias"].fill_(7.0)
+    state["value_head.out.weight"].zero_()
+    state["value_head.out.bias"].fill_(7.0)
     batch = local_workers.sample(weights=state, version=3)
     assert local_workers.version == 3 and (batch.versions == 3).all()
     torch.testing.assert_close(batch.act.values, torch.full((6,), 7.0))
@@ -246,8 +246,8 @@ def test_remote_runners_sample_fragments(remote_workers):
 def _value_seven_state() -> dict[str, torch.Tensor]:
     """The factory's weights with a value head that answers 7.0 for everything."""
     state = RigPolicy.from_preset("tiny", envs.get_codec(envs.make()), seed=0).state_dict()
-    state["value_head.2.weight"].zero_()
-    state["value_head.2.bias"].fill_(7.0)
+    state["value_head.out.weight"].zero_()
+    state["value_head.out.bias"].fill_(7.0)
     return state
 
 

@@ -168,10 +168,10 @@ def test_an_intact_checkpoint_that_does_not_fit_names_the_changed_settings(zero2
     (sha256), so the line says so and lists the settings that changed, and deletes nothing."""
     before = _tree(zero2_run / "checkpoints")
     code, _, err = run_cli(capsys, "train", "--resume", str(zero2_run), "train.iterations=3",
-                           "learner.lr_scales={value_head: 10.0}")  # fmt: skip
+                           "learner.lr_scales={world: 10.0}")  # fmt: skip
     line = error_line(err)
     assert code == 2 and "is intact (sha256 checked) but does not load" in line, err
-    assert "learner.lr_scales.value_head=10.0 (saved: None)" in line and "delete" not in line
+    assert "learner.lr_scales.world=10.0 (saved: None)" in line and "delete" not in line
     assert _tree(zero2_run / "checkpoints") == before
 
 
