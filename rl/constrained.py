@@ -179,6 +179,19 @@ class ActionTrie:
         shares a first token with, or END at a leaf."""
         return self._tables(nodes.device).choices[nodes]
 
+    def choice_edges(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trie's choices as tables on the CPU: ``(child_tokens, edges)``, both ``(N, K)``
+        int64. ``edges[n, k]`` numbers the child ``k`` of node ``n`` (0 .. E-1, node by node)
+        where the node allows more than one token, and is -1 at forced tokens and at padding
+        slots (which repeat the node's first child in ``child_tokens``). What a read-out that
+        scores each choice needs (``rl.heads.ActionHead``)."""
+        t = self._cpu
+        slots = torch.arange(t.child_tokens.shape[1]).expand_as(t.child_tokens)  # (N, K)
+        real = (slots < t.choices[:, None]) & (t.choices[:, None] > 1)
+        edges = torch.full_like(t.child_tokens, -1)
+        edges[real] = torch.arange(int(real.sum()))
+        return t.child_tokens.clone(), edges
+
     def action_index(self, nodes: torch.Tensor) -> torch.Tensor:
         """``(B,)`` int64 codec index of each finished row; -1 where the row is not done."""
         return self._tables(nodes.device).action[nodes]

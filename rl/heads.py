@@ -1,4 +1,4 @@
-"""The value head: a linear read-out of the decision state, standardised per feature.
+"""The value and action heads: linear read-outs of the decision state, standardised per feature.
 
 Why standardised. At ``<reasoning>`` the LM's hidden state (after its final RMSNorm, norm
 sqrt(D)) is mostly one vector shared by every frame; what the frame changes is a few percent of
@@ -81,7 +81,8 @@ def frozen_statistics(module: nn.Module) -> Iterator[None]:
 
 class ValueHead(nn.Module):
     """(..., D) decision state -> (...) float32 V(s): standardise, then one zero-initialised
-    linear layer (V = 0 before the first update, whatever the statistics)."""
+    linear layer (V = 0 before the first update, whatever the statistics). ``norm`` is also the
+    :class:`ActionHead`'s input; ``read`` takes an already standardised state."""
 
     def __init__(self, hidden: int, momentum: float = 0.01):
         super().__init__()
@@ -91,8 +92,50 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, h: Tensor) -> Tensor:
-        z = self.norm(h)
+        return self.read(self.norm(h))
+
+    def read(self, z: Tensor) -> Tensor:
         return self.out(z.to(self.out.weight.dtype)).squeeze(-1).float()
 
 
-__all__ = ["RunningStandardize", "ValueHead", "frozen_statistics"]
+class ActionHead(nn.Module):
+    """Scores of the action trie's choices read linearly from the standardised decision state.
+
+    The action is text: the LM head's logits over the tokens the trie allows (``rl.constrained``).
+    This head adds to each allowed token's logit ``w_e . z``, where ``z`` is the standardised
+    state at ``<reasoning>`` (the value head's :class:`RunningStandardize`, so one set of
+    statistics) and ``w_e`` a weight vector per choice edge ``e`` of the trie (E of them: every
+    child of every node with more than one child). Zero-initialised, so a checkpoint's policy is
+    unchanged until RL moves it.
+
+    Why. From scratch or after SFT, the frame is a few percent of the decision state, so through
+    the LM head alone the cheapest direction of a policy gradient is the action's marginal (one
+    shared vector moves every frame's logits at once) and the policy sharpens onto one action
+    before it learns to read the frame. On the standardised state a frame-dependent choice is as
+    cheap as the marginal (a linear policy on features of unit variance). The head changes the
+    policy's distribution only: ``act``, ``evaluate`` and the SFT scorer all add it, so the
+    log-probs the actors record are the ones the learner recomputes.
+    """
+
+    def __init__(self, child_tokens: Tensor, edges: Tensor, hidden: int):
+        super().__init__()
+        if child_tokens.shape != edges.shape or child_tokens.ndim != 2:
+            raise ValueError(f"child_tokens {tuple(child_tokens.shape)} and edges "
+                             f"{tuple(edges.shape)} must be the same (N, K)")  # fmt: skip
+        self.num_edges = int(edges.max()) + 1 if edges.numel() else 0
+        self.register_buffer("child_tokens", child_tokens.long(), persistent=False)
+        self.register_buffer("edges", edges.long(), persistent=False)
+        self.weight = nn.Parameter(torch.zeros(max(self.num_edges, 1), hidden))
+
+    def forward(self, z: Tensor, nodes: Tensor, vocab: int) -> Tensor:
+        """(N, D) standardised states, (N,) trie nodes -> (N, V) float32 logit offsets: the
+        scores of the node's choices at their token ids, 0 elsewhere."""
+        edge = self.edges[nodes]  # (N, K)
+        scores = z.float() @ self.weight.float().T  # (N, E)
+        picked = scores.gather(1, edge.clamp_min(0)) * (edge >= 0)  # (N, K), 0 off the choices
+        out = torch.zeros(len(nodes), vocab, device=z.device, dtype=torch.float32)
+        # scatter_add: padding slots repeat the first child's token and add 0 to it
+        return out.scatter_add(1, self.child_tokens[nodes], picked)
+
+
+__all__ = ["ActionHead", "RunningStandardize", "ValueHead", "frozen_statistics"]

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from rl.constrained import ActionTrie, build_action_trie
-from rl.heads import ValueHead
+from rl.heads import ActionHead, ValueHead
 from rl.imagine import (
     ImagineOutput,
     WorldHeads,
@@ -81,9 +81,10 @@ if TYPE_CHECKING:
     from envs.codecs import ActionCodec
 
 LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
+ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
-"""The value and world heads inside a checkpoint directory (``value_head.*``, ``world.*``); the
-Janus weights stay in ``model.safetensors`` so that transformers loads the directory as is."""
+"""The value, action and world heads inside a checkpoint directory (``value_head.*``,
+``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that transformers loads the directory as is."""
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -350,6 +351,7 @@ class RigPolicy(nn.Module):
         self.vocab_size = int(model.config.text_config.vocab_size)
         param = next(model.parameters())
         self.value_head = ValueHead(hidden).to(param.device)  # standardised read-out (rl.heads)
+        self.action_head = ActionHead(*self.trie.choice_edges(), hidden).to(param.device)
         self.world = WorldHeads(hidden).to(param.device)
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -383,8 +385,9 @@ class RigPolicy(nn.Module):
         """A policy from a checkpoint directory (``save``'s, or a plain supervised Janus one).
 
         The heads come from ``rig_heads.safetensors`` when the directory has it; a supervised
-        checkpoint has none, so the value and world heads start fresh (``policy.heads_loaded``
-        says which). Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        checkpoint has none, so the value, action and world heads start fresh
+        (``policy.heads_loaded`` says which; a fresh action head is zero: the checkpoint's own
+        policy). A heads file from before the action head loads with a fresh one. Every failure is an ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -406,6 +409,8 @@ class RigPolicy(nn.Module):
                 state.update({k: v for k, v in heads.items() if k.startswith("value_head.")})
                 warnings.warn(f"{file} holds the old MLP value head: the value head starts "
                               "fresh (the world heads are loaded)", stacklevel=2)  # fmt: skip
+            for key in ACTION_HEAD_KEYS - set(state):  # saved before rl.heads.ActionHead:
+                state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
             if set(state) != set(heads) or any(state[k].shape != heads[k].shape for k in heads):
                 raise CheckpointError(
                     f"{file} does not fit this policy (hidden size "
@@ -546,6 +551,20 @@ class RigPolicy(nn.Module):
         """(..., D) hidden at the first ``<reasoning>`` -> (...) float32 V(s)."""
         return self.value_head(hidden)
 
+    def state_features(self, hidden: Tensor) -> Tensor:
+        """(..., D) hidden at the first ``<reasoning>`` -> (..., D) float32 standardised state,
+        what the value and action heads read (a training forward updates the statistics: call
+        it once per forward)."""
+        return self.value_head.norm(hidden)
+
+    def action_log_softmax(
+        self, logits: Tensor, nodes: Tensor, state: Tensor, temperature: float
+    ) -> Tensor:
+        """(N, V) LM logits at action positions, (N,) trie nodes, (N, D) standardised states ->
+        (N, V) log-probs of the trie-masked distribution, the action head's scores added."""
+        scores = self.action_head(state, nodes, logits.shape[-1])
+        return self.trie.log_softmax(logits + scores, nodes, temperature)
+
     def reasoning_log_softmax(self, logits: Tensor, temperature: float) -> Tensor:
         """(..., V) logits -> (..., V) log-probs of the tempered softmax, markers banned."""
         scaled = logits.float() / temperature
@@ -586,12 +605,13 @@ class RigPolicy(nn.Module):
         frames_t = frames_t.to(dev)
         past, past_mask = history.frames.to(dev), history.mask.to(dev)
         stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
-        values = self.value(stream.h)  # V(s) at <reasoning>, before anything is sampled
+        state = self.state_features(stream.h)  # at <reasoning>, before anything is sampled
+        values = self.value_head.read(state)  # V(s)
 
         proposals, imagined = [], []
         for i in range(lookahead):
             step = self._decide(
-                stream, max_reasoning_tokens, temperature, generator, feed_last=True
+                stream, state, max_reasoning_tokens, temperature, generator, feed_last=True
             )
             proposals.append(step.actions)
             codes, _, _ = sample_frame(self, stream, temperature, generator)
@@ -602,7 +622,9 @@ class RigPolicy(nn.Module):
             stream.feed_marker(self.ids.reasoning)
         prompt_ids, prompt_mask, prompt_codes = stream.sequence()
         prompt_length = stream.length
-        final = self._decide(stream, max_reasoning_tokens, temperature, generator, feed_last=False)
+        final = self._decide(
+            stream, state, max_reasoning_tokens, temperature, generator, feed_last=False
+        )
         empty = torch.zeros(batch, 0, dtype=torch.int64, device=dev)
         return ActOutput(
             actions=final.actions,
@@ -644,13 +666,15 @@ class RigPolicy(nn.Module):
     def _decide(
         self,
         stream: _Stream,
+        state: Tensor,
         max_reasoning_tokens: int,
         temperature: float,
         generator: torch.Generator | None,
         feed_last: bool,
     ) -> _Decision:
-        """From ``stream.h`` (the state at ``<reasoning>``): sample reasoning, force
-        ``<action>``, sample the action under the trie. ``feed_last`` also feeds the action's
+        """From ``stream.h`` (the hidden at a ``<reasoning>``): sample reasoning, force
+        ``<action>``, sample the action under the trie, with the action head reading ``state``
+        (B, D), the standardised state at the step's first ``<reasoning>``. ``feed_last`` also feeds the action's
         closing column, for a sequence that goes on (a lookahead proposal)."""
         ids, batch, dev = self.ids, stream.batch, stream.mask.device
         cols: dict[str, list[Tensor]] = {k: [] for k in ("tok", "attn", "logp", "reason", "act")}
@@ -689,7 +713,7 @@ class RigPolicy(nn.Module):
         nodes = self.trie.root(batch, dev)
         for _ in range(self.trie.max_len):
             live = ~self.trie.is_done(nodes)
-            logp = self.trie.log_softmax(logits, nodes, temperature)  # (B, V)
+            logp = self.action_log_softmax(logits, nodes, state, temperature)  # (B, V)
             tok = torch.where(live, sample(logp), ids.pad)
             taken = logp.gather(1, tok.unsqueeze(1)).squeeze(1)
             push(tok, live, torch.where(live, taken, zero), no, live)
@@ -770,13 +794,16 @@ class RigPolicy(nn.Module):
         # Value: V(s) at the first <reasoning> of the prompt (act reads it after the prefill)
         col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
                             self.ids.reasoning).to(self.device)  # fmt: skip
-        values = self.value(full[torch.arange(len(col), device=self.device), col])
+        state = self.state_features(full[torch.arange(len(col), device=self.device), col])
+        values = self.value_head.read(state)  # (B,)
+        rows = action.nonzero()[:, 0]  # the row of each action token, in mask order
 
         log_probs = torch.zeros(tokens.shape, device=self.device)
         entropies = torch.zeros(tokens.shape, device=self.device)
         for mask, logp in (
             (reason, self.reasoning_log_softmax(self.logits(hidden[reason]), T)),  # (N, V)
-            (action, self.trie.log_softmax(self.logits(hidden[action]), nodes[action], T)),
+            (action, self.action_log_softmax(self.logits(hidden[action]), nodes[action],
+                                             state[rows], T)),
         ):
             taken = logp.gather(1, tokens[mask].unsqueeze(1)).squeeze(1)  # (N,)
             p = logp.exp()

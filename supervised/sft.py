@@ -249,8 +249,13 @@ def token_log_probs(policy: RigPolicy, batch: SftBatch) -> dict[int, tuple[Tenso
     import torch
 
     from rl.imagine import code_logits
+    from rl.policy import value_columns
 
     hidden, _, _ = policy.forward_sequence(batch.act, batch.next_codes)  # (B, T, D)
+    act = batch.act
+    col = value_columns(act.prompt_ids, act.prompt_mask, act.prompt_codes,
+                        policy.ids.reasoning).to(hidden.device)  # fmt: skip
+    state = policy.state_features(hidden[torch.arange(len(col), device=hidden.device), col])
     pred, target = hidden[:, :-1], batch.ids[:, 1:]
     kinds, nodes = batch.kinds[:, 1:], batch.nodes[:, 1:]
     out = {}
@@ -259,8 +264,9 @@ def token_log_probs(policy: RigPolicy, batch: SftBatch) -> dict[int, tuple[Tenso
         h = pred[sel]  # (N, D)
         if kind == REASONING:
             logp = policy.reasoning_log_softmax(policy.logits(h), 1.0)
-        elif kind == ACTION:
-            logp = policy.trie.log_softmax(policy.logits(h), nodes[sel], 1.0)
+        elif kind == ACTION:  # as act samples it: the action head reads the step's state
+            rows = sel.nonzero()[:, 0]
+            logp = policy.action_log_softmax(policy.logits(h), nodes[sel], state[rows], 1.0)
         else:
             logp = torch.log_softmax(code_logits(policy, h), -1)
         t = target[sel]

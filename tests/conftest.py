@@ -38,12 +38,12 @@ def tiny_policy():
     (imagined frames then start at padded, row-dependent positions too). Tests must leave the
     weights as they found them."""
     import torch
-    from policies import end_biased, value_readout
+    from policies import end_biased, state_readouts
 
     from envs.crafter_env import crafter_codec
     from rl.policy import RigPolicy
 
-    policy = value_readout(end_biased(RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()))
+    policy = state_readouts(end_biased(RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()))
     # The world and value heads start at constant predictions (zero last layer); randomise them
     # so that tests comparing two routes to the predictions compare something.
     with torch.no_grad():

@@ -21,21 +21,13 @@ def end_biased(policy, bias: float = 5.5):
     return policy
 
 
-def value_readout(policy, seed: int = 1):
-    """``policy`` with a random value read-out, in place, returned. The value head starts at
-    V = 0 (zero last layer, rl/heads.py); tests that compare two routes to the value (act,
-    evaluate, state_values, with and without history) need one that depends on the state."""
+def state_readouts(policy, seed: int = 1):
+    """``policy`` with random value and action-head read-outs, in place, returned. Both heads
+    start at zero (rl/heads.py); tests that compare two routes to the value or to the action
+    log-probs (act, evaluate, state_values, the SFT scorer, with and without history) need ones
+    that depend on the state. The action head's scores are O(1) (std 0.05 per weight)."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        policy.value_head.out.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed))
+        policy.value_head.out.weight.normal_(0.0, 0.5, generator=gen)
+        policy.action_head.weight.normal_(0.0, 0.05, generator=gen)
     return policy
-
-
-def assert_evaluate_reproduces(policy, act, values: bool = False) -> None:
-    """The PPO invariant: ``policy.evaluate(act)`` recomputes the log-probs ``act`` recorded
-    (and its values, with ``values``) to 1e-4."""
-    with torch.no_grad():
-        fresh = policy.evaluate(act)
-    mask = act.token_mask
-    torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
-    if values:
-        torch.testing.assert_close(fresh["values"], act.values, atol=1e-4, rtol=0)

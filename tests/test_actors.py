@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from policies import assert_evaluate_reproduces, end_biased, value_readout
+from policies import assert_evaluate_reproduces, end_biased, state_readouts
 
 import envs
 from actors.env import RebuildOnError
@@ -30,7 +30,7 @@ SMALL_WORLD = {"area": [16, 16]}  # Crafter's world generation: 0.1 s instead of
 def ending_policy(codec) -> RigPolicy:
     """Tiny policy whose <end> logit is raised, so rows stop reasoning at different lengths
     and the generated columns get padded (conftest's tiny_policy trick)."""
-    return value_readout(end_biased(RigPolicy.from_preset("tiny", codec, seed=0)))
+    return state_readouts(end_biased(RigPolicy.from_preset("tiny", codec, seed=0)))
 
 
 class FailingStep(gym.Wrapper):

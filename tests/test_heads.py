@@ -65,3 +65,46 @@ def test_value_head_starts_at_zero_and_reads_a_small_signal_at_once():
 def test_momentum_must_be_a_fraction():
     with pytest.raises(ValueError, match="momentum"):
         RunningStandardize(3, momentum=0.0)
+
+
+def test_choice_edges_number_only_the_tokens_a_node_chooses_between():
+    """Root chooses 1 or 4; after 1, 2 or 3; everything else is forced (a lone continuation,
+    or END at a leaf): only those four slots are edges, numbered node by node."""
+    from rl.constrained import ActionTrie
+
+    trie = ActionTrie([[1, 2, 9], [1, 3, 9], [4, 9]], eos_id=9)
+    tokens, edges = trie.choice_edges()
+    assert tokens.shape == edges.shape == (trie.num_nodes, 2)
+    found = {(int(n), int(tokens[n, k])): int(edges[n, k])
+             for n in range(trie.num_nodes) for k in range(2) if edges[n, k] >= 0}  # fmt: skip
+    after_1 = int(trie.advance(trie.root(1), torch.tensor([1]))[0])
+    assert found == {(0, 1): 0, (0, 4): 1, (after_1, 2): 2, (after_1, 3): 3}
+
+
+def test_action_head_adds_each_choice_score_at_its_token_and_nothing_else():
+    """Against a loop over rows and children; zero-initialised, so a checkpoint's policy is
+    unchanged until RL moves it."""
+    from rl.constrained import ActionTrie
+    from rl.heads import ActionHead
+
+    trie = ActionTrie([[1, 2, 9], [1, 3, 9], [4, 9], [5, 9]], eos_id=9)
+    tokens, edges = trie.choice_edges()
+    head = ActionHead(tokens, edges, hidden=6)
+    z = torch.randn(5, 6)
+    after = [int(trie.advance(trie.root(1), torch.tensor([t]))[0]) for t in (1, 4)]
+    nodes = torch.tensor([0, 0, after[0], after[1], 0])  # row 3: after 4, END is forced
+    assert torch.equal(head(z, nodes, 12), torch.zeros(5, 12))
+    with torch.no_grad():
+        head.weight.normal_()
+    out = head(z, nodes, 12)
+    want = torch.zeros(5, 12)
+    for row, node in enumerate(nodes.tolist()):
+        for k in range(int(trie.num_choices(torch.tensor([node]))[0])):
+            e = int(edges[node, k])
+            if e >= 0:
+                want[row, int(tokens[node, k])] = head.weight[e] @ z[row]
+    torch.testing.assert_close(out, want)
+    assert torch.equal(out[3], torch.zeros(12))  # a forced token gets no score
+    logp = trie.log_softmax(out, nodes)
+    assert float(logp[3, 9]) == 0.0
+    torch.testing.assert_close(logp[0, [1, 4, 5]].exp().sum(), torch.tensor(1.0))

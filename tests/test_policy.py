@@ -275,6 +275,7 @@ def test_save_load_round_trip(tmp_path):
         policy.value_head.out.weight.normal_()
         policy.value_head.norm.mean.normal_()
         policy.value_head.norm.var.uniform_(0.5, 2.0)
+        policy.action_head.weight.normal_(0.0, 0.05)
     path = policy.save(tmp_path / "ckpt", extra={"iteration": 7})
     loaded = RigPolicy.load(path, crafter_codec())
     assert loaded.heads_loaded and loaded.record["extra"] == {"iteration": 7}
@@ -399,3 +400,57 @@ def test_heads_of_the_old_mlp_value_head_load_with_a_fresh_value_head(tmp_path):
         loaded = RigPolicy.load(path, crafter_codec())
     torch.testing.assert_close(loaded.world.reward[-1].weight, policy.world.reward[-1].weight)
     assert torch.equal(loaded.value_head.out.weight, torch.zeros_like(loaded.value_head.out.weight))
+
+
+def test_heads_saved_before_the_action_head_load_with_a_zero_one(tmp_path):
+    """A heads file without ``action_head.*`` (saved before rl.heads.ActionHead) loads, its value
+    and world heads used, with a zero action head: the saved policy's own distribution."""
+    from safetensors.torch import load_file, save_file
+
+    from envs.crafter_env import crafter_codec
+    from rl.policy import HEADS_FILE, RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    with torch.no_grad():
+        policy.value_head.out.weight.normal_()
+    path = policy.save(tmp_path / "ckpt")
+    state = {k: v for k, v in load_file(str(path / HEADS_FILE)).items()
+             if not k.startswith("action_head.")}  # fmt: skip
+    save_file(state, str(path / HEADS_FILE))
+    loaded = RigPolicy.load(path, crafter_codec())
+    assert loaded.heads_loaded
+    assert torch.equal(loaded.action_head.weight, torch.zeros_like(loaded.action_head.weight))
+    a = policy.act(frames(3, 4), TASK, 4, 1.0, torch.Generator().manual_seed(2))
+    b = loaded.act(frames(3, 4), TASK, 4, 1.0, torch.Generator().manual_seed(2))
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=0, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)
+
+
+def test_the_action_head_steers_act_and_evaluate_scores_what_act_sampled(policy):
+    """A large score for one root choice along the current state makes act take that action on
+    every row, and evaluate recomputes the same log-probs (the head is in both)."""
+    from rl.policy import value_columns
+
+    out = act(policy, 4, seed=5, max_reasoning_tokens=0)
+    col = value_columns(out.prompt_ids, out.prompt_mask, out.prompt_codes, policy.ids.reasoning)
+    with torch.no_grad():
+        full, _, _ = policy.forward_sequence(out)
+        z = policy.state_features(full[torch.arange(4), col])  # eval: no statistics update
+    tokens, edges = policy.trie.choice_edges()
+    root = [int(e) for e in edges[0] if e >= 0]
+    saved = policy.action_head.weight.detach().clone()
+    try:
+        with torch.no_grad():
+            policy.action_head.weight[root] = 0.0
+            policy.action_head.weight[root[-1]] = 50.0 * z.mean(0) / z.mean(0).norm() ** 2
+        steered = act(policy, 4, seed=5, max_reasoning_tokens=0)
+        first = [policy.trie.sequence(int(a))[0] for a in steered.actions]
+        target = int(tokens[0][edges[0].tolist().index(root[-1])])
+        assert first == [target] * 4, (first, target)
+        with torch.no_grad():
+            ev = policy.evaluate(steered)
+        torch.testing.assert_close(ev["log_probs"], steered.log_probs, atol=1e-4, rtol=0)
+    finally:
+        with torch.no_grad():
+            policy.action_head.weight.copy_(saved)
