@@ -277,3 +277,21 @@ def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_p
     assert result["methods"]["peer"]["median"]["returns"][-1] == pytest.approx(mean)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "peer-seed0.log").is_file()
+
+
+def test_catch_bandit_runs_the_real_update_in_both_modes(capsys):
+    """benchmarks/catch_bandit.py end to end on a tiny budget: both modes, one update each,
+    accuracies in [0, 1], an unknown mode refused."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import catch_bandit
+
+    results = catch_bandit.main(["--iterations", "1", "--batch", "8", "--held-out", "8"])
+    assert [(mode, seed) for mode, seed, _ in results] == [("head", 0), ("no-head", 0)]
+    for _, _, curve in results:
+        assert len(curve) == 2 and all(0.0 <= a <= 1.0 for a in curve)
+    assert "frame-blind best" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        catch_bandit.main(["--modes", "both"])

@@ -1,0 +1,134 @@
+"""Does the policy learn to read the frame? PPO on the contextual bandit of Catch frames.
+
+Each iteration draws ``--batch`` Catch frames with the ball one row above the paddle row and the
+paddle at most one column away, so exactly one action catches it; the policy acts on them
+(``RigPolicy.act``, no reasoning), every row is a one-step episode with reward +1 for the
+catching action and -1 otherwise, and the update is the real one: ``rl.experience
+.real_experience`` -> ``learner.ppo.ppo_update`` through ``PlainTorchEngine`` with the learner
+and PPO sections of ``--config`` (configs/catch.yaml). It separates the policy side from credit
+assignment: Catch itself rewards only the last of 7 decisions, this gives every decision its
+own answer. Held-out accuracy (greedy action on ``--held-out`` fixed frames, 256) after
+each iteration, per mode:
+
+* ``head``: as ``rig train`` runs (the action head, rl/heads.py, learns);
+* ``no-head``: the action head frozen at zero, the policy reads the frame through the LM head
+  alone (the policy before the action head).
+
+It also prints the share of the most common answer among the held-out frames (what a policy
+that ignores the frame can score at best). docs/benchmarks.md ("Learning")
+records what it printed.
+
+    python benchmarks/catch_bandit.py [--iterations 15] [--batch 512] [--seeds 0] [--modes head,no-head]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MODES = ("head", "no-head")
+
+
+def bandit_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 64, 64, 3) uint8 frames and (n,) int64 catching action (0 left, 1 stay, 2 right)."""
+    from envs.catch import CatchEnv
+    from envs.pixel import resize_frame
+
+    env, frames, best = CatchEnv(), [], []
+    for _ in range(n):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        env._ball[:] = [env.rows - 2, rng.integers(env.cols)]
+        env._paddle = int(np.clip(env._ball[1] + rng.integers(-1, 2), 0, env.cols - 1))
+        frames.append(resize_frame(env._frame(), 64))
+        best.append(int(env._ball[1] - env._paddle) + 1)
+    return np.stack(frames), np.asarray(best, np.int64)
+
+
+def run(
+    mode: str, seed: int, iterations: int, batch: int, config_path: Path, held_out: int = 256
+) -> tuple[list[float], float]:
+    import envs
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+    from rig.config import load_config
+    from rl.experience import real_experience
+    from rl.policy import RigPolicy
+
+    config = load_config(config_path)
+    codec = envs.get_codec(envs.make("rig/Catch-v0", 64))
+    policy = RigPolicy.from_preset(config.policy.preset, codec, seed=seed)
+    policy.model.model.vqmodel.requires_grad_(False)
+    learner = config.learner.model_dump()
+    learner["device"] = "cpu"
+    if mode == "no-head":
+        policy.action_head.requires_grad_(False)
+        learner["warmup_skip"] = [k for k in learner["warmup_skip"] if k != "action_head"]
+        learner["lr_scales"] = {k: v for k, v in learner["lr_scales"].items() if k != "action_head"}
+    engine = PlainTorchEngine(policy, LearnerConfig(**learner))
+    cfg = config.ppo
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    held_frames, held_best = bandit_frames(np.random.default_rng(10_000 + seed), held_out)
+    task = config.policy.task
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            out = policy.act(held_frames, task, 0, 1e-3, torch.Generator().manual_seed(0))  # ~argmax
+        return float((out.actions.cpu().numpy() == held_best).mean())
+
+    curve = [accuracy()]
+    zeros = np.zeros(batch, np.int64)
+    for _ in range(iterations):
+        frames, best = bandit_frames(rng, batch)
+        with torch.no_grad():
+            act = policy.act(frames, task, 0, config.policy.temperature, gen)
+        reward = np.where(act.actions.cpu().numpy() == best, 1.0, -1.0).astype(np.float32)
+        exp = real_experience(
+            act, reward, np.ones(batch, bool), np.zeros(batch, bool), np.arange(batch),
+            torch.zeros(batch), torch.zeros(batch, policy.image_tokens, dtype=torch.int64),
+            zeros, cfg.gamma, cfg.lam,
+        )  # fmt: skip
+        ppo_update(engine, policy, None, exp, cfg, gen)
+        curve.append(accuracy())
+    return curve, float(np.bincount(held_best).max() / len(held_best))
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--config", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "configs" / "catch.yaml")
+    parser.add_argument("--held-out", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = [m for m in args.modes.split(",") if m]
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        parser.error(f"unknown --modes {bad}; choose from {list(MODES)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    results = []
+    for seed in seeds:
+        for mode in modes:
+            start = time.perf_counter()
+            curve, blind = run(mode, seed, args.iterations, args.batch, args.config,
+                               args.held_out)
+            marks = " ".join(f"{a:.2f}" for a in curve)
+            print(f"seed {seed} {mode:8s} held-out accuracy by iteration: {marks}  (frame-blind "
+                  f"best {blind:.2f}; {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            results.append((mode, seed, curve))
+    return results
+
+
+if __name__ == "__main__":
+    main()
