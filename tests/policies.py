@@ -31,3 +31,14 @@ def state_readouts(policy, seed: int = 1):
         policy.value_head.out.weight.normal_(0.0, 0.5, generator=gen)
         policy.action_head.weight.normal_(0.0, 0.05, generator=gen)
     return policy
+
+
+def assert_evaluate_reproduces(policy, act, values: bool = False) -> None:
+    """The PPO invariant: ``policy.evaluate(act)`` recomputes the log-probs ``act`` recorded
+    (and its values, with ``values``) to 1e-4."""
+    with torch.no_grad():
+        fresh = policy.evaluate(act)
+    mask = act.token_mask
+    torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
+    if values:
+        torch.testing.assert_close(fresh["values"], act.values, atol=1e-4, rtol=0)
