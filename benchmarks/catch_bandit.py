@@ -38,17 +38,10 @@ MODES = ("head", "no-head")
 
 def bandit_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(n, 64, 64, 3) uint8 frames and (n,) int64 catching action (0 left, 1 stay, 2 right)."""
-    from envs.catch import CatchEnv
-    from envs.pixel import resize_frame
+    from envs.catch import decisive_frames
 
-    env, frames, best = CatchEnv(), [], []
-    for _ in range(n):
-        env.reset(seed=int(rng.integers(1 << 30)))
-        env._ball[:] = [env.rows - 2, rng.integers(env.cols)]
-        env._paddle = int(np.clip(env._ball[1] + rng.integers(-1, 2), 0, env.cols - 1))
-        frames.append(resize_frame(env._frame(), 64))
-        best.append(int(env._ball[1] - env._paddle) + 1)
-    return np.stack(frames), np.asarray(best, np.int64)
+    frames, offsets = decisive_frames(rng, n)
+    return frames, offsets + 1
 
 
 def run(

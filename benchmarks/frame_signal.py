@@ -30,19 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def catch_states(policy, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, D) hidden states at the first <reasoning> and (n,) targets for random Catch frames."""
-    from envs.catch import CatchEnv
-    from envs.pixel import resize_frame
+    from envs.catch import decisive_frames
 
-    env, frames, ys = CatchEnv(), [], []
-    for _ in range(n):
-        env.reset(seed=int(rng.integers(1 << 30)))
-        env._ball[:] = [env.rows - 2, rng.integers(env.cols)]
-        env._paddle = int(np.clip(env._ball[1] + rng.integers(-1, 2), 0, env.cols - 1))
-        frames.append(resize_frame(env._frame(), policy.image_size))
-        ys.append(float(env._ball[1] - env._paddle))
+    frames, offsets = decisive_frames(rng, n, policy.image_size)
+    ys = offsets.astype(np.float64).tolist()
     out = []
     with torch.no_grad():
-        for chunk in np.array_split(np.stack(frames), max(1, n // 256)):
+        for chunk in np.array_split(frames, max(1, n // 256)):
             ids, mask = policy.prompt("catch the ball", len(chunk))
             embeds = policy.embed(ids, torch.zeros_like(mask), torch.as_tensor(chunk))
             from rl.policy import positions

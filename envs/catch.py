@@ -55,3 +55,23 @@ class CatchEnv(gym.Env):
         board[self._ball[0], self._ball[1]] = (255, 80, 80)
         board[self.rows - 1, self._paddle] = (80, 160, 255)
         return np.repeat(np.repeat(board, self.cell, axis=0), self.cell, axis=1)
+
+
+def decisive_frames(
+    rng: np.random.Generator, n: int, size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` Catch frames one step before the ball lands, the paddle at most one column from it,
+    resized to ``size`` px: ``(n, size, size, 3)`` uint8, and ``(n,)`` int64 ball column minus
+    paddle column (-1, 0 or 1; the catching action is that + 1: left, stay, right). The states
+    where one decision decides the episode: what the probes of the policy and the critic read
+    (benchmarks/catch_bandit.py, benchmarks/frame_signal.py, tests/test_conditioning.py)."""
+    from envs.pixel import resize_frame
+
+    env, frames, offsets = CatchEnv(), [], []
+    for _ in range(n):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        env._ball[:] = [env.rows - 2, rng.integers(env.cols)]
+        env._paddle = int(np.clip(env._ball[1] + rng.integers(-1, 2), 0, env.cols - 1))
+        frames.append(resize_frame(env._frame(), size))
+        offsets.append(int(env._ball[1] - env._paddle))
+    return np.stack(frames), np.asarray(offsets, np.int64)

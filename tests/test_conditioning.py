@@ -13,22 +13,15 @@ import numpy as np
 import torch
 
 import envs
-from envs.catch import CatchEnv
-from envs.pixel import resize_frame
+from envs.catch import decisive_frames
 from learner.engine import LearnerConfig, PlainTorchEngine
 from rig.config import load_config
 from rl.policy import History, RigPolicy, positions, shown
 
 
 def catch_frames(rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    raw, frames, target = CatchEnv(), [], []
-    for _ in range(n):
-        raw.reset(seed=int(rng.integers(1 << 30)))
-        raw._ball[:] = [raw.rows - 2, rng.integers(raw.cols)]
-        raw._paddle = int(np.clip(raw._ball[1] + rng.integers(-1, 2), 0, raw.cols - 1))
-        frames.append(resize_frame(raw._frame(), 64))
-        target.append(float(raw._ball[1] - raw._paddle))
-    return torch.as_tensor(np.stack(frames)), torch.as_tensor(target)
+    frames, offsets = decisive_frames(rng, n)
+    return torch.as_tensor(frames), torch.as_tensor(offsets, dtype=torch.float32)
 
 
 def test_the_value_learns_a_function_of_the_frame_through_the_trunk():
