@@ -84,7 +84,8 @@ LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
 """The value, action and world heads inside a checkpoint directory (``value_head.*``,
-``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that transformers loads the directory as is."""
+``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that
+transformers loads the directory as is."""
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -387,7 +388,8 @@ class RigPolicy(nn.Module):
         The heads come from ``rig_heads.safetensors`` when the directory has it; a supervised
         checkpoint has none, so the value, action and world heads start fresh
         (``policy.heads_loaded`` says which; a fresh action head is zero: the checkpoint's own
-        policy). A heads file from before the action head loads with a fresh one. Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        policy). A heads file from before the action head loads with a fresh one. Every
+        failure is an ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -674,8 +676,8 @@ class RigPolicy(nn.Module):
     ) -> _Decision:
         """From ``stream.h`` (the hidden at a ``<reasoning>``): sample reasoning, force
         ``<action>``, sample the action under the trie, with the action head reading ``state``
-        (B, D), the standardised state at the step's first ``<reasoning>``. ``feed_last`` also feeds the action's
-        closing column, for a sequence that goes on (a lookahead proposal)."""
+        (B, D), the standardised state at the step's first ``<reasoning>``. ``feed_last`` also
+        feeds the action's closing column, for a sequence that goes on (a lookahead proposal)."""
         ids, batch, dev = self.ids, stream.batch, stream.mask.device
         cols: dict[str, list[Tensor]] = {k: [] for k in ("tok", "attn", "logp", "reason", "act")}
         zero = torch.zeros(batch, device=dev)
