@@ -559,6 +559,13 @@ class RigPolicy(nn.Module):
         it once per forward)."""
         return self.value_head.norm(hidden)
 
+    def decision_state(self, full: Tensor, batch: ActOutput) -> Tensor:
+        """(B, T, D) hidden states of ``forward_sequence(batch)`` -> (B, D) :meth:`state_features`
+        at each row's first ``<reasoning>`` (what act read after its prefill)."""
+        col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
+                            self.ids.reasoning).to(full.device)  # fmt: skip
+        return self.state_features(full[torch.arange(len(col), device=full.device), col])
+
     def action_log_softmax(
         self, logits: Tensor, nodes: Tensor, state: Tensor, temperature: float
     ) -> Tensor:
@@ -794,9 +801,7 @@ class RigPolicy(nn.Module):
         nodes = self.trie.path_nodes(tokens, action)  # (B, L) trie node before each token
 
         # Value: V(s) at the first <reasoning> of the prompt (act reads it after the prefill)
-        col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
-                            self.ids.reasoning).to(self.device)  # fmt: skip
-        state = self.state_features(full[torch.arange(len(col), device=self.device), col])
+        state = self.decision_state(full, batch)
         values = self.value_head.read(state)  # (B,)
         rows = action.nonzero()[:, 0]  # the row of each action token, in mask order
 

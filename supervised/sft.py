@@ -249,13 +249,8 @@ def token_log_probs(policy: RigPolicy, batch: SftBatch) -> dict[int, tuple[Tenso
     import torch
 
     from rl.imagine import code_logits
-    from rl.policy import value_columns
-
     hidden, _, _ = policy.forward_sequence(batch.act, batch.next_codes)  # (B, T, D)
-    act = batch.act
-    col = value_columns(act.prompt_ids, act.prompt_mask, act.prompt_codes,
-                        policy.ids.reasoning).to(hidden.device)  # fmt: skip
-    state = policy.state_features(hidden[torch.arange(len(col), device=hidden.device), col])
+    state = policy.decision_state(hidden, batch.act)  # (B, D) what the action head reads
     pred, target = hidden[:, :-1], batch.ids[:, 1:]
     kinds, nodes = batch.kinds[:, 1:], batch.nodes[:, 1:]
     out = {}
