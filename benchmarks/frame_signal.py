@@ -9,7 +9,11 @@ reads) for ``--train`` frames and reports, on ``--test`` held-out frames:
 * 300 Adam steps (lr 1e-3, batch 32) of a linear head and of the value head's MLP shape, on the
   raw state and on the state standardised per feature (train-set mean and std): what gradient
   descent can get out of it in a budget like an RL run's;
-* the across-frame std of the state per feature against its mean magnitude.
+* the across-frame std of the state per feature against its mean magnitude;
+* the explained variance a perfect critic reaches under the uniformly random policy (exact
+  values by dynamic programming against the discounted returns of ``--episodes`` random
+  episodes of the real env): what ``value/explained_variance`` can show before the policy has
+  learned anything.
 
 docs/benchmarks.md ("Why Catch is hard for the tiny policy") records what it printed.
 
@@ -48,6 +52,27 @@ def catch_states(policy, n: int, rng: np.random.Generator) -> tuple[torch.Tensor
 
 def explained(pred: torch.Tensor, y: torch.Tensor) -> float:
     return 1.0 - float(((pred - y) ** 2).mean() / y.var())
+
+
+def critic_ceiling(episodes: int = 4000, seed: int = 0, gamma: float = 0.99) -> float:
+    """Explained variance of the discounted returns by the exact random-policy values
+    (``envs.catch.random_policy_values``), over every decision of ``episodes`` episodes of
+    :class:`envs.catch.CatchEnv` played with uniformly random actions."""
+    from envs.catch import CatchEnv, random_policy_values
+
+    env, rng = CatchEnv(), np.random.default_rng(seed)
+    table = random_policy_values(env.rows, env.cols, gamma)
+    values, returns = [], []
+    for _ in range(episodes):
+        env.reset(seed=int(rng.integers(1 << 30)))
+        states, done, reward = [], False, 0.0
+        while not done:
+            states.append((env._ball[0], env._ball[1], env._paddle))
+            _, reward, done, _, _ = env.step(int(rng.integers(3)))
+        values += [table[s] for s in states]
+        returns += [gamma ** (len(states) - 1 - t) * reward for t in range(len(states))]
+    v, g = np.asarray(values), np.asarray(returns)
+    return float(1.0 - np.var(g - v) / np.var(g))
 
 
 def run(preset: str = "tiny", train: int = 3000, test: int = 500, seed: int = 0) -> dict:
@@ -92,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=4000)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     r = run(args.preset, args.train, args.test, args.seed)
@@ -101,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     for kind in ("linear", "mlp"):
         raw, std = r[f"adam_{kind}_raw"], r[f"adam_{kind}_standardised"]
         print(f"  300 Adam steps, {kind} head: raw state {raw:.3f}, standardised state {std:.3f}")
+    print(f"explained variance of a perfect critic under the random policy "
+          f"({args.episodes} episodes): {critic_ceiling(args.episodes, args.seed):.3f}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,23 @@ class CatchEnv(gym.Env):
         return np.repeat(np.repeat(board, self.cell, axis=0), self.cell, axis=1)
 
 
+def random_policy_values(rows: int = 8, cols: int = 8, gamma: float = 0.99) -> np.ndarray:
+    """Exact state values of the uniformly random policy on :class:`CatchEnv`, by dynamic
+    programming: ``(rows - 1, cols, cols)`` float64, ``V[r, b, p]`` the expected discounted
+    return from the frame with the ball at row ``r``, column ``b`` and the paddle at column ``p``
+    (the frames a decision is taken on; the ball lands at row ``rows - 1``). What a perfect
+    critic predicts before the policy has learned anything: the ceiling of its explained
+    variance then (benchmarks/frame_signal.py)."""
+    values = np.zeros((rows, cols, cols))
+    paddles = np.arange(cols)
+    moved = [np.clip(paddles + a, 0, cols - 1) for a in (-1, 0, 1)]  # paddle after each action
+    caught = np.where(np.arange(cols)[:, None] == paddles[None, :], 1.0, -1.0)  # [ball, paddle]
+    for r in range(rows - 2, -1, -1):
+        after = caught if r + 1 == rows - 1 else gamma * values[r + 1]
+        values[r] = np.mean([after[:, m] for m in moved], axis=0)
+    return values[: rows - 1]
+
+
 def decisive_frames(
     rng: np.random.Generator, n: int, size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:

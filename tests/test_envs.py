@@ -105,6 +105,28 @@ def test_catch_through_the_generic_adapter():
     assert len(rewards_a) == 7 and rewards_a[-1] in (-1.0, 1.0)  # 8 rows: the ball lands at step 7
 
 
+def test_catch_random_policy_values_match_monte_carlo():
+    from envs.catch import CatchEnv, random_policy_values
+
+    values = random_policy_values(gamma=0.9)
+    assert values.shape == (7, 8, 8)
+    # one step left: caught by the moves that end under the ball (1 of 3; 2 of 3 at a wall)
+    k = [[sum(min(max(p + a, 0), 7) == b for a in (-1, 0, 1)) for p in range(8)] for b in range(8)]
+    np.testing.assert_allclose(values[6], 2 * np.array(k) / 3 - 1)
+    env, rng = CatchEnv(), np.random.default_rng(0)
+    for ball, paddle in ((0, 4), (3, 3)):  # the real env from a reset state, random actions
+        returns = []
+        for _ in range(3000):
+            env.reset(seed=int(rng.integers(1 << 30)))
+            env._ball[1], env._paddle = ball, paddle
+            t, done = 0, False
+            while not done:
+                _, reward, done, _, _ = env.step(int(rng.integers(3)))
+                t += 1
+            returns.append(0.9 ** (t - 1) * reward)
+        assert abs(np.mean(returns) - values[0, ball, paddle]) < 0.04  # 3 std errors
+
+
 def test_generic_adapter_renders_state_envs():
     pytest.importorskip("pygame", reason="CartPole's renderer needs pygame")
     env = envs.make("CartPole-v1", size=32, render_mode="rgb_array")
