@@ -13,7 +13,7 @@ reads) for ``--train`` frames and reports, on ``--test`` held-out frames:
 * the explained variance a perfect critic reaches under the uniformly random policy (exact
   values by dynamic programming against the discounted returns of ``--episodes`` random
   episodes of the real env): what ``value/explained_variance`` can show before the policy has
-  learned anything.
+  learned anything; and how much of it a ridge read-out of the standardised state reaches.
 
 docs/benchmarks.md ("Why Catch is hard for the tiny policy") records what it printed.
 
@@ -32,55 +32,94 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def states_at_reasoning(policy, frames: np.ndarray) -> torch.Tensor:
+    """(n, D) hidden states at the first <reasoning> (where the heads read) of (n, H, W, 3)
+    uint8 frames at the policy's image size."""
+    from rl.policy import positions
+
+    out = []
+    with torch.no_grad():
+        for chunk in np.array_split(frames, max(1, len(frames) // 256)):
+            ids, mask = policy.prompt("catch the ball", len(chunk))
+            embeds = policy.embed(ids, torch.zeros_like(mask), torch.as_tensor(chunk))
+            hidden, _ = policy.hidden(None, mask, positions(mask), inputs_embeds=embeds)
+            out.append(hidden[:, -1])
+    return torch.cat(out)
+
+
 def catch_states(policy, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(n, D) hidden states at the first <reasoning> and (n,) targets for random Catch frames."""
     from envs.catch import decisive_frames
 
     frames, offsets = decisive_frames(rng, n, policy.image_size)
-    ys = offsets.astype(np.float64).tolist()
-    out = []
-    with torch.no_grad():
-        for chunk in np.array_split(frames, max(1, n // 256)):
-            ids, mask = policy.prompt("catch the ball", len(chunk))
-            embeds = policy.embed(ids, torch.zeros_like(mask), torch.as_tensor(chunk))
-            from rl.policy import positions
-
-            hidden, _ = policy.hidden(None, mask, positions(mask), inputs_embeds=embeds)
-            out.append(hidden[:, -1])
-    return torch.cat(out), torch.tensor(ys)
+    return states_at_reasoning(policy, frames), torch.tensor(offsets.astype(np.float64).tolist())
 
 
 def explained(pred: torch.Tensor, y: torch.Tensor) -> float:
     return 1.0 - float(((pred - y) ** 2).mean() / y.var())
 
 
-def critic_ceiling(episodes: int = 4000, seed: int = 0, gamma: float = 0.99) -> float:
-    """Explained variance of the discounted returns by the exact random-policy values
-    (``envs.catch.random_policy_values``), over every decision of ``episodes`` episodes of
-    :class:`envs.catch.CatchEnv` played with uniformly random actions."""
+def random_decisions(
+    episodes: int, seed: int = 0, gamma: float = 0.99, size: int | None = 64
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Every decision of ``episodes`` episodes of :class:`envs.catch.CatchEnv` played with
+    uniformly random actions: its frame ``(n, size, size, 3)`` uint8, its exact random-policy
+    value (``envs.catch.random_policy_values``) and its discounted return, ``(n,)`` each
+    (``size`` None: no frames)."""
     from envs.catch import CatchEnv, random_policy_values
+    from envs.pixel import resize_frame
 
     env, rng = CatchEnv(), np.random.default_rng(seed)
     table = random_policy_values(env.rows, env.cols, gamma)
-    values, returns = [], []
+    frames, values, returns = [], [], []
     for _ in range(episodes):
         env.reset(seed=int(rng.integers(1 << 30)))
         states, done, reward = [], False, 0.0
         while not done:
             states.append((env._ball[0], env._ball[1], env._paddle))
+            if size is not None:
+                frames.append(resize_frame(env._frame(), size))
             _, reward, done, _, _ = env.step(int(rng.integers(3)))
         values += [table[s] for s in states]
         returns += [gamma ** (len(states) - 1 - t) * reward for t in range(len(states))]
-    v, g = np.asarray(values), np.asarray(returns)
+    return (np.stack(frames) if frames else None), np.asarray(values), np.asarray(returns)
+
+
+def critic_ceiling(episodes: int = 4000, seed: int = 0, gamma: float = 0.99) -> float:
+    """Explained variance of the discounted returns of random play by the exact random-policy
+    values: the most ``value/explained_variance`` can show before the policy learns."""
+    _, v, g = random_decisions(episodes, seed, gamma, size=None)
     return float(1.0 - np.var(g - v) / np.var(g))
 
 
-def run(preset: str = "tiny", train: int = 3000, test: int = 500, seed: int = 0) -> dict:
+def critic_readout(policy, episodes: int = 900, seed: int = 0) -> tuple[float, float]:
+    """Held-out explained variance of random play's returns by a ridge read-out of the policy's
+    standardised state at <reasoning> (fit on 70% of the decisions), and that of the exact
+    values on the same held-out decisions: how much of the attainable a linear critic of the
+    state as it is can reach."""
+    frames, v, g = random_decisions(episodes, seed, size=policy.image_size)
+    h = states_at_reasoning(policy, frames).double()
+    y, tr = torch.as_tensor(g), int(0.7 * len(g))
+    z = (h - h[:tr].mean(0)) / (h[:tr].std(0) + 1e-2)
+    a = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], 1)
+    w = torch.linalg.solve(a[:tr].T @ a[:tr] + 1e-2 * torch.eye(a.shape[1], dtype=a.dtype),
+                           a[:tr].T @ y[:tr])  # fmt: skip
+    ridge = explained((a[tr:] @ w).float(), y[tr:].float())
+    exact = explained(torch.as_tensor(v[tr:]).float(), y[tr:].float())
+    return ridge, exact
+
+
+def policy_for(preset: str, seed: int):
+    """The untrained policy of ``preset`` for Catch."""
     import envs
     from rl.policy import RigPolicy
 
     torch.manual_seed(seed)
-    policy = RigPolicy.from_preset(preset, envs.get_codec(envs.make("rig/Catch-v0", 64)), seed)
+    return RigPolicy.from_preset(preset, envs.get_codec(envs.make("rig/Catch-v0", 64)), seed)
+
+
+def run(preset: str = "tiny", train: int = 3000, test: int = 500, seed: int = 0) -> dict:
+    policy = policy_for(preset, seed)
     rng = np.random.default_rng(seed)
     h, y = catch_states(policy, train, rng)
     h_test, y_test = catch_states(policy, test, rng)
@@ -127,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     for kind in ("linear", "mlp"):
         raw, std = r[f"adam_{kind}_raw"], r[f"adam_{kind}_standardised"]
         print(f"  300 Adam steps, {kind} head: raw state {raw:.3f}, standardised state {std:.3f}")
+    ridge, exact = critic_readout(policy_for(args.preset, args.seed), 900, args.seed)
+    print(f"random play's returns, held-out explained variance: ridge on the standardised "
+          f"state {ridge:.3f}, exact values {exact:.3f}")
     print(f"explained variance of a perfect critic under the random policy "
           f"({args.episodes} episodes): {critic_ceiling(args.episodes, args.seed):.3f}")
 
