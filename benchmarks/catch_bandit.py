@@ -12,13 +12,17 @@ each iteration, per mode:
 
 * ``head``: as ``rig train`` runs (the action head, rl/heads.py, learns);
 * ``no-head``: the action head frozen at zero, the policy reads the frame through the LM head
-  alone (the policy before the action head).
+  alone (the policy before the action head);
+* ``rllib``: the learning benchmark's peer on the same bandit: RLlib's PPO with its default CNN
+  and the peer's settings (benchmarks/learning.py: lr 3e-4, minibatch 128, 10 epochs, 8 envs,
+  frames as ``NormalizedImageEnv`` gives them), train batches of ``--batch`` one-step episodes,
+  greedy (argmax) accuracy on the same held-out frames: how many decisions a CNN needs.
 
 It also prints the share of the most common answer among the held-out frames (what a policy
 that ignores the frame can score at best). docs/benchmarks.md ("Learning")
 records what it printed.
 
-    python benchmarks/catch_bandit.py [--iterations 15] [--batch 512] [--seeds 0] [--modes head,no-head]
+    python benchmarks/catch_bandit.py [--iterations 15] [--batch 512] [--seeds 0] [--modes head,no-head,rllib]
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # learning.py's peer settings
 
-MODES = ("head", "no-head")
+MODES = ("head", "no-head", "rllib")
 
 
 def bandit_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +99,70 @@ def run(
     return curve, float(np.bincount(held_best).max() / len(held_best))
 
 
+class BanditEnv(gym.Env):
+    """One-step episodes of :func:`bandit_frames` as a Gymnasium env (for RLlib): reward +1 for
+    the catching action, -1 otherwise."""
+
+    observation_space = gym.spaces.Box(0, 255, (64, 64, 3), np.uint8)
+    action_space = gym.spaces.Discrete(3)
+
+    def __init__(self, config: dict | None = None):
+        self._best = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        frames, best = bandit_frames(self.np_random, 1)
+        self._best = int(best[0])
+        return frames[0], {}
+
+    def step(self, action):
+        frames, _ = bandit_frames(self.np_random, 1)  # the next episode's frame: never seen
+        return frames[0], 1.0 if int(action) == self._best else -1.0, True, False, {}
+
+
+def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> list[float]:
+    """RLlib's PPO (the learning benchmark's peer settings) on the bandit; held-out greedy
+    accuracy before the first and after each train call."""
+    import logging
+
+    import ray
+    from learning import PEER_ENVS, PEER_EPOCHS, PEER_LR, PEER_MINIBATCH
+    from ray.rllib.algorithms.ppo import PPOConfig
+    from ray.rllib.core.columns import Columns
+    from ray.rllib.env.wrappers.atari_wrappers import NormalizedImageEnv
+    from ray.tune.registry import register_env
+
+    held_frames, held_best = bandit_frames(np.random.default_rng(10_000 + seed), held_out)
+    register_env("rig-catch-bandit", lambda cfg: NormalizedImageEnv(BanditEnv(cfg)))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        algo = (
+            PPOConfig()
+            .environment("rig-catch-bandit")
+            .env_runners(num_env_runners=0, num_envs_per_env_runner=PEER_ENVS,
+                         rollout_fragment_length="auto")  # fmt: skip
+            .training(lr=PEER_LR, train_batch_size_per_learner=batch,
+                      minibatch_size=min(PEER_MINIBATCH, batch), num_epochs=PEER_EPOCHS)  # fmt: skip
+            .debugging(seed=seed)
+        ).build_algo()
+        module = algo.get_module()
+        obs = torch.as_tensor(held_frames, dtype=torch.float32) / 128.0 - 1.0  # NormalizedImageEnv
+
+        def accuracy() -> float:
+            with torch.no_grad():
+                logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+            return float((logits.argmax(-1).numpy() == held_best).mean())
+
+        curve = [accuracy()]
+        for _ in range(iterations):
+            algo.train()
+            curve.append(accuracy())
+        algo.stop()
+    finally:
+        ray.shutdown()
+    return curve
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", type=int, default=15)
@@ -114,8 +184,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
     for seed in seeds:
         for mode in modes:
             start = time.perf_counter()
-            curve, blind = run(mode, seed, args.iterations, args.batch, args.config,
-                               args.held_out)
+            if mode == "rllib":
+                curve = run_rllib(seed, args.iterations, args.batch, args.held_out)
+                held = bandit_frames(np.random.default_rng(10_000 + seed), args.held_out)[1]
+                blind = float(np.bincount(held).max() / len(held))
+            else:
+                curve, blind = run(mode, seed, args.iterations, args.batch, args.config,
+                                   args.held_out)
             marks = " ".join(f"{a:.2f}" for a in curve)
             print(f"seed {seed} {mode:8s} held-out accuracy by iteration: {marks}  (frame-blind "
                   f"best {blind:.2f}; {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip

@@ -288,7 +288,8 @@ def test_catch_bandit_runs_the_real_update_in_both_modes(capsys):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import catch_bandit
 
-    results = catch_bandit.main(["--iterations", "1", "--batch", "8", "--held-out", "8"])
+    results = catch_bandit.main(["--iterations", "1", "--batch", "8", "--held-out", "8",
+                                  "--modes", "head,no-head"])
     assert [(mode, seed) for mode, seed, _ in results] == [("head", 0), ("no-head", 0)]
     for _, _, curve in results:
         assert len(curve) == 2 and all(0.0 <= a <= 1.0 for a in curve)
@@ -313,3 +314,21 @@ def test_frame_signal_critic_probes():
     assert set(returns[6::7]) <= {-1.0, 1.0}  # the 7th decision of each episode gets the reward
     ridge, exact = frame_signal.critic_readout(frame_signal.policy_for("tiny", 0), 40, seed=0)
     assert ridge <= 1.0 and -1.0 < exact <= 1.0
+
+
+def test_catch_bandit_rllib_peer_mode(capsys):
+    """The bandit's peer mode: RLlib's PPO on the same one-step episodes, one train call."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import catch_bandit
+
+    env = catch_bandit.BanditEnv()
+    frame, _ = env.reset(seed=0)
+    best = env._best
+    assert frame.shape == (64, 64, 3) and env.step(best)[1:3] == (1.0, True)
+    assert env.step((best + 1) % 3)[1] == -1.0
+    (mode, seed, curve), = catch_bandit.main(["--iterations", "1", "--batch", "16",
+                                              "--held-out", "8", "--modes", "rllib"])  # fmt: skip
+    assert (mode, seed, len(curve)) == ("rllib", 0, 2) and all(0.0 <= a <= 1.0 for a in curve)
