@@ -126,8 +126,7 @@ def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> li
     import logging
 
     import ray
-    from learning import PEER_ENVS, PEER_EPOCHS, PEER_LR, PEER_MINIBATCH
-    from ray.rllib.algorithms.ppo import PPOConfig
+    from learning import PEER_EPOCHS, PEER_MINIBATCH, peer_config
     from ray.rllib.core.columns import Columns
     from ray.rllib.env.wrappers.atari_wrappers import NormalizedImageEnv
     from ray.tune.registry import register_env
@@ -136,15 +135,8 @@ def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> li
     register_env("rig-catch-bandit", lambda cfg: NormalizedImageEnv(BanditEnv(cfg)))
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
-        algo = (
-            PPOConfig()
-            .environment("rig-catch-bandit")
-            .env_runners(num_env_runners=0, num_envs_per_env_runner=PEER_ENVS,
-                         rollout_fragment_length="auto")  # fmt: skip
-            .training(lr=PEER_LR, train_batch_size_per_learner=batch,
-                      minibatch_size=min(PEER_MINIBATCH, batch), num_epochs=PEER_EPOCHS)  # fmt: skip
-            .debugging(seed=seed)
-        ).build_algo()
+        algo = peer_config("rig-catch-bandit", {}, batch, min(PEER_MINIBATCH, batch),
+                           PEER_EPOCHS, seed).build_algo()  # fmt: skip
         module = algo.get_module()
         obs = torch.as_tensor(held_frames, dtype=torch.float32) / 128.0 - 1.0  # NormalizedImageEnv
 

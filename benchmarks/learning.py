@@ -243,6 +243,26 @@ def _peer_env(env_config: dict[str, Any]) -> gym.Env:
     return NormalizedImageEnv(_EpisodeReturns(make_env(env_config)))
 
 
+def peer_config(
+    env: str, env_config: dict[str, Any], batch: int, minibatch: int, epochs: int, seed: int,
+    lr: float = PEER_LR,
+):  # fmt: skip
+    """The peer's ``PPOConfig`` (module doc): RLlib's defaults but for lr, ``PEER_ENVS`` envs
+    stepping in the driver, the train batch, minibatch and epochs, on the registered ``env``."""
+    from ray.rllib.algorithms.ppo import PPOConfig
+
+    return (
+        PPOConfig()
+        .environment(env, env_config=env_config)
+        .env_runners(
+            num_env_runners=0, num_envs_per_env_runner=PEER_ENVS, rollout_fragment_length="auto"
+        )
+        .training(lr=lr, train_batch_size_per_learner=batch, minibatch_size=minibatch,
+                  num_epochs=epochs)  # fmt: skip
+        .debugging(seed=seed)
+    )
+
+
 def run_peer_here(
     env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
     epochs: int = PEER_EPOCHS, threads: int = 1,
@@ -251,7 +271,6 @@ def run_peer_here(
     ``{"points": [[env steps, mean return, episodes]], "rllib_return_mean": [[env steps, v]]}``."""
     import ray
     import torch
-    from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.utils.metrics import (
         ENV_RUNNER_RESULTS,
         EPISODE_RETURN_MEAN,
@@ -265,20 +284,8 @@ def run_peer_here(
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     points, rllib_means, sampled = [], [], 0
     try:
-        config = (
-            PPOConfig()
-            .environment(PEER_ENV, env_config={"id": env, "size": size, "kwargs": kwargs})
-            .env_runners(
-                num_env_runners=0, num_envs_per_env_runner=PEER_ENVS, rollout_fragment_length="auto"
-            )
-            .training(
-                lr=PEER_LR,
-                train_batch_size_per_learner=plan["batch"],
-                minibatch_size=plan["minibatch"],
-                num_epochs=epochs,
-            )
-            .debugging(seed=seed)
-        )
+        config = peer_config(PEER_ENV, {"id": env, "size": size, "kwargs": kwargs},
+                             plan["batch"], plan["minibatch"], epochs, seed)  # fmt: skip
         algo = config.build_algo()
         _FINISHED.clear()  # episodes of the spaces-probing env, if any
         while sampled < steps:
