@@ -50,6 +50,13 @@ def bandit_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndar
     return frames, offsets + 1
 
 
+def held_out_set(seed: int, n: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The fixed held-out frames of ``seed``, their catching actions, and the share of the most
+    common one (the best a policy that ignores the frame can score)."""
+    frames, best = bandit_frames(np.random.default_rng(10_000 + seed), n)
+    return frames, best, float(np.bincount(best).max() / n)
+
+
 def run(
     mode: str, seed: int, iterations: int, batch: int, config_path: Path, held_out: int = 256
 ) -> tuple[list[float], float]:
@@ -74,7 +81,7 @@ def run(
     cfg = config.ppo
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    held_frames, held_best = bandit_frames(np.random.default_rng(10_000 + seed), held_out)
+    held_frames, held_best, blind = held_out_set(seed, held_out)
     task = config.policy.task
 
     def accuracy() -> float:
@@ -96,7 +103,7 @@ def run(
         )  # fmt: skip
         ppo_update(engine, policy, None, exp, cfg, gen)
         curve.append(accuracy())
-    return curve, float(np.bincount(held_best).max() / len(held_best))
+    return curve, blind
 
 
 class BanditEnv(gym.Env):
@@ -120,7 +127,8 @@ class BanditEnv(gym.Env):
         return frames[0], 1.0 if int(action) == self._best else -1.0, True, False, {}
 
 
-def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> list[float]:
+def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256
+              ) -> tuple[list[float], float]:  # fmt: skip
     """RLlib's PPO (the learning benchmark's peer settings) on the bandit; held-out greedy
     accuracy before the first and after each train call."""
     import logging
@@ -131,7 +139,7 @@ def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> li
     from ray.rllib.env.wrappers.atari_wrappers import NormalizedImageEnv
     from ray.tune.registry import register_env
 
-    held_frames, held_best = bandit_frames(np.random.default_rng(10_000 + seed), held_out)
+    held_frames, held_best, blind = held_out_set(seed, held_out)
     register_env("rig-catch-bandit", lambda cfg: NormalizedImageEnv(BanditEnv(cfg)))
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
@@ -152,7 +160,7 @@ def run_rllib(seed: int, iterations: int, batch: int, held_out: int = 256) -> li
         algo.stop()
     finally:
         ray.shutdown()
-    return curve
+    return curve, blind
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
@@ -177,9 +185,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, list[float]]]:
         for mode in modes:
             start = time.perf_counter()
             if mode == "rllib":
-                curve = run_rllib(seed, args.iterations, args.batch, args.held_out)
-                held = bandit_frames(np.random.default_rng(10_000 + seed), args.held_out)[1]
-                blind = float(np.bincount(held).max() / len(held))
+                curve, blind = run_rllib(seed, args.iterations, args.batch, args.held_out)
             else:
                 curve, blind = run(mode, seed, args.iterations, args.batch, args.config,
                                    args.held_out)
