@@ -13,6 +13,9 @@ each iteration, per mode:
 * ``head``: as ``rig train`` runs (the action head, rl/heads.py, learns);
 * ``no-head``: the action head frozen at zero, the policy reads the frame through the LM head
   alone (the policy before the action head);
+* ``frozen-trunk``: the LM, vision path and world heads frozen at initialisation, only the
+  value and action heads learn (a linear policy on the untrained standardised state: how fast
+  the heads alone read the frame; use a higher ``learner.lr`` in ``--config``, e.g. 1e-3);
 * ``rllib``: the learning benchmark's peer on the same bandit: RLlib's PPO with its default CNN
   and the peer's settings (benchmarks/learning.py: lr 3e-4, minibatch 128, 10 epochs, 8 envs,
   frames as ``NormalizedImageEnv`` gives them), train batches of ``--batch`` one-step episodes,
@@ -22,7 +25,7 @@ It also prints the share of the most common answer among the held-out frames (wh
 that ignores the frame can score at best). docs/benchmarks.md ("Learning")
 records what it printed.
 
-    python benchmarks/catch_bandit.py [--iterations 15] [--batch 512] [--seeds 0] [--modes head,no-head,rllib]
+    python benchmarks/catch_bandit.py [--iterations 15] [--batch 512] [--seeds 0] [--modes head,no-head,frozen-trunk,rllib]
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # learning.py's peer settings
 
-MODES = ("head", "no-head", "rllib")
+MODES = ("head", "no-head", "frozen-trunk", "rllib")
 
 
 def bandit_frames(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +76,13 @@ def run(
     policy.model.model.vqmodel.requires_grad_(False)
     learner = config.learner.model_dump()
     learner["device"] = "cpu"
+    if mode == "frozen-trunk":
+        policy.model.requires_grad_(False)
+        policy.world.requires_grad_(False)
+        learner["lr_scales"] = {k: v for k, v in learner["lr_scales"].items()
+                                if k.startswith(("value_head", "action_head"))}  # fmt: skip
+        learner["warmup_skip"] = [k for k in learner["warmup_skip"]
+                                  if k.startswith(("value_head", "action_head"))]  # fmt: skip
     if mode == "no-head":
         policy.action_head.requires_grad_(False)
         learner["warmup_skip"] = [k for k in learner["warmup_skip"] if k != "action_head"]

@@ -7,6 +7,7 @@ import json
 import types
 
 import pytest
+import torch
 import typer
 
 from rig import bench, cli
@@ -296,6 +297,34 @@ def test_catch_bandit_runs_the_real_update_in_both_modes(capsys):
     assert "frame-blind best" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         catch_bandit.main(["--modes", "both"])
+
+
+def test_catch_bandit_frozen_trunk_moves_only_the_heads(monkeypatch):
+    """--modes frozen-trunk: after an update the LM and vision weights are the initial ones and
+    the action head has moved off zero."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import catch_bandit
+    from rl.policy import RigPolicy
+
+    made = []
+    build = RigPolicy.from_preset.__func__
+
+    def keep(cls, *args, **kwargs):
+        made.append(build(cls, *args, **kwargs))
+        made.append({k: v.clone() for k, v in made[-1].model.state_dict().items()})
+        return made[-2]
+
+    monkeypatch.setattr(RigPolicy, "from_preset", classmethod(keep))
+    (mode, _, curve), = catch_bandit.main(["--iterations", "1", "--batch", "8", "--held-out",
+                                           "8", "--modes", "frozen-trunk"])  # fmt: skip
+    policy, before = made
+    assert mode == "frozen-trunk" and len(curve) == 2
+    after = policy.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert float(policy.action_head.weight.abs().sum()) > 0
 
 
 def test_frame_signal_critic_probes():
