@@ -307,6 +307,7 @@ def test_catch_bandit_frozen_trunk_moves_only_the_heads(monkeypatch):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import catch_bandit
+
     from rl.policy import RigPolicy
 
     made = []
