@@ -79,14 +79,14 @@ def run(
     if mode == "frozen-trunk":
         policy.model.requires_grad_(False)
         policy.world.requires_grad_(False)
-        learner["lr_scales"] = {k: v for k, v in learner["lr_scales"].items()
-                                if k.startswith(("value_head", "action_head"))}  # fmt: skip
-        learner["warmup_skip"] = [k for k in learner["warmup_skip"]
-                                  if k.startswith(("value_head", "action_head"))]  # fmt: skip
     if mode == "no-head":
         policy.action_head.requires_grad_(False)
-        learner["warmup_skip"] = [k for k in learner["warmup_skip"] if k != "action_head"]
-        learner["lr_scales"] = {k: v for k, v in learner["lr_scales"].items() if k != "action_head"}
+    # the engine refuses lr_scales/warmup_skip keys that name no trainable parameter: drop the
+    # ones the mode froze
+    trainable = [n for n, q in policy.named_parameters() if q.requires_grad]
+    names = lambda key: any(n.startswith(key) for n in trainable)  # noqa: E731
+    learner["lr_scales"] = {k: v for k, v in learner["lr_scales"].items() if names(k)}
+    learner["warmup_skip"] = [k for k in learner["warmup_skip"] if names(k)]
     engine = PlainTorchEngine(policy, LearnerConfig(**learner))
     cfg = config.ppo
     rng = np.random.default_rng(seed)
