@@ -13,7 +13,9 @@ next frames' VQ codes appended) gives everything the losses need::
     continue    BCE of the continue head against 1 - terminated
 
 combined by name with ``loss_scales`` (rl.losses.combine: a missing or unknown name is an error).
-The frozen reference is evaluated under ``torch.no_grad`` on the same rows.
+The frozen reference is evaluated under ``torch.no_grad`` on the same rows. Before the first
+optimiser step, ``sync_health`` re-scores a sample of the rows that acted with the learner's
+current weights: the sync-health alarm (``sync/logp_abs_diff_mean`` / ``_max``).
 """
 
 from __future__ import annotations
@@ -149,6 +151,42 @@ def normalize(exp: Experience) -> Experience:
     return exp
 
 
+def sync_health(
+    policy: RigPolicy, exp: Experience, version: int, rows: int, chunk: int
+) -> dict[str, float]:
+    """The sync-health alarm: ``sync/logp_abs_diff_mean`` and ``sync/logp_abs_diff_max``, the
+    mean and max over sampled tokens that had a choice (``evaluate``'s ``choice_mask``) of
+    |log-prob recorded at act time - log-prob under the learner's weights|, on up to ``rows``
+    rows that acted with weights ``version`` (the learner's current ones: older rows differ by
+    design), and ``sync/logp_rows_checked``. Actors on the learner's weights give float noise
+    (fp32 on Catch: mean 8e-8, max 2.4e-7); stale, half-loaded or differently cast weights give
+    far more. No rows checked (none of this version): only the count. ``rows`` 0: nothing.
+
+    The rows are drawn by a generator of their own (seeded by ``version``) and scored ``chunk``
+    at a time in eval mode (as actors act), without gradients and with frozen statistics, so the
+    update that follows is the same bit for bit with the check on or off."""
+    if rows == 0:
+        return {}
+    eligible = (exp.versions == version).nonzero().squeeze(1)  # (E,) row indices
+    draw = torch.randperm(len(eligible), generator=torch.Generator().manual_seed(version))
+    picked = eligible[draw[:rows]]
+    out = {"sync/logp_rows_checked": float(len(picked))}
+    if not len(picked):
+        return out
+    diffs = []
+    policy.eval()
+    with torch.no_grad(), frozen_statistics(policy):
+        for part in picked.split(chunk):
+            act = exp.act[part].to(policy.device)
+            res = policy.evaluate(act)
+            diff = (res["log_probs"] - act.log_probs).abs()  # (b, L)
+            diffs.append(diff[res["choice_mask"]].float().cpu())
+    if (d := torch.cat(diffs)).numel():
+        out["sync/logp_abs_diff_mean"] = float(d.mean())
+        out["sync/logp_abs_diff_max"] = float(d.max())
+    return out
+
+
 def ppo_update(
     engine: Any,
     policy: RigPolicy,
@@ -156,15 +194,19 @@ def ppo_update(
     exp: Experience,
     cfg: PPOConfig,
     generator: torch.Generator,
+    version: int,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
     engine accumulates and clips as configured). Each epoch splits the batch into
     near-equal minibatches, a whole number of accumulation cycles, so every optimiser step sees
     as many rows as the others and no partial accumulation outlives the update (the weights
-    are published right after it). Returns metrics averaged over minibatches, plus
-    ``learner/optimizer_steps``, ``learner/grad_norm`` (last), the raw advantage statistics
-    (``advantage_stats``) and, where the engine keeps whole gradients (ZeRO 0), each term's
+    are published right after it). ``version`` is the weights version the policy holds now.
+    Returns metrics averaged over minibatches, plus ``learner/optimizer_steps``,
+    ``learner/grad_norm`` (last), the raw advantage statistics (``advantage_stats``), the
+    sync-health alarm on ``cfg.sync_check_rows`` rows of this version before the first step
+    (``sync_health``) and, where the engine keeps whole gradients (ZeRO 0), each term's
     gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``)."""
+    sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
         exp = normalize(exp)
@@ -202,6 +244,7 @@ def ppo_update(
     policy.eval()
     out = {k: sums[k] / counts[k] for k in sums}
     out.update(raw)
+    out.update(sync)
     out.update(term_norms or {})
     out["learner/optimizer_steps"] = float(steps)
     out["learner/grad_norm"] = grad_norm
@@ -216,5 +259,5 @@ def _to(exp: Experience, device: torch.device) -> Experience:
 
 __all__ = [
     "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize", "ppo_update",
-    "term_grad_norms",
+    "sync_health", "term_grad_norms",
 ]  # fmt: skip

@@ -216,6 +216,11 @@ class PPOConfig(Section):
     kl_estimator: Literal["k1", "k2", "k3"] = Field(description="KL-to-reference estimator")
     normalize_advantages: bool = Field(description="standardise advantages over the batch")
     max_policy_lag: int = Field(ge=0, description="drop samples older than this many versions")
+    sync_check_rows: int = Field(
+        ge=0,
+        description="rows per update whose act-time log-probs are recomputed with the learner's "
+        "weights (sync/logp_abs_diff_*: actors on wrong weights show at once); 0 turns it off",
+    )
     loss_scales: dict[str, float] = Field(description="weight of each loss term, by name")
 
     @field_validator("loss_scales")

@@ -415,7 +415,7 @@ class Trainer:
             if parts:
                 exp = Experience.concat(parts, self.policy.ids.pad)
                 metrics.update(ppo_update(self.engine, self.policy, self.reference, exp,
-                                          cfg.ppo, self.generator))  # fmt: skip
+                                          cfg.ppo, self.generator, c.version))  # fmt: skip
                 self._check_finite(metrics)
                 metrics["learner/samples_per_s"] = (
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)

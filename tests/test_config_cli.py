@@ -85,6 +85,8 @@ def test_every_preset_validates():
         (["env.vectorization=threads"], "env.vectorization: Input should be 'sync' or 'async'"),
         (["env.kwargs={lenght: 3}"], "env.kwargs.lenght: rig/Crafter-v0 takes no argument 'lenght'"),
         (["nonsense"], "override 'nonsense' is not of the form section.key=value"),
+        (["ppo.sync_check_rows=-1"], "command line: ppo.sync_check_rows: Input should be greater than or equal to 0 (got -1)"),
+        (["ppo.sync_check_rows=all"], "command line: ppo.sync_check_rows: Input should be a valid integer (got 'all')"),
     ],
 )
 def test_bad_overrides(capsys, args, expected):

@@ -118,7 +118,7 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
     cfg = PPOConfig(
         gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=3,
         reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=True, max_policy_lag=1,
+        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
         loss_scales={n: 1.0 for n in LOSS_NAMES},
     )  # fmt: skip
     engine = PlainTorchEngine(policy, LearnerConfig(
@@ -126,7 +126,7 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
         grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
     ))  # fmt: skip
     before = {k: v.clone() for k, v in policy.state_dict().items()}
-    metrics = ppo_update(engine, policy, reference, exp, cfg, torch.Generator().manual_seed(0))
+    metrics = ppo_update(engine, policy, reference, exp, cfg, torch.Generator().manual_seed(0), 0)
     for name in LOSS_NAMES:
         assert np.isfinite(metrics[f"loss/{name}"]), name
     assert metrics["learner/optimizer_steps"] == 4  # 2 epochs x ceil(6 / 3)
@@ -162,7 +162,8 @@ def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
     cfg = PPOConfig(
         gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
         reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=True, max_policy_lag=1, loss_scales={n: 1.0 for n in LOSS_NAMES},
+        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
+        loss_scales={n: 1.0 for n in LOSS_NAMES},
     )  # fmt: skip
     results = []
     for stage in (0, 1, 2):
@@ -172,7 +173,8 @@ def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
             zero_stage=stage, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
             grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
         ))  # fmt: skip
-        metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0))
+        metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0),
+                             0)  # fmt: skip
         results.append((metrics["loss/total"], engine.published_state_dict()))
     (loss0, state0), *others = results
     assert all(torch.isfinite(v).all() for v in state0.values())
@@ -235,7 +237,7 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
     cfg = PPOConfig(
         gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=1, minibatch_size=n,
         reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=True, max_policy_lag=0, loss_scales=scales,
+        normalize_advantages=True, max_policy_lag=0, sync_check_rows=0, loss_scales=scales,
     )  # fmt: skip
     engine = PlainTorchEngine(policy, LearnerConfig(
         zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
@@ -249,10 +251,103 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
         exp = real_experience(act, rewards, np.ones(n, bool), np.zeros(n, bool), np.arange(n),
                               torch.zeros(n), codes, np.zeros(n, np.int64), 0.99, 0.95)  # fmt: skip
         torch.testing.assert_close(exp.returns, torch.as_tensor(rewards), atol=1e-4, rtol=0)  # 1 step
-        metrics = ppo_update(engine, policy, None, exp, cfg, gen)
+        metrics = ppo_update(engine, policy, None, exp, cfg, gen, 0)
         if metrics["value/explained_variance"] > 0.95:
             break
     assert metrics["value/explained_variance"] > 0.95, metrics["value/explained_variance"]
     for key in ("advantage/mean", "advantage/std", "returns/std", "grad_norm/value"):
         assert np.isfinite(metrics[key]), key
     assert "grad_norm/policy" not in metrics  # a term at scale 0 costs no extra backward
+
+
+# -- the sync-health alarm (learner/ppo.py sync_health) --------------------------------------------
+
+
+def _acted(policy, versions, seed=3) -> Experience:
+    """Real rows the policy itself acted (3 reasoning tokens each), one chunk per row, acting
+    with the weights versions ``versions``."""
+    from rl.imagine import frame_codes
+
+    n = len(versions)
+    frames = np.random.default_rng(seed).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        act = policy.act(frames, "collect wood", 3, 1.0, torch.Generator().manual_seed(seed))
+    return real_experience(
+        act, np.zeros(n, np.float32), np.ones(n, bool), np.zeros(n, bool), np.arange(n),
+        torch.zeros(n), frame_codes(policy, frames), np.asarray(versions, np.int64), 0.99, 0.95,
+    )  # fmt: skip
+
+
+def _ppo(rows: int):
+    from learner.ppo import PPOConfig
+    from rl.losses import LOSS_NAMES
+
+    return PPOConfig(
+        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=1, minibatch_size=4,
+        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
+        normalize_advantages=True, max_policy_lag=0, sync_check_rows=rows,
+        loss_scales={n: 1.0 for n in LOSS_NAMES},
+    )  # fmt: skip
+
+
+def test_sync_health_is_near_zero_on_the_weights_that_acted(tiny_policy):
+    """Rows acted by the learner's own weights: |act - evaluate| is float noise; only rows of the
+    learner's version count (version 2's differ by design), at most ``rows`` of them."""
+    from learner.ppo import sync_health
+
+    exp = _acted(tiny_policy, [3, 3, 2, 3, 3, 2])
+    m = sync_health(tiny_policy, exp, 3, 64, 3)
+    assert m["sync/logp_rows_checked"] == 4
+    assert m["sync/logp_abs_diff_mean"] < 1e-4 and m["sync/logp_abs_diff_max"] < 1e-3, m
+    assert sync_health(tiny_policy, exp, 3, 2, 3)["sync/logp_rows_checked"] == 2
+    assert sync_health(tiny_policy, exp, 7, 64, 3) == {"sync/logp_rows_checked": 0.0}
+
+
+def test_sync_health_shows_actors_on_other_weights(tiny_policy):
+    """The alarm fires: log-probs recorded 0.5 off on every sampled token read 0.5, and a learner
+    whose weights moved since the actors acted reads far above float noise."""
+    import copy
+
+    from learner.ppo import sync_health
+
+    exp = _acted(tiny_policy, [1] * 4)
+    shifted = copy.copy(exp)
+    shifted.act = copy.copy(exp.act)
+    shifted.act.log_probs = exp.act.log_probs - 0.5 * exp.act.token_mask
+    m = sync_health(tiny_policy, shifted, 1, 64, 4)
+    assert m["sync/logp_abs_diff_mean"] == pytest.approx(0.5, abs=1e-4)
+    assert m["sync/logp_abs_diff_max"] == pytest.approx(0.5, abs=1e-3)
+
+    moved = copy.deepcopy(tiny_policy)
+    with torch.no_grad():
+        moved.model.lm_head.weight.add_(0.05 * torch.randn_like(moved.model.lm_head.weight))
+    m = sync_health(moved, exp, 1, 64, 4)
+    assert m["sync/logp_abs_diff_mean"] > 1e-2 and m["sync/logp_abs_diff_max"] > 0.1, m
+
+
+def test_sync_check_changes_no_bit_of_the_update(tiny_policy):
+    """ppo_update with the check on (every row) and off (0: no sync/* metric at all) from the
+    same weights and generator state: the same weights, losses and generator state after."""
+    import copy
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+
+    exp = _acted(tiny_policy, [5] * 6)
+    runs = []
+    for rows in (64, 0):
+        policy = copy.deepcopy(tiny_policy)
+        policy.model.model.vqmodel.requires_grad_(False)
+        engine = PlainTorchEngine(policy, LearnerConfig(
+            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+        ))  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        metrics = ppo_update(engine, policy, None, copy.copy(exp), _ppo(rows), gen, 5)
+        runs.append((metrics, policy.state_dict(), gen.get_state()))
+    (on, state_on, gen_on), (off, state_off, gen_off) = runs
+    assert on["sync/logp_rows_checked"] == 6 and on["sync/logp_abs_diff_mean"] < 1e-4
+    assert not any(k.startswith("sync/") for k in off)
+    assert {k: v for k, v in on.items() if not k.startswith("sync/")} == off
+    assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
+    assert torch.equal(gen_on, gen_off)
