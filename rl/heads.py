@@ -1,18 +1,25 @@
 """The value and action heads: linear read-outs of the decision state, standardised per feature.
 
-Why standardised. At ``<reasoning>`` the LM's hidden state (after its final RMSNorm, norm
-sqrt(D)) is mostly one vector shared by every frame; what the frame changes is a few percent of
-it (on Catch from scratch: across-frame std 0.03 per feature against values of order 1). A
-linear head on the raw state is badly conditioned: it learns slowly, and the noise it starts
-with (a random read-out uncorrelated with the return) is cheapest to remove by shrinking the
-frame's share of the state, which the trunk then does within 50 optimiser steps (the across-frame
-std falls 40x, and the critic's explained variance stays at 0). Standardised per feature, the
-same state is linearly read at once (a ridge fit on it has EV 1.00 on Catch at initialisation)
-and a zero-initialised linear head fits returns in tens of steps, so the gradient that reaches
-the trunk points along the frame's features instead of against them. This is the read-out
-equivalent of observation normalisation (VecNormalize, DreamerV3's symlog inputs) applied where
-the head reads, and of LP-FT's "fit the head before the trunk moves" (with
-``learner.warmup_skip: [value_head]``). docs/benchmarks.md ("Learning") has the measurements.
+The decision state is the LM's hidden states at the current frame's image columns
+(``RigPolicy.state_features``), pooled to at most 4x4 cells and flattened: where a frame is
+mostly itself, as a CNN's feature map keeps each place apart. (Until 2026-12-02 it was the one
+state at ``<reasoning>``, where uniform attention averaged the few tokens a frame changes with
+the many it does not: on Catch the frame was a few percent of it.)
+
+Why standardised. Most features of that state are shared by every frame (after the LM's final
+RMSNorm they are of order 1); what the frame changes is a part of them (on Catch from scratch
+0.12-0.23 across frames on the ball's and paddle's columns, 0.001-0.008 elsewhere). A linear
+head on the raw state is badly conditioned: it learns slowly, and the noise it starts with (a
+random read-out uncorrelated with the return) is cheapest to remove by shrinking the frame's
+share of the state, which the trunk then does within 50 optimiser steps. Standardised per
+feature, the same state is linearly read at once and a zero-initialised linear head fits
+returns in tens of steps, so the gradient that reaches the trunk points along the frame's
+features instead of against them. This is the read-out equivalent of observation
+normalisation (VecNormalize, DreamerV3's symlog inputs) applied where the head reads, and of
+LP-FT's "fit the head before the trunk moves" (with ``learner.warmup_skip: [value_head]``).
+The variance floor (``eps``; the policy's is 1e-2, a scale of at least 0.1) keeps a feature
+that hardly varies from being blown up: there, a small drift of the trunk would move every
+frame's standardised state at once. docs/benchmarks.md ("Learning") has the measurements.
 
 The statistics are buffers (saved in ``rig_heads.safetensors`` and published with the weights),
 updated only by forwards that train (``module.training`` and grad enabled: the learner's
@@ -84,9 +91,9 @@ class ValueHead(nn.Module):
     linear layer (V = 0 before the first update, whatever the statistics). ``norm`` is also the
     :class:`ActionHead`'s input; ``read`` takes an already standardised state."""
 
-    def __init__(self, hidden: int, momentum: float = 0.01):
+    def __init__(self, hidden: int, momentum: float = 0.01, eps: float = 1e-4):
         super().__init__()
-        self.norm = RunningStandardize(hidden, momentum)
+        self.norm = RunningStandardize(hidden, momentum, eps)
         self.out = nn.Linear(hidden, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -103,7 +110,7 @@ class ActionHead(nn.Module):
 
     The action is text: the LM head's logits over the tokens the trie allows (``rl.constrained``).
     This head adds to each allowed token's logit ``w_e . z``, where ``z`` is the standardised
-    state at ``<reasoning>`` (the value head's :class:`RunningStandardize`, so one set of
+    decision state (the value head's :class:`RunningStandardize`, so one set of
     statistics) and ``w_e`` a weight vector per choice edge ``e`` of the trie (E of them: every
     child of every node with more than one child). Zero-initialised, so a checkpoint's policy is
     unchanged until RL moves it.

@@ -107,6 +107,41 @@ def shown(frames: Tensor, history_frames: Tensor, history_mask: Tensor) -> Tenso
     return stacked[real.to(stacked.device)]
 
 
+HEAD_GRID = 4
+"""The value and action heads read the current frame's image positions average-pooled to at most
+``HEAD_GRID x HEAD_GRID`` cells (the tiny preset's 4x4 grid as it is, Janus-1.3B's 24x24 in 6x6
+blocks): see :meth:`RigPolicy.state_features`."""
+
+HEAD_EPS = 1e-2
+"""The variance floor of the heads' standardisation: a feature's scale is at least 0.1. Most of
+a frame's columns hardly change between frames (Catch: across-frame std 0.001-0.008 off the
+ball's and paddle's columns, 0.12-0.23 on them, at initialisation); at a floor of 0.01 a drift
+of the trunk of 0.01 in those features became a unit change of the standardised state of every
+frame at once, and the critic diverged (``tests/test_conditioning.py``: explained variance
+-24 after 200 steps)."""
+
+
+def frame_columns(col: Tensor, image_tokens: int) -> Tensor:
+    """(B,) column of each row's first ``<reasoning>`` -> (B, G) int64 columns of the current
+    frame's ``<image>`` placeholders (a prompt ends ``<observation> <image> x G <end>
+    <reasoning>``)."""
+    return col[:, None] - image_tokens - 1 + torch.arange(image_tokens, device=col.device)
+
+
+def frame_features(full: Tensor, col: Tensor, image_tokens: int, grid: int) -> Tensor:
+    """(B, T, D) hidden states, (B,) first ``<reasoning>`` column -> (B, c * c * D) float32: the
+    current frame's G image columns, average-pooled from the sqrt(G) x sqrt(G) grid to c x c
+    cells (c = min(``grid``, sqrt(G))), flattened cell by cell in row-major order."""
+    g = round(image_tokens**0.5)
+    rows = torch.arange(len(col), device=full.device)[:, None]
+    img = full[rows, frame_columns(col.to(full.device), image_tokens)].float()  # (B, G, D)
+    if grid < g:
+        B, _, D = img.shape
+        cells = nn.functional.adaptive_avg_pool2d(img.transpose(1, 2).reshape(B, D, g, g), grid)
+        img = cells.flatten(2).transpose(1, 2)  # (B, grid * grid, D)
+    return img.flatten(1)
+
+
 def value_columns(prompt_ids: Tensor, prompt_mask: Tensor, prompt_codes: Tensor,
                   reasoning_id: int) -> Tensor:
     """(B,) int64 column of each row's first ``<reasoning>``, where the value head reads."""
@@ -273,6 +308,7 @@ class _Stream:
         hidden, self.cache = policy.hidden(None, mask, positions(mask), use_cache=True,
                                            inputs_embeds=embeds)  # fmt: skip
         self.h = hidden[:, -1]  # (B, D) the state that predicts the next column
+        self.prompt_hidden = hidden  # (B, P, D): the prompt's, where the heads read the frame
         self.cols: list[tuple[Tensor, Tensor, Tensor]] = [(ids, mask, codes)]
         self.mask = mask
 
@@ -322,8 +358,8 @@ class _Decision:
 
 
 class RigPolicy(nn.Module):
-    """Janus model + tokenizer + action trie + value head (an MLP on the ``<action>`` hidden state)
-    + world heads (reward and continue after an imagined frame, ``rl.imagine.WorldHeads``).
+    """Janus model + tokenizer + action trie + value and action heads (standardised linear
+    read-outs of the current frame's columns, :meth:`state_features`, ``rl.heads``) + world heads (reward and continue after an imagined frame, ``rl.imagine.WorldHeads``).
 
     Args:
         model: a ``JanusForConditionalGeneration`` (``rl.model.build_model`` or a checkpoint).
@@ -349,10 +385,16 @@ class RigPolicy(nn.Module):
         self.image_size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
         hidden = int(model.config.text_config.hidden_size)
+        grid = round(self.image_tokens**0.5)
+        if grid * grid != self.image_tokens:
+            raise ValueError(f"{self.image_tokens} image tokens per frame are not a square grid")
+        self.head_grid = min(grid, HEAD_GRID)
+        self.head_features = self.head_grid**2 * hidden  # what the value and action heads read
         self.vocab_size = int(model.config.text_config.vocab_size)
         param = next(model.parameters())
-        self.value_head = ValueHead(hidden).to(param.device)  # standardised read-out (rl.heads)
-        self.action_head = ActionHead(*self.trie.choice_edges(), hidden).to(param.device)
+        features = self.head_features  # standardised read-outs of the frame (rl.heads)
+        self.value_head = ValueHead(features, eps=HEAD_EPS).to(param.device)
+        self.action_head = ActionHead(*self.trie.choice_edges(), features).to(param.device)
         self.world = WorldHeads(hidden).to(param.device)
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -413,6 +455,16 @@ class RigPolicy(nn.Module):
                               "fresh (the world heads are loaded)", stacklevel=2)  # fmt: skip
             for key in ACTION_HEAD_KEYS - set(state):  # saved before rl.heads.ActionHead:
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
+            read = state.get("value_head.out.weight")
+            if read is not None and read.shape[-1] == model.config.text_config.hidden_size \
+                    and read.shape != heads["value_head.out.weight"].shape:  # fmt: skip
+                # saved when the heads read the one state at <reasoning>: fresh value and
+                # action heads (zero: the same policy), the world heads loaded
+                state.update({k: v for k, v in heads.items()
+                              if k.startswith(("value_head.", "action_head."))})  # fmt: skip
+                warnings.warn(f"{file} holds value and action heads that read the state at "
+                              "<reasoning>: they start fresh on the frame's columns (the world "
+                              "heads are loaded)", stacklevel=2)  # fmt: skip
             if set(state) != set(heads) or any(state[k].shape != heads[k].shape for k in heads):
                 raise CheckpointError(
                     f"{file} does not fit this policy (hidden size "
@@ -549,22 +601,32 @@ class RigPolicy(nn.Module):
         """(..., D) hidden -> (..., V) float32 logits (float32 on both sides: act == evaluate)."""
         return self.model.lm_head(hidden).float()
 
-    def value(self, hidden: Tensor) -> Tensor:
-        """(..., D) hidden at the first ``<reasoning>`` -> (...) float32 V(s)."""
-        return self.value_head(hidden)
+    def value(self, full: Tensor, col: Tensor) -> Tensor:
+        """(B, T, D) hidden states over the prompt, (B,) first ``<reasoning>`` column -> (B,)
+        float32 V(s)."""
+        return self.value_head.read(self.state_features(full, col))
 
-    def state_features(self, hidden: Tensor) -> Tensor:
-        """(..., D) hidden at the first ``<reasoning>`` -> (..., D) float32 standardised state,
-        what the value and action heads read (a training forward updates the statistics: call
-        it once per forward)."""
-        return self.value_head.norm(hidden)
+    def state_features(self, full: Tensor, col: Tensor) -> Tensor:
+        """(B, T, D) hidden states over the prompt, (B,) column of each row's first
+        ``<reasoning>`` -> (B, F) float32 standardised decision state, what the value and action
+        heads read: the hidden states at the current frame's G ``<image>`` columns, average-pooled
+        over the image grid to at most ``HEAD_GRID`` x ``HEAD_GRID`` cells and flattened
+        (F = cells x D). A training forward updates the statistics: call it once per forward.
+
+        Why the image columns and not the one state at ``<reasoning>``: there, uniform attention
+        averages the few tokens a frame changes with the many it does not (a Catch frame moves 2
+        of 16 image tokens; docs/benchmarks.md "Why Catch is hard"), so a frame is a few percent
+        of the state; at its own column an image token is mostly itself, as a CNN's feature map
+        keeps each place apart. Each column has attended to the task and the history before it,
+        so nothing the prompt says is lost."""
+        return self.value_head.norm(frame_features(full, col, self.image_tokens, self.head_grid))
 
     def decision_state(self, full: Tensor, batch: ActOutput) -> Tensor:
-        """(B, T, D) hidden states of ``forward_sequence(batch)`` -> (B, D) :meth:`state_features`
-        at each row's first ``<reasoning>`` (what act read after its prefill)."""
+        """(B, T, D) hidden states of ``forward_sequence(batch)`` -> (B, F) :meth:`state_features`
+        of each row's prompt (what act read after its prefill)."""
         col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
                             self.ids.reasoning).to(full.device)  # fmt: skip
-        return self.state_features(full[torch.arange(len(col), device=full.device), col])
+        return self.state_features(full, col)
 
     def action_log_softmax(
         self, logits: Tensor, nodes: Tensor, state: Tensor, temperature: float
@@ -614,7 +676,8 @@ class RigPolicy(nn.Module):
         frames_t = frames_t.to(dev)
         past, past_mask = history.frames.to(dev), history.mask.to(dev)
         stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
-        state = self.state_features(stream.h)  # at <reasoning>, before anything is sampled
+        last = torch.full((batch,), ids.shape[1] - 1, device=dev)  # every prompt ends <reasoning>
+        state = self.state_features(stream.prompt_hidden, last)  # before anything is sampled
         values = self.value_head.read(state)  # V(s)
 
         proposals, imagined = [], []
@@ -800,7 +863,7 @@ class RigPolicy(nn.Module):
         hidden = full[:, P - 1 : P + L - 1]  # (B, L, D) column j is predicted at P + j - 1
         nodes = self.trie.path_nodes(tokens, action)  # (B, L) trie node before each token
 
-        # Value: V(s) at the first <reasoning> of the prompt (act reads it after the prefill)
+        # Value: V(s) from the prompt's frame columns (act reads them after its prefill)
         state = self.decision_state(full, batch)
         values = self.value_head.read(state)  # (B,)
         rows = action.nonzero()[:, 0]  # the row of each action token, in mask order
@@ -842,7 +905,7 @@ class RigPolicy(nn.Module):
         past, past_mask = history.frames.to(self.device), history.mask.to(self.device)
         embeds = self.embed(ids, torch.zeros_like(mask), shown(frames_t, past, past_mask))
         hidden, _ = self.hidden(None, mask, positions(mask), inputs_embeds=embeds)
-        return self.value(hidden[:, -1])
+        return self.value(hidden, torch.full((batch,), ids.shape[1] - 1, device=hidden.device))
 
     # -- imagination --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The critic reads the frame: the check that would have caught the value head stuck at EV 0.
 
-On Catch frames with the ball one row above the paddle, the value (read where PPO reads it, at
-the first <reasoning>, through the learner engine with the catch preset's learner section)
+On Catch frames with the ball one row above the paddle, the value (read where PPO reads it, from
+the frame's columns of the prompt, through the learner engine with the catch preset's learner section)
 regresses onto ball column - paddle column, a function of the frame alone. Before rl.heads (an
 MLP on the raw state, the whole model at one rate) the trunk shrank the frame's share of the
 state within 50 steps and the explained variance stayed at 0.00 at lr 1e-4 to 1e-3
@@ -38,7 +38,7 @@ def test_the_value_learns_a_function_of_the_frame_through_the_trunk():
         ids, mask = policy.prompt("catch the ball", len(frames), none)
         embeds = policy.embed(ids, torch.zeros_like(mask), shown(frames, none.frames, none.mask))
         hidden, _ = policy.hidden(None, mask, positions(mask), inputs_embeds=embeds)
-        return policy.value(hidden[:, -1])
+        return policy.value(hidden, torch.full((len(frames),), ids.shape[1] - 1))
 
     policy.train()
     for _ in range(200):

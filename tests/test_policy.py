@@ -436,7 +436,7 @@ def test_the_action_head_steers_act_and_evaluate_scores_what_act_sampled(policy)
     col = value_columns(out.prompt_ids, out.prompt_mask, out.prompt_codes, policy.ids.reasoning)
     with torch.no_grad():
         full, _, _ = policy.forward_sequence(out)
-        z = policy.state_features(full[torch.arange(4), col])  # eval: no statistics update
+        z = policy.state_features(full, col)  # eval: no statistics update
     tokens, edges = policy.trie.choice_edges()
     root = [int(e) for e in edges[0] if e >= 0]
     saved = policy.action_head.weight.detach().clone()
@@ -454,3 +454,52 @@ def test_the_action_head_steers_act_and_evaluate_scores_what_act_sampled(policy)
     finally:
         with torch.no_grad():
             policy.action_head.weight.copy_(saved)
+
+
+def test_frame_features_are_the_current_frames_columns_pooled_on_the_image_grid():
+    """Against a loop: the G image columns before ``<end> <reasoning>``, cell means of the grid
+    in row-major order; nothing from any other column (task, history, ``<reasoning>``)."""
+    from rl.policy import frame_features
+
+    B, T, D, G = 3, 30, 5, 16
+    full = torch.randn(B, T, D, generator=torch.Generator().manual_seed(0))
+    col = torch.tensor([29, 25, 20])  # each row's first <reasoning>
+    for grid, size in ((4, 1), (2, 2), (1, 4)):  # cells of size x size image tokens
+        out = frame_features(full, col, G, grid)
+        want = []
+        for b in range(B):
+            img = full[b, col[b] - 1 - G : col[b] - 1].reshape(4, 4, D)  # row-major 4x4 grid
+            want.append(torch.stack([img[i : i + size, j : j + size].mean((0, 1))
+                                     for i in range(0, 4, size) for j in range(0, 4, size)]))  # fmt: skip
+        torch.testing.assert_close(out, torch.stack(want).flatten(1))
+    other = full.clone()
+    for b in range(B):  # every column but the frame's
+        keep = torch.zeros(T, dtype=torch.bool)
+        keep[col[b] - 1 - G : col[b] - 1] = True
+        other[b, ~keep] = 7.0
+    torch.testing.assert_close(frame_features(other, col, G, 4), frame_features(full, col, G, 4))
+
+
+def test_heads_that_read_the_reasoning_state_load_fresh_with_a_warning(tmp_path):
+    """A heads file from when the value and action heads read the one state at ``<reasoning>``
+    (D inputs) loads: world heads used, value and action heads fresh (V = 0, the LM's policy)."""
+    from safetensors.torch import load_file, save_file
+
+    from envs.crafter_env import crafter_codec
+    from rl.policy import HEADS_FILE, RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    with torch.no_grad():
+        policy.world.reward[-1].weight.normal_()
+    path = policy.save(tmp_path / "ckpt")
+    state = load_file(str(path / HEADS_FILE))
+    D = policy.model.config.text_config.hidden_size
+    assert policy.value_head.out.in_features == 16 * D  # the tiny grid, unpooled
+    state.update({"value_head.out.weight": torch.ones(1, D), "value_head.norm.mean": torch.ones(D),
+                  "value_head.norm.var": torch.ones(D),
+                  "action_head.weight": torch.ones(len(state["action_head.weight"]), D)})  # fmt: skip
+    save_file(state, str(path / HEADS_FILE))
+    with pytest.warns(UserWarning, match="state at <reasoning>"):
+        loaded = RigPolicy.load(path, crafter_codec())
+    torch.testing.assert_close(loaded.world.reward[-1].weight, policy.world.reward[-1].weight)
+    assert not loaded.value_head.out.weight.any() and not loaded.action_head.weight.any()
