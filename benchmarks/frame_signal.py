@@ -3,7 +3,8 @@
 A probe of the tiny policy at initialisation on Catch frames with the ball one row above the
 paddle row and the target y = ball column - paddle column (what the value and the policy must
 read). It collects the hidden state at the first ``<reasoning>`` (where ``RigPolicy.value``
-reads) for ``--train`` frames and reports, on ``--test`` held-out frames:
+read until 2026-12-02; it now reads the frame's columns) for ``--train`` frames and reports,
+on ``--test`` held-out frames:
 
 * ridge regression on it (closed form): how much of y is linearly in the state at all;
 * 300 Adam steps (lr 1e-3, batch 32) of a linear head and of the value head's MLP shape, on the
@@ -33,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def states_at_reasoning(policy, frames: np.ndarray) -> torch.Tensor:
-    """(n, D) hidden states at the first <reasoning> (where the heads read) of (n, H, W, 3)
-    uint8 frames at the policy's image size."""
+    """(n, D) hidden states at the first <reasoning> (where the heads read until 2026-12-02;
+    now ``RigPolicy.state_features``) of (n, H, W, 3) uint8 frames at the policy's image size."""
     from rl.policy import positions
 
     out = []

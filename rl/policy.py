@@ -214,7 +214,7 @@ class ActOutput:
     log_probs: Tensor  # (B, L) float32 log-prob of each sampled token, 0 elsewhere
     reasoning_mask: Tensor  # (B, L) bool sampled reasoning tokens (closing <end> included)
     action_mask: Tensor  # (B, L) bool sampled action tokens (closing <end> included)
-    values: Tensor  # (B,) float32 V(s): value at the first <reasoning> (the state's prompt)
+    values: Tensor  # (B,) float32 V(s) from the prompt's frame columns (nothing sampled)
     lookahead_actions: Tensor  # (B, n) int64 the actions proposed in the lookahead, in order
     imagined_frames: Tensor  # (B, n, H, W, 3) uint8 the lookahead's imagined frames, decoded
     prompt_length: int  # P
