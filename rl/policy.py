@@ -308,7 +308,9 @@ class _Stream:
         hidden, self.cache = policy.hidden(None, mask, positions(mask), use_cache=True,
                                            inputs_embeds=embeds)  # fmt: skip
         self.h = hidden[:, -1]  # (B, D) the state that predicts the next column
-        self.prompt_hidden = hidden  # (B, P, D): the prompt's, where the heads read the frame
+        last = torch.full((len(ids),), ids.shape[1] - 1, device=hidden.device)  # <reasoning>
+        # (B, F) what the heads read (RigPolicy.state_features), not the whole (B, P, D) prompt
+        self.frame = frame_features(hidden, last, policy.image_tokens, policy.head_grid)
         self.cols: list[tuple[Tensor, Tensor, Tensor]] = [(ids, mask, codes)]
         self.mask = mask
 
@@ -676,8 +678,7 @@ class RigPolicy(nn.Module):
         frames_t = frames_t.to(dev)
         past, past_mask = history.frames.to(dev), history.mask.to(dev)
         stream = _Stream(self, ids, mask, torch.zeros_like(mask), shown(frames_t, past, past_mask))
-        last = torch.full((batch,), ids.shape[1] - 1, device=dev)  # every prompt ends <reasoning>
-        state = self.state_features(stream.prompt_hidden, last)  # before anything is sampled
+        state = self.value_head.norm(stream.frame)  # state_features, before anything is sampled
         values = self.value_head.read(state)  # V(s)
 
         proposals, imagined = [], []
