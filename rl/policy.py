@@ -144,7 +144,8 @@ def frame_features(full: Tensor, col: Tensor, image_tokens: int, grid: int) -> T
 
 def value_columns(prompt_ids: Tensor, prompt_mask: Tensor, prompt_codes: Tensor,
                   reasoning_id: int) -> Tensor:
-    """(B,) int64 column of each row's first ``<reasoning>``, where the value head reads."""
+    """(B,) int64 column of each row's first ``<reasoning>``; the heads read the frame's
+    columns just before it (:func:`frame_columns`)."""
     first = (prompt_ids == reasoning_id) & prompt_mask & ~prompt_codes  # (B, P)
     if not bool(first.any(1).all()):
         raise ValueError("a prompt has no <reasoning> column to read the value at")
@@ -361,7 +362,8 @@ class _Decision:
 
 class RigPolicy(nn.Module):
     """Janus model + tokenizer + action trie + value and action heads (standardised linear
-    read-outs of the current frame's columns, :meth:`state_features`, ``rl.heads``) + world heads (reward and continue after an imagined frame, ``rl.imagine.WorldHeads``).
+    read-outs of the current frame's columns, :meth:`state_features`, ``rl.heads``) + world
+    heads (reward and continue after an imagined frame, ``rl.imagine.WorldHeads``).
 
     Args:
         model: a ``JanusForConditionalGeneration`` (``rl.model.build_model`` or a checkpoint).
