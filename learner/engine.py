@@ -13,7 +13,9 @@ the reference in tests and benchmarks. Both share one API::
 The update is the same in both: AdamW over the module's trainable parameters (frozen ones are
 never handed to the optimiser), weight decay on matrices only (nanoGPT's split: decaying biases
 and norm gains only shrinks them), gradient-norm clipping, and a learning rate that rises
-linearly over ``warmup_steps`` optimiser steps and then stays constant. The schedule is a torch
+linearly over ``warmup_steps`` optimiser steps and then stays constant (groups named by
+``warmup_skip`` start at the full rate; the others may first wait ``warmup_delay_steps`` at
+0). The schedule is a torch
 ``LambdaLR`` rather than DeepSpeed's ``WarmupLR``: its first step already uses ``lr / warmup``
 (WarmupLR's first step uses lr 0, a wasted update), the plain engine can use the very same
 object, and its ``state_dict`` round-trips through DeepSpeed checkpoints. Gradient accumulation
@@ -33,6 +35,7 @@ Recommended ``learner:`` section (CPU debug values; on a GPU cluster use ``zero_
       grad_clip: 1.0
       warmup_steps: 10
       warmup_skip: []      # name prefixes at full lr from step 1, e.g. [value_head] (fresh heads)
+      warmup_delay_steps: 0   # steps the others wait at lr 0 before their warmup (LP-FT)
       device: auto         # cuda (nccl) when a GPU is visible, else cpu (gloo)
 
 DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or oneCCL):
@@ -163,16 +166,19 @@ class _Engine:
                          list(config.warmup_skip)),
             lr=config.lr, betas=config.betas,
         )  # fmt: skip
-        warmup = config.warmup_steps
+        warmup, delay = config.warmup_steps, config.warmup_delay_steps
 
         def ramp(step: int) -> float:
-            return min(1.0, (step + 1) / warmup) if warmup else 1.0
+            if step < delay:  # LP-FT's linear probe: only the warmup_skip groups move
+                return 0.0
+            return min(1.0, (step - delay + 1) / warmup) if warmup else 1.0
 
         def full(step: int) -> float:
             return 1.0
 
-        # One factor per group: the trunk warms up, fresh heads (warmup_skip) do not, so they
-        # fit before the trunk moves much (LP-FT; rl/heads.py says why that matters).
+        # One factor per group: the trunk waits ``warmup_delay_steps`` and then warms up, fresh
+        # heads (warmup_skip) do neither, so they fit before the trunk moves much (LP-FT: Kumar
+        # et al. 2022, "fine-tuning can distort pretrained features"; rl/heads.py says why).
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             [full if g["warmup_skip"] else ramp for g in self.optimizer.param_groups],

@@ -182,6 +182,11 @@ class LearnerConfig(Section):
         description="parameter-name prefixes that skip the warmup (fresh heads fit while the "
         "trunk warms up), e.g. [value_head]",
     )
+    warmup_delay_steps: int = Field(
+        default=0, ge=0,
+        description="optimizer steps the groups outside warmup_skip wait at lr 0 before their "
+        "warmup: the heads fit on a still trunk first (LP-FT)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         description="auto: cuda if a GPU is visible, else cpu"
     )

@@ -279,6 +279,31 @@ def test_warmup_skip_gives_fresh_heads_the_full_rate_while_the_trunk_warms_up():
         PlainTorchEngine(nn.Linear(2, 2), config(warmup_skip=["head"]))
 
 
+def test_warmup_delay_holds_the_trunk_still_while_the_heads_fit_then_warms_it_up():
+    """``warmup_delay_steps=2``: the first layer's rate is 0 for two steps (its weights do not
+    move), then ramps over ``warmup_steps``; the ``warmup_skip`` layer is at the full rate
+    throughout; a save and load mid-delay resumes the same schedule."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = PlainTorchEngine(model, config(warmup_steps=2, warmup_skip=["1"], warmup_delay_steps=2))
+    start = model[0].weight.detach().clone()
+    rates = []
+    for step in range(5):
+        by_param = {id(p): g["lr"] for g in engine.optimizer.param_groups for p in g["params"]}
+        rates.append((by_param[id(model[0].weight)], by_param[id(model[1].weight)]))
+        engine.backward_step(model(torch.ones(2, 3)).sum())
+        if step == 1:
+            torch.testing.assert_close(model[0].weight, start, rtol=0, atol=0)
+            saved = engine.scheduler.state_dict()
+    trunk, head = zip(*rates, strict=True)
+    assert trunk == pytest.approx([0.0, 0.0, CPU["lr"] / 2, CPU["lr"], CPU["lr"]])
+    assert head == pytest.approx([CPU["lr"]] * 5)
+    again = PlainTorchEngine(nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)),
+                             config(warmup_steps=2, warmup_skip=["1"], warmup_delay_steps=2))
+    again.scheduler.load_state_dict(saved)  # saved after the delay's 2 steps: warmup step 1 next
+    assert again.scheduler.get_last_lr() == pytest.approx(
+        [CPU["lr"] if g["warmup_skip"] else CPU["lr"] / 2 for g in again.optimizer.param_groups])
+
+
 def test_lr_scales_give_a_prefix_its_own_learning_rate():
     """``lr_scales={"1": 10}``: the second layer (names ``1.weight``, ``1.bias``) steps at ten
     times the learning rate; decay stays on matrices only; an unknown prefix is an error."""
