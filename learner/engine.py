@@ -56,6 +56,19 @@ DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or 
   DeepSpeed config's ``"optimizer"`` section would build ``FusedAdam``/``DeepSpeedCPUAdam``,
   which compile C++/CUDA ops at first use.
 
+Checkpoints resume on any number of ranks. DeepSpeed's own layout (``mp_rank_00_model_states.pt``,
+one ``zero_pp_rank_<r>_..._optim_states.pt`` per rank under ZeRO 1-3, ``zero_to_fp32.py``) stays
+as it is, so DeepSpeed's tools read it; beside it rank 0 writes :data:`FULL_STATE`: the module
+state dict, the fp32 master weights and AdamW moments of every trainable parameter by name, the
+step, the schedule and the counters, gathered with DeepSpeed's ``safe_get_full_*`` API. A
+checkpoint saved by as many ranks as load it goes through DeepSpeed's loader (exact, each rank
+its partition); saved by another number, the full state is loaded and each rank keeps its part
+(``safe_set_full_*``): on one rank, across ZeRO stages, the same next step to the bit
+(tests/test_engine.py), across 2 and 1 ranks to float noise (tests/test_learner_group.py). Why not DeepSpeed's
+universal checkpoints: they need an offline conversion (``ds_to_universal``) between the save
+and the resume and do not cover ZeRO 0; DeepSpeed's elastic ZeRO-1/2 loading does not cover
+ZeRO 3. The cost: one more fp32 copy of the weights and both Adam moments per checkpoint.
+
 Loading a checkpoint unpickles nothing but tensors, containers and plain types: DeepSpeed's own
 loader calls ``torch.load(..., weights_only=False)``, which runs whatever code a crafted file
 names, so the engine's checkpoint engine is handed a loader with ``weights_only=True`` that
@@ -68,6 +81,7 @@ optimiser states, ZeRO-3's stage enum). Those are rebuilt from their attribute d
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import warnings
@@ -95,6 +109,7 @@ DEEPSPEED_PICKLED = (
 )
 
 _PLAIN_CHECKPOINT = "plain_engine.pt"
+FULL_STATE = "rig_full_state.pt"  # in every DeepSpeed checkpoint folder: see DeepSpeedEngine
 _CLIENT_STATE = "rig_client_state"
 _SHM_COMM_OP = "deepspeed_shm_comm"  # deepspeed.ops.op_builder.cpu.ShareMemCommBuilder.NAME
 
@@ -108,6 +123,7 @@ class World:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int | None = None  # None: a free port (only meaningful for world_size 1)
+    timeout_s: float | None = None  # collectives (and the rendezvous) fail after this; None: torch's 30 min
 
 
 def resolve_device(device: str) -> str:
@@ -350,25 +366,165 @@ class DeepSpeedEngine(_Engine):
                 k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()
             }
 
+    @property
+    def world_size(self) -> int:
+        return torch.distributed.get_world_size()
+
     def save_checkpoint(
         self, directory: str | Path, tag: str, client_state: dict | None = None
     ) -> Path:
-        """DeepSpeed's checkpoint (model, optimizer, scheduler) in ``directory/tag`` (all ranks)."""
+        """DeepSpeed's checkpoint (model, optimizer, scheduler) in ``directory/tag``, plus the
+        rank-independent :data:`FULL_STATE` (see :meth:`full_state`). A collective: every rank
+        calls it with the same folder (one filesystem that all ranks see)."""
         # Nested under one key: DeepSpeed merges client_state into its own model-state dict.
-        client_state = {_CLIENT_STATE: dict(client_state or {})}
-        self._engine.save_checkpoint(str(directory), tag=tag, client_state=client_state)
+        client = {_CLIENT_STATE: dict(client_state or {})}
+        self._engine.save_checkpoint(str(directory), tag=tag, client_state=client)
+        full = self.full_state()  # every rank: a gather under ZeRO-3
+        if full is not None and torch.distributed.get_rank() == 0:
+            full["client_state"] = dict(client_state or {})
+            torch.save(full, Path(directory) / tag / FULL_STATE)
+        torch.distributed.barrier()  # the folder is complete on return, on every rank
         return Path(directory) / tag
 
     def load_checkpoint(self, directory: str | Path, tag: str) -> dict:
-        """Restore model, optimizer, scheduler and step counters; return the ``client_state``."""
-        if not (Path(directory) / tag).is_dir():
-            raise FileNotFoundError(f"no DeepSpeed checkpoint at {Path(directory) / tag}")
+        """Restore model, optimizer, scheduler and step counters; return the ``client_state``.
+
+        Saved by as many ranks as there are now: DeepSpeed's own files (each rank its
+        partition). Saved by another number of ranks: the consolidated :data:`FULL_STATE`,
+        repartitioned over this world (:meth:`load_full_state`)."""
+        folder = Path(directory) / tag
+        if not folder.is_dir():
+            raise FileNotFoundError(f"no DeepSpeed checkpoint at {folder}")
+        saved_world = _saved_world_size(folder)
+        if saved_world is not None and saved_world != self.world_size:
+            if not (folder / FULL_STATE).is_file():
+                raise FileNotFoundError(
+                    f"{folder} was saved by {saved_world} learner ranks and holds no {FULL_STATE} "
+                    f"(saved before it existed, or with fp16 at ZeRO 0): resume it on "
+                    f"learner.num_ranks={saved_world}"
+                )
+            state = torch.load(folder / FULL_STATE, map_location="cpu", weights_only=True)
+            self.load_full_state(state)
+            return state["client_state"]
         path, client_state = self._engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed could not load the checkpoint in {directory}/{tag}")
         return client_state[_CLIENT_STATE]
+
+    # -- a state that does not depend on the number of ranks ----------------------------------
+
+    def full_state(self) -> dict[str, Any] | None:
+        """Everything a resume needs, whole and by parameter name, on every rank: the module's
+        state dict (buffers, frozen parameters), the fp32 master weights and AdamW moments of
+        every trainable parameter, the AdamW step, the scheduler and the engine's counters.
+
+        It reads the same on any number of ranks and ZeRO stage, so :meth:`load_full_state`
+        can repartition it over another world. Gathered through DeepSpeed's ``safe_get_full_*``
+        (collectives under ZeRO 1-3: call on every rank). None where DeepSpeed keeps fp32
+        masters it exposes no API for (fp16 at ZeRO 0)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        if self.config.zero_stage == 0 and self.config.precision == "fp16":
+            return None
+        module = self.published_state_dict()
+        masters: dict[str, torch.Tensor] = {}
+        moments: dict[str, dict[str, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
+        plain = self._plain_optimizer()
+        linked = not plain and self._optimizer_states_exist()
+        if linked:
+            self._link_optimizer_state()
+        for name, p in self._module.named_parameters():
+            if not p.requires_grad:
+                continue
+            if plain:  # the model's own tensors are the fp32 masters; AdamW keys by them
+                masters[name] = p.detach().float().cpu().clone()
+                state = self.optimizer.state.get(p, {})
+                for key in moments:
+                    if key in state:
+                        moments[key][name] = state[key].detach().cpu().clone()
+                continue
+            masters[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
+            if linked:
+                for key in moments:
+                    moments[key][name] = safe_get_full_optimizer_state(p, key).detach().cpu()
+        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        return {
+            "world_size": self.world_size,
+            "zero_stage": self.config.zero_stage,
+            "module": module,
+            "fp32": masters,
+            "moments": moments,
+            "adam_step": max(steps) if steps else 0.0,
+            "lr_scheduler": self.scheduler.state_dict(),
+            "global_steps": self._engine.global_steps,
+            "global_samples": self._engine.global_samples,
+            "micro_steps": self._engine.micro_steps,
+        }
+
+    def load_full_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`full_state` returned, on this world (a collective under ZeRO-3:
+        call on every rank with the same state)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = list(self._module.parameters())
+        with self._deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            self._module.load_state_dict(state["module"])  # weights in the model's dtype
+        plain = self._plain_optimizer()
+        moments = state["moments"]
+        if moments["exp_avg"]:  # AdamW state exists once the saved run stepped
+            self._create_optimizer_states(state["adam_step"])
+        named = dict(self._module.named_parameters())
+        for name, value in state["fp32"].items():
+            p = named[name]
+            if plain:
+                with torch.no_grad():
+                    p.copy_(value.to(p.dtype))
+                for key in moments:
+                    if name in moments[key]:
+                        self.optimizer.state[p][key].copy_(moments[key][name])
+                continue
+            safe_set_full_fp32_param(p, value.to(self.device))  # the exact fp32 masters
+            for key in moments:
+                if name in moments[key]:
+                    safe_set_full_optimizer_state(p, moments[key][name].to(self.device), key)
+        self.scheduler.load_state_dict(state["lr_scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the scheduler's state holds the rate, the groups apply it
+        self._engine.global_steps = state["global_steps"]
+        self._engine.global_samples = state["global_samples"]
+        self._engine.micro_steps = state["micro_steps"]
+
+    def _plain_optimizer(self) -> bool:
+        """Whether DeepSpeed steps our AdamW on the model's own tensors (ZeRO 0, fp32)."""
+        return self._engine.optimizer is self.optimizer
+
+    def _optimizer_states_exist(self) -> bool:
+        return any("exp_avg" in s for s in self.optimizer.state.values())
+
+    def _create_optimizer_states(self, step: float) -> None:
+        """AdamW's per-tensor state (zero moments at ``step``) on the tensors it steps (the
+        model's, or ZeRO's fp32 partitions), as its first step would create it, and ZeRO's
+        links from each parameter to its fragment of that state."""
+        zero = self._engine.optimizer
+        tensors = [p for group in self.optimizer.param_groups for p in group["params"]]
+        tensors += getattr(zero, "fp32_partitioned_groups_flat", [])  # ZeRO-3's sub-groups
+        for p in {id(t): t for t in tensors}.values():
+            state = self.optimizer.state[p]
+            state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+            state["step"] = torch.tensor(float(step))
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """(Re)point each parameter's ZeRO 1-2 / bf16 fragment at the AdamW state it has now.
+        DeepSpeed links them once, lazily, and its own checkpoint save relinks the parameters
+        with empty state fragments, after which ``safe_get_full_optimizer_state`` finds none."""
+        zero = self._engine.optimizer
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
 
 
 # -- DeepSpeed set-up -----------------------------------------------------------------------------
@@ -385,6 +541,13 @@ def _weights_only_load(path: str, map_location=None):
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location, weights_only=True)
 
+
+
+def _saved_world_size(folder: Path) -> int | None:
+    """How many ranks saved the DeepSpeed checkpoint in ``folder`` (None: unknown). DeepSpeed
+    writes one optimiser file per data-parallel rank under ZeRO 1-3; ZeRO 0 none (its files load
+    on any number of ranks: every rank holds everything), so the full state's record decides."""
+    return len(list(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
 
 
 def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
@@ -464,4 +627,7 @@ def _ensure_process_group(deepspeed, device: str, world: World | None) -> None:
         )
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
         return
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = {} if world is None or world.timeout_s is None else {
+        "timeout": datetime.timedelta(seconds=world.timeout_s)}  # fmt: skip
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               **timeout)  # fmt: skip

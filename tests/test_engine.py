@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from learner.engine import (
+    FULL_STATE,
     GRAD_NORM,
     LR,
     OPTIMIZER_STEP,
@@ -180,6 +181,28 @@ def test_checkpoint_round_trip_continues_like_an_uninterrupted_run(kind, tmp_pat
     resumed.backward_step(mse(resumed, data[2]))  # identical only if Adam's moments came back
     assert_same(params(resumed), params(run), atol=0)
     assert resumed.lr == run.lr
+
+
+@pytest.mark.parametrize("saved, loaded", [(0, 2), (2, 0), (1, 3), (3, 1), (2, 2)])
+def test_the_full_state_continues_like_an_uninterrupted_run_on_another_layout(saved, loaded, tmp_path):
+    """The rank-independent state (FULL_STATE: what a resume on another number of learner ranks
+    loads) carries the fp32 weights, Adam's moments and step, and the schedule whole: loaded
+    into an engine of another ZeRO stage it makes the same next step, to the bit."""
+    cfg = config(warmup_steps=4)
+    data = batches(3)
+    run = make(saved, mlp(), cfg)
+    for batch in data[:2]:
+        run.backward_step(mse(run, batch))
+    run.save_checkpoint(tmp_path, "step2", {"iteration": 2})
+    run.backward_step(mse(run, data[2]))
+
+    resumed = make(loaded, mlp(seed=5), cfg)
+    state = torch.load(tmp_path / "step2" / FULL_STATE, weights_only=True)
+    assert state["client_state"] == {"iteration": 2} and state["world_size"] == 1
+    resumed.load_full_state(state)
+    assert resumed.global_steps == 2 and resumed.lr == pytest.approx(cfg.lr * 3 / 4)
+    resumed.backward_step(mse(resumed, data[2]))
+    assert_same(params(resumed), params(run), atol=0)
 
 
 def test_loading_a_missing_checkpoint_names_the_path(tmp_path):
