@@ -16,11 +16,22 @@ combined by name with ``loss_scales`` (rl.losses.combine: a missing or unknown n
 The frozen reference is evaluated under ``torch.no_grad`` on the same rows. Before the first
 optimiser step, ``sync_health`` re-scores a sample of the rows that acted with the learner's
 current weights: the sync-health alarm (``sync/logp_abs_diff_mean`` / ``_max``).
+
+Data parallel (``DataParallel``, several learner ranks): every rank holds the whole batch and
+the same generator state, so all draw the same minibatches; each takes its share of every
+minibatch (real and imagined rows dealt out alike) and DeepSpeed averages the gradients over the
+ranks. Every term is a mean with its own denominator (rows, rows with a choice, tokens with a
+choice), so the mean of the ranks' means is not the global batch's mean when shards differ in
+those counts: each rank's term is scaled by ``world_size * local count / global count`` (one
+all-reduce of the counts per minibatch), which makes DeepSpeed's average exactly the one-rank
+gradient. The value head's running statistics are summed over ranks too (``rl.heads``), so the
+update is the one a single rank makes on the same global batch, up to float summation order.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,12 +40,43 @@ from learner.engine import GRAD_NORM, OPTIMIZER_STEP
 from rig.config import PPOConfig
 from rl import losses
 from rl.experience import Experience
-from rl.heads import frozen_statistics
+from rl.heads import RunningStandardize, frozen_statistics
 from rl.policy import RigPolicy
 
 GRAD_NORM_ROWS = 16
 """Rows of one minibatch per update on which each term's gradient norm is measured (one
 forward and one backward per term on them: about a tenth of an update of 128-row minibatches)."""
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This rank's place among ``world_size`` data-parallel learner ranks (module docstring).
+    The collectives run on the default ``torch.distributed`` group the engine created."""
+
+    rank: int
+    world_size: int
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the ranks, in place (and returned)."""
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def shard(self, mb: Experience) -> Experience:
+        """This rank's rows of minibatch ``mb``: its real rows dealt out round-robin, then its
+        imagined rows, so every rank gets as many of each kind as the others (one at most more)."""
+        order = torch.cat([(~mb.imagined).nonzero().squeeze(1), mb.imagined.nonzero().squeeze(1)])
+        if len(order) < self.world_size:
+            raise ValueError(
+                f"a minibatch of {len(order)} rows cannot be split over {self.world_size} "
+                f"learner ranks; raise ppo.minibatch_size or lower learner.num_ranks"
+            )
+        return mb.rows(order[self.rank :: self.world_size])
+
+    def install(self, policy: torch.nn.Module) -> None:
+        """Running statistics of ``policy`` over the global batch (``rl.heads``)."""
+        for module in policy.modules():
+            if isinstance(module, RunningStandardize):
+                module.all_sum = self.all_sum
 
 
 def minibatch_loss(
@@ -54,14 +96,20 @@ def minibatch_terms(
     reference: RigPolicy | None,
     mb: Experience,
     cfg: PPOConfig,
+    dp: DataParallel | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every loss term of one minibatch, unscaled, by name (``rl.losses.LOSS_NAMES``), and
     the metrics. Policy, entropy and KL average over the tokens that had a choice
-    (``evaluate``'s ``choice_mask``): a token the trie forces has log-prob 0 under any policy."""
+    (``evaluate``'s ``choice_mask``): a token the trie forces has log-prob 0 under any policy.
+
+    With ``dp``, ``mb`` is this rank's shard and each term is scaled to its share of the
+    global minibatch's mean (module docstring); ``loss/*`` averaged over ranks then read as
+    one rank's, the other metrics are this shard's."""
     res = policy.evaluate(mb.act, next_codes=mb.next_codes)
     act = mb.act
     scored = res["choice_mask"]  # (B, L) reasoning tokens and action tokens with a choice
     real, imagined = ~mb.imagined, mb.imagined
+    share = _Shares(dp, mb, scored, cfg)
     terms: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
 
@@ -79,8 +127,8 @@ def minibatch_terms(
         )  # fmt: skip
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
                                   cfg.value_clip)  # fmt: skip
-        terms["policy"] = terms["policy"] + weight * pg
-        terms["value"] = terms["value"] + weight * v
+        terms["policy"] = terms["policy"] + weight * share("policy" + suffix, pg)
+        terms["value"] = terms["value"] + weight * share("rows" + suffix, v)
         metrics.update({k + suffix: x for k, x in {**m, **mv}.items()})
 
     # the rest learns from real rows only: the world model must fit the real env
@@ -89,6 +137,7 @@ def minibatch_terms(
     if bool(real.any()):
         rows = real.nonzero().squeeze(1)
         terms["entropy"], m = losses.entropy_bonus(res["entropies"][rows], scored[rows])
+        terms["entropy"] = share("tokens", terms["entropy"])
         metrics.update(m)
         action = (act.action_mask & scored)[rows]  # the action's own tokens, without reasoning
         decision = res["entropies"][rows].where(action, 0.0).sum(1)  # (B,) per decision
@@ -99,16 +148,63 @@ def minibatch_terms(
             terms["kl"], m = losses.kl_penalty(
                 res["log_probs"][rows], ref, scored[rows], cfg.kl_estimator
             )
+            terms["kl"] = share("tokens", terms["kl"])
             metrics.update(m)
         terms["next_frame"], m = losses.next_frame_loss(
             res["next_frame_logits"][rows], mb.next_codes[rows]
         )
+        terms["next_frame"] = share("rows", terms["next_frame"])
         metrics.update(m)
         terms["reward"], m = losses.reward_loss(res["reward_pred"][rows], mb.rewards[rows])
+        terms["reward"] = share("rows", terms["reward"])
         metrics.update(m)
         terms["continue"], m = losses.continue_loss(res["continue_logit"][rows], mb.continues[rows])
+        terms["continue"] = share("rows", terms["continue"])
         metrics.update(m)
+    if dp is not None:
+        # Every rank's loss reaches every output, even a shard without real rows: ZeRO reduces
+        # gradients in buckets filled as parameters' gradients arrive, so the ranks' backward
+        # passes must touch the same parameters. (0 x a finite sum: the values do not change.)
+        anchor = 0.0 * sum(res[k].float().sum() for k in _ANCHORED)
+        anchor = anchor + 0.0 * res["log_probs"].where(scored, 0.0).sum()
+        terms = {k: t + anchor for k, t in terms.items()}
     return terms, metrics
+
+
+_ANCHORED = ("values", "next_frame_logits", "reward_pred", "continue_logit")
+
+
+class _Shares:
+    """Each mean's denominator on this shard and over the global minibatch; ``share(name,
+    term)`` scales this shard's mean to its part of the global one (1 rank: the term itself).
+
+    ``rows``/``rows_imagined``: rows of each kind (value, next-frame, reward, continue);
+    ``policy``/``policy_imagined``: the policy loss's units (rows with a choice, or weighted
+    tokens with ``reduction: token``); ``tokens``: real tokens with a choice (entropy, KL)."""
+
+    def __init__(self, dp: DataParallel | None, mb: Experience, scored: torch.Tensor,
+                 cfg: PPOConfig) -> None:  # fmt: skip
+        self.dp = dp
+        real, imagined = ~mb.imagined, mb.imagined
+        if cfg.reduction == "sequence":
+            units = scored.any(1).float()  # (B,) rows with something to learn from
+        else:
+            w = torch.where(mb.act.reasoning_mask, cfg.reasoning_weight, 1.0)
+            units = (w * scored).sum(1)  # (B,) the token reduction's weight per row
+        counts = [real.sum(), imagined.sum(), units[real].sum(), units[imagined].sum(),
+                  scored[real].sum()]  # fmt: skip
+        self.local = torch.stack([c.double() for c in counts]).cpu()
+        self.total = self.local if dp is None else dp.all_sum(self.local.clone())
+
+    _INDEX = {"rows": 0, "rows_imagined": 1, "policy": 2, "policy_imagined": 3, "tokens": 4}
+
+    def __call__(self, name: str, term: torch.Tensor) -> torch.Tensor:
+        if self.dp is None:
+            return term
+        i = self._INDEX[name]
+        if self.local[i] == 0:  # a mean over nothing (0 or nan): no part of the global one
+            return term.new_zeros(())
+        return term * float(self.dp.world_size * self.local[i] / self.total[i])
 
 
 def term_grad_norms(
@@ -195,6 +291,7 @@ def ppo_update(
     cfg: PPOConfig,
     generator: torch.Generator,
     version: int,
+    dp: DataParallel | None = None,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
     engine accumulates and clips as configured). Each epoch splits the batch into
@@ -205,7 +302,9 @@ def ppo_update(
     ``learner/grad_norm`` (last), the raw advantage statistics (``advantage_stats``), the
     sync-health alarm on ``cfg.sync_check_rows`` rows of this version before the first step
     (``sync_health``) and, where the engine keeps whole gradients (ZeRO 0), each term's
-    gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``)."""
+    gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``).
+    With ``dp`` this is one rank of several: it trains on its share of every minibatch (see
+    the module docstring) and its metrics are to be averaged with the other ranks'."""
     sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
@@ -221,14 +320,14 @@ def ppo_update(
     policy.train()
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
-            mb = _to(mb, dev)
+            mb = _to(mb if dp is None else dp.shard(mb), dev)
             if term_norms is None:  # once per update, on a few rows of the first minibatch
                 few = mb.rows(torch.arange(min(GRAD_NORM_ROWS, len(mb)), device=dev))
                 with frozen_statistics(policy):  # a diagnostic, not data for the value head
                     terms, _ = minibatch_terms(policy, reference, few, cfg)
                 term_norms = term_grad_norms(terms, cfg.loss_scales, params)
                 del terms
-            terms, metrics = minibatch_terms(policy, reference, mb, cfg)
+            terms, metrics = minibatch_terms(policy, reference, mb, cfg, dp)
             loss, m = losses.combine(terms, cfg.loss_scales)
             metrics.update(m)
             stats = engine.backward_step(loss)
@@ -258,6 +357,6 @@ def _to(exp: Experience, device: torch.device) -> Experience:
 
 
 __all__ = [
-    "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize", "ppo_update",
+    "DataParallel", "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize", "ppo_update",
     "sync_health", "term_grad_norms",
 ]  # fmt: skip

@@ -29,7 +29,7 @@ published version.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -56,6 +56,9 @@ class RunningStandardize(nn.Module):
         self.register_buffer("var", torch.ones(features))
         self.register_buffer("count", torch.zeros(()))
         self.frozen = False
+        # Data-parallel learners set this to an in-place sum over their ranks (learner/ppo.py),
+        # so the batch statistics are those of the global batch, not of one rank's shard.
+        self.all_sum: Callable[[Tensor], Tensor] | None = None
 
     def forward(self, h: Tensor) -> Tensor:  # (..., D) -> (..., D) float32
         x = h.float()
@@ -63,12 +66,25 @@ class RunningStandardize(nn.Module):
             with torch.no_grad():
                 rows = x.detach().reshape(-1, x.shape[-1])
                 weight = max(self.momentum, 1.0 / (float(self.count) + 1.0))
-                mean = rows.mean(0)
-                var = rows.var(0, unbiased=False) if len(rows) > 1 else torch.zeros_like(mean)
+                if self.all_sum is None:
+                    mean = rows.mean(0)
+                    var = rows.var(0, unbiased=False) if len(rows) > 1 else torch.zeros_like(mean)
+                else:
+                    mean, var = _global_moments(rows, self.all_sum)
                 self.mean.lerp_(mean.to(self.mean.dtype), weight)
                 self.var.lerp_(var.to(self.var.dtype), weight)
                 self.count.add_(1)
         return (x - self.mean.float()) / torch.sqrt(self.var.float() + self.eps)
+
+
+def _global_moments(rows: Tensor, all_sum: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and (biased) variance per feature of the rows of every rank, ``rows`` (n, D) being
+    this rank's (n may be 0): two passes, as ``Tensor.var`` does, each one summed over ranks."""
+    sums = all_sum(torch.cat([rows.new_full((1,), float(len(rows))), rows.sum(0)]))
+    n = sums[0]
+    mean = sums[1:] / n.clamp_min(1)
+    var = all_sum((rows - mean).square().sum(0)) / n.clamp_min(1)
+    return mean, var if n > 1 else torch.zeros_like(mean)
 
 
 @contextmanager
