@@ -190,6 +190,20 @@ class LearnerConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         description="auto: cuda if a GPU is visible, else cpu"
     )
+    num_ranks: int = Field(
+        default=1, ge=1, le=1024,
+        description="DeepSpeed data-parallel ranks; 1: the learner in the driver process, "
+        "more: one Ray actor per rank in a placement group (actors/learner.py)",
+    )
+    num_cpus_per_rank: float = Field(default=1.0, ge=0, description="Ray CPUs per learner rank")
+    num_gpus_per_rank: float = Field(
+        default=0.0, ge=0, description="Ray GPUs per learner rank (num_ranks > 1); 1 on a GPU node"
+    )
+    timeout_s: float = Field(
+        default=900.0, gt=0,
+        description="num_ranks > 1: seconds one collective, or one call of the driver to the "
+        "ranks, may take before the run stops naming the rank that died or hung",
+    )
 
     @field_validator("betas")
     @classmethod

@@ -26,7 +26,6 @@ runners see sample and weight-sync requests in order.
 from __future__ import annotations
 
 import concurrent.futures
-import copy
 import functools
 import json
 import logging
@@ -93,11 +92,9 @@ class Trainer:
     def __init__(self, config: Config, run_dir: Path, resume_from: Path | None = None):
         import torch
 
-        import envs
-        from learner import DeepSpeedEngine
         from learner.checkpoints import CheckpointManager
-        from rl.policy import RigPolicy
 
+        check_learner(config)
         self.config, self.run_dir = config, run_dir
         self.counters = Counters()
         self.resumed_from: int | None = None  # the iteration restored by --resume
@@ -106,34 +103,44 @@ class Trainer:
         torch.manual_seed(config.run.seed)
         self.generator = torch.Generator().manual_seed(config.run.seed)
 
-        # -- the policy, its frozen reference, the engine -----------------------------------
-        self.codec = envs.get_codec(envs.make(config.env.id, config.env.size, **config.env.kwargs))
-        if config.policy.init_from:
-            policy = RigPolicy.load(config.policy.init_from, self.codec)
-        else:
-            policy = RigPolicy.from_preset(config.policy.preset, self.codec, config.run.seed)
-        if policy.image_size != config.env.size:
-            raise UserError(
-                f"the policy sees {policy.image_size}px frames but env.size is "
-                f"{config.env.size}; set env.size={policy.image_size}"
-            )
-        policy.model.model.vqmodel.requires_grad_(False)  # next-frame targets stay fixed
-        # The frozen reference (the initial weights) for the KL term, if it has a weight: a copy
-        # kept on the learner's device and in its dtype, so its log-probs are comparable from
-        # step 0 (DeepSpeed moves and casts the learner's module, not a copy made before).
-        initial = copy.deepcopy(policy) if config.ppo.loss_scales["kl"] > 0 else None
-        self.engine = DeepSpeedEngine(policy, config.learner)
-        self.policy: RigPolicy = self.engine.module
-        self.reference = None
-        if initial is not None:
-            like = next(self.policy.parameters())
-            self.reference = initial.to(like.device, like.dtype).eval().requires_grad_(False)
-        self.checkpoints = CheckpointManager(run_dir, config.train.keep_checkpoints)
-        if resume_from is not None:
-            self._restore(resume_from)
+        # -- the learner: in this process (one rank), or a group of Ray actors ----------------
+        self.group = config.learner.num_ranks > 1
+        if self.group:
+            from actors.learner import LearnerGroup
+            from learner.rank import build_policy, run_codec
 
-        # -- runners and imagination actors ---------------------------------------------------
-        self._start_ray()
+            self._start_ray()
+            self.learner = LearnerGroup(config)
+            self.engine = self.reference = None
+        else:
+            from learner.rank import LearnerRank
+
+            self.learner = LearnerRank(config)
+            self.codec, self.engine = self.learner.codec, self.learner.engine
+            self.policy = self.learner.policy
+            self.reference = self.learner.reference
+        try:
+            if self.group:
+                # The driver's own copy, loaded with every published version: V(s_T), the next
+                # frames' codes, traces and the export read the weights the ranks publish.
+                self.codec = run_codec(config)
+                self.policy = build_policy(config, self.codec).eval().requires_grad_(False)
+                if config.learner.device != "cpu" and torch.cuda.is_available():
+                    self.policy.to("cuda")  # the driver's forwards, on its GPU if it has one
+            self.checkpoints = CheckpointManager(run_dir, config.train.keep_checkpoints)
+            if resume_from is not None:
+                self._restore(resume_from)
+            self._start_actors()
+        except BaseException:
+            if self.group:
+                self.learner.stop()  # its actors hold CPUs (GPUs) until the process ends
+            raise
+
+    def _start_actors(self) -> None:
+        """The env runners and imagination actors, then the first publish of the weights."""
+        config = self.config
+        if not self.group:
+            self._start_ray()
         from actors.imagination import ImaginationWorkers
         from actors.rollout import RolloutSettings, RolloutWorkers
 
@@ -171,7 +178,7 @@ class Trainer:
     # -- set-up helpers ----------------------------------------------------------------------
 
     def _start_ray(self) -> None:
-        needs_ray = self.config.rollout.num_env_runners > 0 or (
+        needs_ray = self.config.rollout.num_env_runners > 0 or self.group or (
             self.config.imagination.horizon > 0 and self.config.imagination.num_actors > 0
         )
         self._ray_started = needs_ray
@@ -189,18 +196,31 @@ class Trainer:
             actors = self.config.rollout.num_env_runners + (
                 self.config.imagination.num_actors if self.config.imagination.horizon else 0
             )
+            if self.group:
+                learner = self.config.learner
+                actors += int(np.ceil(learner.num_ranks * learner.num_cpus_per_rank))
             init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, actors))
 
     def _publish(self) -> float:
         """Send the learner's weights (as ``counters.version``) to runners and actors; seconds."""
         start = time.perf_counter()
-        state = self.engine.published_state_dict()
+        if self.group:  # rank 0's full weights, already packed as NumPy buffers
+            from actors.weights import unpack_state
+
+            packed = self.learner.published_state_dict()
+            state = unpack_state(packed)
+        else:
+            state = self.engine.published_state_dict()
         self._check_finite({}, state)  # never hand runners (or a checkpoint) non-finite weights
+        if self.group:
+            self.policy.load_state_dict(state)
         version = self.counters.version
         if self._ray_started:  # one zero-copy put for runners and actors alike
+            import ray
+
             from actors.weights import publish
 
-            state = publish(state)
+            state = ray.put(packed) if self.group else publish(state)
         self.pool.submit(self.rollouts.sync_weights, state, version).result()
         if self.imagination is not None:
             self.imagination.sync_weights(state, version)
@@ -216,7 +236,7 @@ class Trainer:
         c = self.counters
 
         def write(tmp: Path) -> None:
-            self.engine.save_checkpoint(tmp, ENGINE_TAG, {"iteration": c.iteration})
+            self.learner.save_checkpoint(tmp, ENGINE_TAG, {"iteration": c.iteration})
             (tmp / COUNTERS_FILE).write_text(json.dumps(vars(c)))
             (tmp / RNG_FILE).write_text(dump_rng({"generator": self.generator}))
 
@@ -245,7 +265,7 @@ class Trainer:
                 f"start a new run with --init-from DIR"
             )
         try:
-            self.engine.load_checkpoint(checkpoint, ENGINE_TAG)
+            self.learner.load_checkpoint(checkpoint, ENGINE_TAG)
             self.counters = Counters(**json.loads((checkpoint / COUNTERS_FILE).read_text()))
             if (checkpoint / RNG_FILE).is_file():
                 load_rng((checkpoint / RNG_FILE).read_text(), {"generator": self.generator})
@@ -378,7 +398,6 @@ class Trainer:
 
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""
-        from learner.ppo import ppo_update
         from rl.experience import Experience
 
         cfg, c = self.config, self.counters
@@ -414,8 +433,7 @@ class Trainer:
             t_learn = time.perf_counter()
             if parts:
                 exp = Experience.concat(parts, self.policy.ids.pad)
-                metrics.update(ppo_update(self.engine, self.policy, self.reference, exp,
-                                          cfg.ppo, self.generator, c.version))  # fmt: skip
+                metrics.update(self.learner.update(exp, self.generator, c.version))
                 self._check_finite(metrics)
                 metrics["learner/samples_per_s"] = (
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
@@ -512,6 +530,27 @@ class Trainer:
         self.rollouts.stop()
         if self.imagination is not None:
             self.imagination.stop()
+        if self.group:
+            self.learner.stop()
+
+
+def check_learner(config: Config) -> None:
+    """Learner settings that only fail together, as one line naming the key and the fix."""
+    from rig.errors import ConfigError
+
+    lc = config.learner
+    if lc.num_ranks > 1 and config.ppo.minibatch_size < lc.num_ranks:
+        raise ConfigError(
+            f"learner.num_ranks={lc.num_ranks} needs ppo.minibatch_size >= {lc.num_ranks} (each "
+            f"rank trains on its share of every minibatch), got {config.ppo.minibatch_size}; "
+            f"raise ppo.minibatch_size or lower learner.num_ranks"
+        )
+    if lc.num_ranks > 1 and lc.device == "cuda" and lc.num_gpus_per_rank < 1:
+        raise ConfigError(
+            f"learner.device=cuda with learner.num_ranks={lc.num_ranks} needs "
+            f"learner.num_gpus_per_rank=1 (each rank's GPU is reserved through Ray), got "
+            f"{lc.num_gpus_per_rank:g}"
+        )
 
 
 def _config_differences(saved: dict | None, current: dict) -> list[str]:
@@ -538,22 +577,16 @@ def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     checkpoint with non-finite weights is refused."""
     import torch
 
-    import envs
     from learner import DeepSpeedEngine
     from learner.checkpoints import CheckpointError, read_meta
+    from learner.rank import build_policy, run_codec
     from rig.config import LearnerConfig
-    from rl.policy import RigPolicy
 
     saved = read_meta(checkpoint)["meta"].get("config")
     if saved is not None:
         config = config.model_copy(update={"learner": LearnerConfig.model_validate(saved["learner"])})
 
-    codec = envs.get_codec(envs.make(config.env.id, config.env.size, **config.env.kwargs))
-    if config.policy.init_from:
-        policy = RigPolicy.load(config.policy.init_from, codec)
-    else:
-        policy = RigPolicy.from_preset(config.policy.preset, codec, config.run.seed)
-    policy.model.model.vqmodel.requires_grad_(False)  # as in training: same optimiser layout
+    policy = build_policy(config, run_codec(config))  # as in training: same optimiser layout
     engine = DeepSpeedEngine(policy, config.learner)
     engine.load_checkpoint(checkpoint, ENGINE_TAG)
     bad = [k for k, v in engine.published_state_dict().items()
