@@ -185,6 +185,8 @@ class _Shares:
     def __init__(self, dp: DataParallel | None, mb: Experience, scored: torch.Tensor,
                  cfg: PPOConfig) -> None:  # fmt: skip
         self.dp = dp
+        if dp is None:  # one rank: every term is its own global mean, nothing to count
+            return
         real, imagined = ~mb.imagined, mb.imagined
         if cfg.reduction == "sequence":
             units = scored.any(1).float()  # (B,) rows with something to learn from
@@ -194,7 +196,7 @@ class _Shares:
         counts = [real.sum(), imagined.sum(), units[real].sum(), units[imagined].sum(),
                   scored[real].sum()]  # fmt: skip
         self.local = torch.stack([c.double() for c in counts]).cpu()
-        self.total = self.local if dp is None else dp.all_sum(self.local.clone())
+        self.total = dp.all_sum(self.local.clone())
 
     _INDEX = {"rows": 0, "rows_imagined": 1, "policy": 2, "policy_imagined": 3, "tokens": 4}
 

@@ -196,6 +196,24 @@ def test_deepspeeds_zero_to_fp32_reads_a_two_rank_checkpoint(trained):
         torch.testing.assert_close(state[key], value, atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_two_ranks_match_one_rank_at_zero_1_and_3(local_ray, batches, stage):
+    """ZeRO-1 (optimiser state sharded) and ZeRO-3 (weights too: every forward gathers them, the
+    published weights are gathered to rank 0) make the same update as one rank."""
+    from actors.learner import LearnerGroup
+
+    stage_of = [f"learner.zero_stage={stage}"]
+    one = LearnerRank(load_config(None, [*OVERRIDES, "learner.num_ranks=1", *stage_of]))
+    group = LearnerGroup(load_config(None, [*OVERRIDES, "learner.num_ranks=2", *stage_of]))
+    try:
+        for learner in (one, group):
+            learner.update(batches[0], torch.Generator().manual_seed(3), version=1)
+        assert_close(weights_of(one), weights_of(group))
+    finally:
+        group.stop()
+
+
 def test_a_killed_rank_stops_the_group_with_a_clear_message_not_a_hang(local_ray, batches):
     """Rank 1's process is killed 1 s into an update. The driver does not wait for rank 0 (which
     sits in a collective with the dead rank): the call fails within seconds naming rank 1."""
