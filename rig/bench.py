@@ -20,7 +20,7 @@ import typer
 from rig.errors import UserError
 
 app = typer.Typer(
-    help="Side by side: policy, rollout, learner, sync, imagination speed; learning vs a peer PPO.",
+    help="Side by side: policy, rollout, learner (and 2 ranks vs 1), sync, imagination speed; learning vs a peer PPO.",
     no_args_is_help=True,
 )
 
@@ -227,6 +227,36 @@ def learner(
     result = bench.bench_learner(
         model, zero, precision, rows, accum, repeats, preset=preset,
         reasoning_tokens=reasoning_tokens, threads=threads,
+    )  # fmt: skip
+    _report(bench, result, json_path)
+
+
+# -- rig bench learner-group -----------------------------------------------------------------------
+
+
+@app.command("learner-group")
+def learner_group(
+    rows: Annotated[int, typer.Option("--rows", min=2, help="rows in the batch")] = 64,
+    minibatch: Annotated[
+        int, typer.Option("--minibatch", min=2, help="ppo.minibatch_size (each rank gets half)")
+    ] = 32,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="ppo.epochs")] = 1,
+    zero_stage: Annotated[int, typer.Option("--zero-stage", min=0, max=3, help="ZeRO stage")] = 2,
+    cpus_per_rank: Annotated[
+        float, typer.Option("--cpus-per-rank", min=0.1, help="Ray CPUs (torch threads) per rank")
+    ] = 1.0,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed updates")] = 5,
+    preset: PresetOpt = "tiny",
+    reasoning_tokens: ReasoningOpt = 8,
+    json_path: JsonOpt = None,
+) -> None:
+    """Learner samples/s of 2 data-parallel ranks vs 1 (Ray actor groups, gloo on CPU)."""
+    _preset(preset)
+    _check_json_path(json_path)
+    bench = _benchmark("learner_group")
+    result = bench.bench_learner_group(
+        rows, minibatch, epochs, zero_stage, cpus_per_rank, repeats, preset=preset,
+        reasoning_tokens=reasoning_tokens,
     )  # fmt: skip
     _report(bench, result, json_path)
 

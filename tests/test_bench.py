@@ -107,6 +107,19 @@ def test_learner_benchmark_times_the_policy_update(rig_main, capsys, tmp_path):
 
 
 @pytest.mark.slow
+def test_learner_group_benchmark_prints_the_ratio_of_two_ranks_to_one(rig_main, capsys, tmp_path):
+    args = ["learner-group", "--rows", "8", "--minibatch", "8", "--repeats", "1",
+            "--reasoning-tokens", "2"]  # fmt: skip
+    out, result = _run(rig_main, capsys, tmp_path, args)
+    assert "samples/s, 2 ranks / 1 rank:" in out
+    setups = result["setups"]
+    assert set(setups) == {"1 rank", "2 ranks"}
+    assert result["ratio"] == pytest.approx(
+        setups["2 ranks"]["samples_per_s"] / setups["1 rank"]["samples_per_s"]
+    )
+
+
+@pytest.mark.slow
 def test_sync_benchmark_payload_and_encodings(rig_main, capsys, tmp_path):
     args = ["sync", "--presets", "tiny", "--runners", "1", "--imagination-actors", "1",
             "--repeats", "1"]  # fmt: skip
