@@ -383,7 +383,6 @@ def bench_learning(
     ``curves.png`` to ``out``; returns the results. Bad input is a ``UserError``."""
     from envs import check_env_id
     from rig.config import load_config
-    from rig.runs import ensure_writable_dir
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if steps < 1:
@@ -400,10 +399,7 @@ def bench_learning(
     if not config.is_file():
         raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
     cfg = load_config(config, [*overrides, f"env.id={env}"])
-    out = Path(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; give a new folder")
-    ensure_writable_dir(out, "--out")
+    out = _fresh_out(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
 
     methods = METHODS if only == "both" else (only,)
     plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs}}
@@ -432,6 +428,17 @@ def bench_learning(
     return result
 
 
+def _fresh_out(out: str | Path) -> Path:
+    """``--out`` as a new or empty, writable folder (nothing in it is ever overwritten)."""
+    from rig.runs import ensure_writable_dir
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; give a new folder")
+    ensure_writable_dir(out, "--out")
+    return out
+
+
 MERGE_SAME = ("env", "size", "env_kwargs", "steps", "threshold", "window")  # across all folders
 MERGE_SAME_RIG = ("config", "overrides")  # across the folders that hold rig runs
 
@@ -442,8 +449,6 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
     side, summarised afresh, written with its plot to ``out``. The folders must agree on env,
     budget and threshold, and those holding rig runs on the preset and overrides; a seed may
     appear once per side. Bad input is a ``UserError``."""
-    from rig.runs import ensure_writable_dir
-
     if len(folders) < 2:
         raise UserError(f"--merge needs at least two result folders, got {len(folders)}")
     loaded = []
@@ -488,10 +493,7 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
                 raise UserError(f"--merge: {folder} ran {method} with plan "
                                 f"{config['plans'][method]}, another folder with {plan}; those "
                                 "are different variants")  # fmt: skip
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; give a new folder")
-    ensure_writable_dir(out, "--out")
+    out = _fresh_out(out)
     for method_runs in runs.values():
         method_runs.sort(key=lambda run: run["seed"])
     runs = {method: runs[method] for method in METHODS if method in runs}
