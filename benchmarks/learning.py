@@ -383,7 +383,6 @@ def bench_learning(
     ``curves.png`` to ``out``; returns the results. Bad input is a ``UserError``."""
     from envs import check_env_id
     from rig.config import load_config
-    from rig.runs import ensure_writable_dir
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if steps < 1:
@@ -400,10 +399,7 @@ def bench_learning(
     if not config.is_file():
         raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
     cfg = load_config(config, [*overrides, f"env.id={env}"])
-    out = Path(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} exists and is not empty; give a new folder")
-    ensure_writable_dir(out, "--out")
+    out = _fresh_out(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
 
     methods = METHODS if only == "both" else (only,)
     plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs}}
@@ -426,6 +422,90 @@ def bench_learning(
         "seeds": list(seeds), "config": str(config), "overrides": list(overrides),
         "threshold": threshold, "window": WINDOW, "threads": threads, "only": only,
         "out": str(out), "plans": {m: plans[m] for m in methods}, "ray": _version("ray"),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_curves(result, out / "curves.png")
+    return result
+
+
+def _fresh_out(out: str | Path) -> Path:
+    """``--out`` as a new or empty, writable folder (nothing in it is ever overwritten)."""
+    from rig.runs import ensure_writable_dir
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; give a new folder")
+    ensure_writable_dir(out, "--out")
+    return out
+
+
+MERGE_SAME = ("env", "size", "env_kwargs", "steps", "threshold", "window")  # across all folders
+MERGE_SAME_RIG = ("config", "overrides")  # across the folders that hold rig runs
+
+
+def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """One result from the ``results.json`` of several finished benchmark folders (seeds or
+    sides run as separate processes, e.g. two at once on two cores): their runs pooled by
+    side, summarised afresh, written with its plot to ``out``. The folders must agree on env,
+    budget and threshold, and those holding rig runs on the preset and overrides; a seed may
+    appear once per side. Bad input is a ``UserError``."""
+    if len(folders) < 2:
+        raise UserError(f"--merge needs at least two result folders, got {len(folders)}")
+    loaded = []
+    for folder in map(Path, folders):
+        path = folder / "results.json"
+        try:
+            result = json.loads(path.read_text())
+            config, methods = result["config"], result["methods"]
+        except FileNotFoundError:
+            raise UserError(f"--merge {folder}: no results.json (give folders that "
+                            "`rig bench learning --out` wrote)") from None  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"--merge {path}: not a learning benchmark's results") from None
+        loaded.append((folder, config, methods))
+    first_folder, first, _ = loaded[0]
+    for folder, config, _ in loaded[1:]:
+        for key in MERGE_SAME:
+            if config.get(key) != first.get(key):
+                raise UserError(f"--merge: {folder} has {key} {config.get(key)!r}, "
+                                f"{first_folder} {first.get(key)!r}; merge runs of one "
+                                "benchmark setting only")  # fmt: skip
+    with_rig = [(folder, config) for folder, config, methods in loaded if "rig" in methods]
+    for folder, config in with_rig[1:]:
+        for key in MERGE_SAME_RIG:
+            if config.get(key) != with_rig[0][1].get(key):
+                raise UserError(f"--merge: {folder} ran rig with {key} {config.get(key)!r}, "
+                                f"{with_rig[0][0]} with {with_rig[0][1].get(key)!r}; those are "
+                                "different variants")  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {}
+    plans: dict[str, Any] = {}
+    for folder, config, methods in loaded:
+        for method, data in methods.items():
+            seen = {run["seed"] for run in runs.get(method, [])}
+            for run in data["runs"]:
+                if run["seed"] in seen:
+                    raise UserError(f"--merge: {method} seed {run['seed']} is in more than "
+                                    f"one folder ({folder} and another); keep one")  # fmt: skip
+                keep = ("seed", "ok", "error", "wall_s", "log", "points")
+                runs.setdefault(method, []).append({key: run[key] for key in keep})
+            plan = plans.setdefault(method, config["plans"][method])
+            if plan != config["plans"][method]:
+                raise UserError(f"--merge: {folder} ran {method} with plan "
+                                f"{config['plans'][method]}, another folder with {plan}; those "
+                                "are different variants")  # fmt: skip
+    out = _fresh_out(out)
+    for method_runs in runs.values():
+        method_runs.sort(key=lambda run: run["seed"])
+    runs = {method: runs[method] for method in METHODS if method in runs}
+    result = summarize(runs, first["steps"], first["threshold"])
+    rig_config = with_rig[0][1] if with_rig else first
+    seeds = sorted({run["seed"] for method_runs in runs.values() for run in method_runs})
+    result["config"] = {
+        **{key: first[key] for key in MERGE_SAME},
+        "seeds": seeds, "config": rig_config["config"], "overrides": rig_config["overrides"],
+        "threads": first.get("threads"), "only": "both" if len(runs) == 2 else next(iter(runs)),
+        "out": str(out), "plans": plans, "ray": first.get("ray"),
+        "merged_from": [str(folder) for folder, _, _ in loaded],
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
@@ -565,6 +645,8 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     failed = [f"{m} seed {r['seed']}: {r['error']} (log {r['log']})"
               for m in methods for r in methods[m]["runs"] if not r["ok"]]  # fmt: skip
     lines += [f"failed: {line}" for line in failed]
+    if c.get("merged_from"):
+        lines.append(f"merged from: {', '.join(c['merged_from'])}")
     lines.append(f"results: {c['out']}/results.json, plot: {c['out']}/curves.png")
     return lines
 
@@ -583,16 +665,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--peer-epochs", type=int, default=PEER_EPOCHS)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="pool the results.json of finished runs into --out (runs nothing)")
     parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer_worker is not None:  # one peer run, started by run_peer
         _peer_worker(args.peer_worker)
         return None
     try:
-        result = bench_learning(
-            args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
-            args.threshold, args.only, args.out, args.threads, args.peer_epochs,
-        )  # fmt: skip
+        if args.merge is not None:
+            if args.out is None:
+                raise UserError("--merge needs --out, the folder for the pooled results")
+            result = merge_results(args.merge, args.out)
+        else:
+            result = bench_learning(
+                args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
+                args.threshold, args.only, args.out, args.threads, args.peer_epochs,
+            )  # fmt: skip
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,7 @@ never handed to the optimiser), weight decay on matrices only (nanoGPT's split: 
 and norm gains only shrinks them), gradient-norm clipping, and a learning rate that rises
 linearly over ``warmup_steps`` optimiser steps and then stays constant (groups named by
 ``warmup_skip`` start at the full rate; the others may first wait ``warmup_delay_steps`` at
-0). The schedule is a torch
+0; those named by ``freeze`` never train). The schedule is a torch
 ``LambdaLR`` rather than DeepSpeed's ``WarmupLR``: its first step already uses ``lr / warmup``
 (WarmupLR's first step uses lr 0, a wasted update), the plain engine can use the very same
 object, and its ``state_dict`` round-trips through DeepSpeed checkpoints. Gradient accumulation
@@ -36,6 +36,7 @@ Recommended ``learner:`` section (CPU debug values; on a GPU cluster use ``zero_
       warmup_steps: 10
       warmup_skip: []      # name prefixes at full lr from step 1, e.g. [value_head] (fresh heads)
       warmup_delay_steps: 0   # steps the others wait at lr 0 before their warmup (LP-FT)
+      freeze: []           # name prefixes that never train, e.g. [model]: the heads only
       device: auto         # cuda (nccl) when a GPU is visible, else cpu (gloo)
 
 DeepSpeed on a CPU-only machine (0.19.8, without intel_extension_for_pytorch or oneCCL):
@@ -162,6 +163,20 @@ def param_groups(
             for (scale, decay, skip), params in order]  # fmt: skip
 
 
+def freeze(model: nn.Module, prefixes: Sequence[str]) -> None:
+    """``requires_grad_(False)`` on every parameter whose name starts with one of ``prefixes``
+    (``learner.freeze``): no gradient is computed for them or through modules only they feed,
+    and the optimiser never sees them. A prefix that names no parameter is an error."""
+    named = list(model.named_parameters())
+    unused = [k for k in prefixes if not any(n.startswith(k) for n, _ in named)]
+    if unused:
+        raise ValueError(f"learner.freeze names no parameter: {unused} (parameter names start "
+                         f"with e.g. {sorted({n.split('.')[0] for n, _ in named})})")  # fmt: skip
+    for name, p in named:
+        if any(name.startswith(k) for k in prefixes):
+            p.requires_grad_(False)
+
+
 class _Engine:
     """What both engines share: the optimiser over the trainable parameters, the schedule, the API.
 
@@ -173,6 +188,7 @@ class _Engine:
 
     def __init__(self, model: nn.Module, config: LearnerConfig) -> None:
         self.config = config
+        freeze(model, config.freeze)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._trainable = [p for _, p in named]
         if not self._trainable:

@@ -342,13 +342,30 @@ def learning(
     peer_epochs: Annotated[
         int, typer.Option("--peer-epochs", min=1, help="PPO epochs per batch of the peer")
     ] = 10,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option("--merge", help="a finished results folder to pool into --out (repeat; "
+                     "runs nothing: seeds or sides run as separate processes, then merged)"),
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """rig train vs RLlib's PPO: return vs env steps on one env, budget and seeds; a plot."""
     _check_json_path(json_path)
     bench = _benchmark("learning")  # each run is a subprocess with its own Ray
-    result = bench.bench_learning(
-        env, steps, bench.parse_seeds(seeds), config, overrides or [], threshold, only, out,
-        threads, peer_epochs,
-    )  # fmt: skip
+    if merge:
+        given = {"--env": env != "rig/Catch-v0", "--steps": steps != 15000,
+                 "--seeds": seeds != "0,1,2", "--config": config != Path("configs/catch.yaml"),
+                 "--set": bool(overrides), "--threshold": threshold != 0.8,
+                 "--only": only != "both", "--peer-epochs": peer_epochs != 10}  # fmt: skip
+        if any(given.values()):
+            names = ", ".join(name for name, used in given.items() if used)
+            raise UserError(f"--merge pools finished runs and takes their settings; drop {names}")
+        if out is None:
+            raise UserError("--merge needs --out, the folder for the pooled results")
+        result = bench.merge_results(merge, out)
+    else:
+        result = bench.bench_learning(
+            env, steps, bench.parse_seeds(seeds), config, overrides or [], threshold, only, out,
+            threads, peer_epochs,
+        )  # fmt: skip
     _report(bench, result, json_path)

@@ -187,6 +187,11 @@ class LearnerConfig(Section):
         description="optimizer steps the groups outside warmup_skip wait at lr 0 before their "
         "warmup: the heads fit on a still trunk first (LP-FT)",
     )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter-name prefixes that do not train (no gradient, not in the "
+        "optimiser), e.g. [model]: only the heads learn",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         description="auto: cuda if a GPU is visible, else cpu"
     )

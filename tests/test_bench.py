@@ -273,6 +273,79 @@ def test_learning_refuses_a_used_out_folder(rig_main, capsys, tmp_path):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
+def _finished(folder, method, seeds, steps=1024, config="configs/catch.yaml", overrides=()):
+    """A results folder as ``bench_learning`` writes it, from made-up curves: seed s's return
+    goes from -0.5 to 0.1 * s, 100 episodes per 512-step iteration."""
+    runs = {method: [learning._run(s, 0, 10.0 + s, folder / f"{method}-seed{s}.log",
+                                   [[512, -0.5, 100], [1024, 0.1 * s, 100]]) for s in seeds]}
+    result = learning.summarize(runs, steps, 0.8)
+    plan = {"iterations": 2, "steps_per_iteration": 512} if method == "rig" else {
+        **learning.peer_plan(steps), "epochs": 10}
+    result["config"] = {"env": "rig/Catch-v0", "size": 64, "env_kwargs": {}, "steps": steps,
+                        "seeds": list(seeds), "config": config, "overrides": list(overrides),
+                        "threshold": 0.8, "window": 100, "threads": 1, "only": method,
+                        "out": str(folder), "plans": {method: plan}, "ray": "2.x"}  # fmt: skip
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_learning_merge_pools_finished_runs_and_summarises_them_afresh(rig_main, capsys,
+                                                                       tmp_path):
+    a = _finished(tmp_path / "a", "rig", [2])
+    b = _finished(tmp_path / "b", "rig", [0, 1])
+    peer = _finished(tmp_path / "peer", "peer", [0])
+    out = tmp_path / "merged"
+    args = ["bench", "learning", "--merge", str(a), "--merge", str(b), "--merge", str(peer),
+            "--out", str(out)]  # fmt: skip
+    assert rig_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "merged from:" in printed and "rig return" in printed
+    result = json.loads((out / "results.json").read_text())
+    rig = result["methods"]["rig"]
+    assert [r["seed"] for r in rig["runs"]] == [0, 1, 2]
+    assert rig["median"]["final_return"] == pytest.approx(0.1)  # seeds end at 0.0, 0.1, 0.2
+    assert rig["median"]["wall_s"] == pytest.approx(11.0)
+    assert result["methods"]["peer"]["median"]["final_return"] == pytest.approx(0.0)
+    assert result["config"]["seeds"] == [0, 1, 2] and result["config"]["only"] == "both"
+    assert set(result["config"]["plans"]) == {"rig", "peer"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("second", "extra", "expected"),
+    [
+        ({"seeds": [0]}, [], "rig seed 0 is in more than one folder"),
+        ({"seeds": [1], "steps": 2048}, [], "has steps 2048"),
+        ({"seeds": [1], "overrides": ["ppo.epochs=10"]}, [], "different variants"),
+        (None, [], "no results.json"),
+        ({"seeds": [1]}, ["--steps", "2048"], "--merge pools finished runs"),
+    ],
+)
+def test_learning_merge_refuses_runs_that_do_not_belong_together(rig_main, capsys, tmp_path,
+                                                                 second, extra, expected):
+    a = _finished(tmp_path / "a", "rig", [0])
+    b = tmp_path / "b"
+    if second is None:
+        b.mkdir()
+    else:
+        _finished(b, "rig", **second)
+    out = tmp_path / "merged"
+    args = ["bench", "learning", "--merge", str(a), "--merge", str(b), "--out", str(out), *extra]
+    assert rig_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_learning_merge_needs_two_folders_and_an_out(rig_main, capsys, tmp_path):
+    a = _finished(tmp_path / "a", "rig", [0])
+    assert rig_main(["bench", "learning", "--merge", str(a), "--out", str(tmp_path / "o")]) == 2
+    assert "at least two result folders" in capsys.readouterr().err
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(a)]) == 2
+    assert "--merge needs --out" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_path):
     out = tmp_path / "out"

@@ -5,7 +5,9 @@ the frame's columns of the prompt, through the learner engine with the catch pre
 regresses onto ball column - paddle column, a function of the frame alone. Before rl.heads (an
 MLP on the raw state, the whole model at one rate) the trunk shrank the frame's share of the
 state within 50 steps and the explained variance stayed at 0.00 at lr 1e-4 to 1e-3
-(docs/benchmarks.md, "Learning")."""
+(docs/benchmarks.md, "Learning"). The preset now freezes the trunk (learner.freeze), so this
+checks the standardised read-out of the untrained trunk's frame columns; a preset that lets the
+trunk train again is checked by the same test against the trunk erasing the frame."""
 
 from pathlib import Path
 

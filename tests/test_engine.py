@@ -327,6 +327,27 @@ def test_warmup_delay_holds_the_trunk_still_while_the_heads_fit_then_warms_it_up
         [CPU["lr"] if g["warmup_skip"] else CPU["lr"] / 2 for g in again.optimizer.param_groups])
 
 
+@pytest.mark.parametrize("engine_cls", [PlainTorchEngine, DeepSpeedEngine])
+def test_freeze_keeps_a_prefix_out_of_the_optimiser_and_the_backward(engine_cls):
+    """``freeze=["0"]``: the first layer gets no gradient and does not move, the second
+    learns; the optimiser holds only the second's parameters; an unknown prefix is an error."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    engine = engine_cls(model, config(freeze=["0"], warmup_steps=0))
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(3):
+        engine.backward_step(engine(torch.ones(2, 3)).square().sum())
+    first, second = model[0], model[1]
+    assert not first.weight.requires_grad and first.weight.grad is None
+    torch.testing.assert_close(first.weight, start[0], rtol=0, atol=0)
+    assert not torch.equal(second.weight, start[2])
+    in_optimiser = {id(p) for g in engine.optimizer.param_groups for p in g["params"]}
+    assert in_optimiser == {id(second.weight), id(second.bias)}
+    with pytest.raises(ValueError, match="learner.freeze names no parameter: \\['trunk'\\]"):
+        PlainTorchEngine(nn.Linear(2, 2), config(freeze=["trunk"]))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        PlainTorchEngine(nn.Linear(2, 2), config(freeze=[""]))
+
+
 def test_lr_scales_give_a_prefix_its_own_learning_rate():
     """``lr_scales={"1": 10}``: the second layer (names ``1.weight``, ``1.bias``) steps at ten
     times the learning rate; decay stays on matrices only; an unknown prefix is an error."""
