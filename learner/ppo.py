@@ -26,10 +26,18 @@ those counts: each rank's term is scaled by ``world_size * local count / global 
 all-reduce of the counts per minibatch), which makes DeepSpeed's average exactly the one-rank
 gradient. The value head's running statistics are summed over ranks too (``rl.heads``), so the
 update is the one a single rank makes on the same global batch, up to float summation order.
+
+A frozen trunk (``learner.freeze: [model]``: only the heads train) gives every row the same
+hidden states in every epoch, so they are computed once per update, without gradients
+(``RigPolicy.trunk_states`` into ``Experience.trunk``, on the learner's device), and each
+minibatch runs only the heads and the LM's output layer on them: the same losses and gradients,
+without ``epochs - 1`` of every ``epochs`` trunk forwards. (With several ranks each computes
+them for the whole batch, which every rank holds.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -105,7 +113,7 @@ def minibatch_terms(
     With ``dp``, ``mb`` is this rank's shard and each term is scaled to its share of the
     global minibatch's mean (module docstring); ``loss/*`` averaged over ranks then read as
     one rank's, the other metrics are this shard's."""
-    res = policy.evaluate(mb.act, next_codes=mb.next_codes)
+    res = policy.evaluate(mb.act, next_codes=mb.next_codes, hidden=mb.trunk)
     act = mb.act
     scored = res["choice_mask"]  # (B, L) reasoning tokens and action tokens with a choice
     real, imagined = ~mb.imagined, mb.imagined
@@ -320,6 +328,9 @@ def ppo_update(
     params = [p for p in policy.parameters() if p.requires_grad]
     term_norms: dict[str, float] | None = None if measure else {}
     policy.train()
+    if policy.trunk_frozen:  # every epoch would recompute the same states: once per update
+        exp = dataclasses.replace(exp, trunk=policy.trunk_states(exp.act, exp.next_codes,
+                                                                 cfg.minibatch_size))  # fmt: skip
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb if dp is None else dp.shard(mb), dev)

@@ -50,19 +50,28 @@ class Experience:
     rewards: Tensor  # (N,) float32 the real reward (reward head target; 0 on imagined rows)
     continues: Tensor  # (N,) float32 1 - terminated (continue head target)
     versions: Tensor  # (N,) int64 weights version that acted
+    # (N, T, D) the trunk's hidden states over each row's sequence (``RigPolicy.forward_sequence``
+    # with ``next_codes``), on the learner's device: set by the learner for one update when the
+    # trunk is frozen (``learner.freeze``), so every epoch reads them instead of recomputing.
+    trunk: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.advantages)
 
     def rows(self, index: Tensor) -> Experience:
-        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(Experience)})
+        def pick(x):  # the trunk's states live on the learner's device, the rest on the CPU
+            if x is None:
+                return None
+            return x[index.to(x.device)] if isinstance(x, Tensor) else x[index]
+
+        return Experience(**{f.name: pick(getattr(self, f.name)) for f in fields(Experience)})
 
     @staticmethod
     def concat(parts: Sequence[Experience], pad_id: int) -> Experience:
         parts = [p for p in parts if len(p)]
         out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
         for f in fields(Experience):
-            if f.name != "act":
+            if f.name not in ("act", "trunk"):  # trunk: per update, made after the concat
                 out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
         return Experience(**out)
 

@@ -843,8 +843,31 @@ class RigPolicy(nn.Module):
         hidden, _ = self.hidden(None, mask, positions(mask), inputs_embeds=embeds)
         return hidden, mask, start
 
-    def evaluate(self, batch: ActOutput, next_codes: Tensor | None = None) -> dict[str, Tensor]:
+    @property
+    def trunk_frozen(self) -> bool:
+        """Whether no parameter of the network under the heads trains (``learner.freeze:
+        [model]``): then ``forward_sequence`` of a row is the same in every epoch."""
+        return not any(p.requires_grad for p in self.model.parameters())
+
+    @torch.no_grad()
+    def trunk_states(
+        self, batch: ActOutput, next_codes: Tensor | None = None, chunk: int = 128
+    ) -> Tensor:
+        """(B, T, D) ``forward_sequence(batch, next_codes)``'s hidden states without gradients,
+        ``chunk`` rows per forward: what :meth:`evaluate` takes as ``hidden`` when the trunk is
+        frozen (the learner computes them once per update instead of once per epoch)."""
+        parts = []
+        for rows in torch.arange(len(batch.actions)).split(chunk):
+            codes = None if next_codes is None else next_codes[rows.to(next_codes.device)]
+            parts.append(self.forward_sequence(batch[rows], codes)[0])
+        return torch.cat(parts)
+
+    def evaluate(
+        self, batch: ActOutput, next_codes: Tensor | None = None, hidden: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """Teacher-forced recomputation of ``act`` in one forward (no cache), with gradients.
+        ``hidden``: that forward's states when the caller has them (:meth:`trunk_states`, for a
+        frozen trunk), so only the heads and the LM's output layer run.
 
         Returns ``log_probs`` (B, L) float32 (0 off the sampled tokens), ``entropies`` (B, L)
         float32 of the distribution each sampled token was drawn from (0 elsewhere),
@@ -862,7 +885,14 @@ class RigPolicy(nn.Module):
         L = tokens.shape[1]
         reason = batch.reasoning_mask.to(self.device)
         action = batch.action_mask.to(self.device)
-        full, _, start = self.forward_sequence(batch, next_codes)
+        if hidden is None:
+            full, _, start = self.forward_sequence(batch, next_codes)
+        else:
+            full, start = hidden, batch.prompt_ids.shape[1] + L
+            width = start + (0 if next_codes is None else 1 + self.image_tokens)
+            if full.shape[:2] != (tokens.shape[0], width):
+                raise ValueError(f"hidden must be ({tokens.shape[0]}, {width}, D) for this batch, "
+                                 f"got {tuple(full.shape)}")  # fmt: skip
         hidden = full[:, P - 1 : P + L - 1]  # (B, L, D) column j is predicted at P + j - 1
         nodes = self.trie.path_nodes(tokens, action)  # (B, L) trie node before each token
 

@@ -351,3 +351,48 @@ def test_sync_check_changes_no_bit_of_the_update(tiny_policy):
     assert {k: v for k, v in on.items() if not k.startswith("sync/")} == off
     assert all(torch.equal(state_on[k], state_off[k]) for k in state_on)
     assert torch.equal(gen_on, gen_off)
+
+
+def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy, monkeypatch):
+    """learner.freeze [model]: ppo_update computes the trunk's states once (Experience.trunk)
+    and every epoch's minibatches read them; the weights, losses and generator state after are
+    those of recomputing the trunk in every minibatch (float rounding apart), with fewer trunk
+    forwards (2 chunks of 4 rows, against 2 epochs x 2 minibatches + the gradient-norm rows)."""
+    import copy
+
+    from policies import state_readouts
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+    from rl.policy import RigPolicy
+
+    exp = _acted(state_readouts(copy.deepcopy(tiny_policy)), [5] * 6)
+    exp.advantages = torch.linspace(-1.0, 1.0, 6)  # something for the policy term to follow
+    forwards = []
+    real_forward = RigPolicy.forward_sequence
+    monkeypatch.setattr(RigPolicy, "forward_sequence",
+                        lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
+    runs = []
+    for cached in (True, False):
+        monkeypatch.setattr(RigPolicy, "trunk_frozen", property(lambda self, c=cached: c))
+        policy = state_readouts(copy.deepcopy(tiny_policy))
+        engine = PlainTorchEngine(policy, LearnerConfig(
+            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu", freeze=["model"],
+        ))  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        forwards.clear()
+        cfg = _ppo(0).model_copy(update={"epochs": 2})
+        metrics = ppo_update(engine, policy, None, copy.copy(exp), cfg, gen, 5)
+        runs.append((metrics, policy.state_dict(), gen.get_state(), len(forwards)))
+    (on, state_on, gen_on, n_on), (off, state_off, gen_off, n_off) = runs
+    assert (n_on, n_off) == (2, 5)
+    assert on.keys() == off.keys()
+    for k in on:
+        assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-6), k
+    start = state_readouts(copy.deepcopy(tiny_policy)).state_dict()
+    moved = [k for k in state_on if not torch.equal(state_on[k], start[k])]
+    assert moved and all(k.startswith(("value_head.", "action_head.", "world.")) for k in moved)
+    for k in state_on:
+        torch.testing.assert_close(state_on[k], state_off[k], atol=1e-6, rtol=1e-5)
+    assert torch.equal(gen_on, gen_off)
