@@ -302,6 +302,7 @@ def ppo_update(
     generator: torch.Generator,
     version: int,
     dp: DataParallel | None = None,
+    trunk_once: bool | None = None,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
     engine accumulates and clips as configured). Each epoch splits the batch into
@@ -314,7 +315,9 @@ def ppo_update(
     (``sync_health``) and, where the engine keeps whole gradients (ZeRO 0), each term's
     gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``).
     With ``dp`` this is one rank of several: it trains on its share of every minibatch (see
-    the module docstring) and its metrics are to be averaged with the other ranks'."""
+    the module docstring) and its metrics are to be averaged with the other ranks'.
+    ``trunk_once`` (None: ``policy.trunk_frozen``) computes the trunk's states once for the
+    update (module docstring); False recomputes them in every minibatch (benchmarks, tests)."""
     sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
@@ -328,7 +331,7 @@ def ppo_update(
     params = [p for p in policy.parameters() if p.requires_grad]
     term_norms: dict[str, float] | None = None if measure else {}
     policy.train()
-    if policy.trunk_frozen:  # every epoch would recompute the same states: once per update
+    if policy.trunk_frozen if trunk_once is None else trunk_once:  # same states every epoch
         exp = dataclasses.replace(exp, trunk=policy.trunk_states(exp.act, exp.next_codes,
                                                                  cfg.minibatch_size))  # fmt: skip
     for _ in range(cfg.epochs):

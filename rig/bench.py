@@ -261,6 +261,33 @@ def learner_group(
     _report(bench, result, json_path)
 
 
+# -- rig bench frozen-trunk ------------------------------------------------------------------------
+
+
+@app.command("frozen-trunk")
+def frozen_trunk(
+    rows: Annotated[int, typer.Option("--rows", min=1, help="rows in the batch")] = 512,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="ppo.epochs (default: catch.yaml's)")
+    ] = None,
+    minibatch: Annotated[
+        int | None, typer.Option("--minibatch", min=1, help="ppo.minibatch_size (catch.yaml's)")
+    ] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed updates")] = 3,
+    reasoning_tokens: ReasoningOpt = 0,
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="torch threads (default: every core)")
+    ] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """A frozen trunk's states once per PPO update vs recomputed per minibatch (ratio)."""
+    _check_json_path(json_path)
+    bench = _benchmark("frozen_trunk")
+    result = bench.bench_frozen_trunk(rows, epochs, minibatch, repeats,
+                                      reasoning_tokens=reasoning_tokens, threads=threads)  # fmt: skip
+    _report(bench, result, json_path)
+
+
 # -- rig bench sync --------------------------------------------------------------------------------
 
 

@@ -119,6 +119,17 @@ def test_learner_group_benchmark_prints_the_ratio_of_two_ranks_to_one(rig_main, 
     )
 
 
+def test_frozen_trunk_benchmark_prints_the_ratio_of_recomputing_to_once(rig_main, capsys, tmp_path):
+    args = ["frozen-trunk", "--rows", "8", "--epochs", "2", "--minibatch", "4", "--repeats", "1",
+            "--threads", "1"]  # fmt: skip
+    out, result = _run(rig_main, capsys, tmp_path, args)
+    assert "seconds per update, trunk per minibatch / once per update:" in out
+    assert result["config"]["freeze"] == ["model"] and result["config"]["epochs"] == 2
+    once, each = (result["setups"][k]["median_s"] for k in ("trunk once per update",
+                                                            "trunk per minibatch"))  # fmt: skip
+    assert once > 0 and each > 0 and result["ratio"] == pytest.approx(each / once)
+
+
 @pytest.mark.slow
 def test_sync_benchmark_payload_and_encodings(rig_main, capsys, tmp_path):
     args = ["sync", "--presets", "tiny", "--runners", "1", "--imagination-actors", "1",

@@ -374,16 +374,17 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
                         lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
     runs = []
     for cached in (True, False):
-        monkeypatch.setattr(RigPolicy, "trunk_frozen", property(lambda self, c=cached: c))
         policy = state_readouts(copy.deepcopy(tiny_policy))
         engine = PlainTorchEngine(policy, LearnerConfig(
             zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
             grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu", freeze=["model"],
         ))  # fmt: skip
+        assert policy.trunk_frozen
         gen = torch.Generator().manual_seed(0)
         forwards.clear()
         cfg = _ppo(0).model_copy(update={"epochs": 2})
-        metrics = ppo_update(engine, policy, None, copy.copy(exp), cfg, gen, 5)
+        metrics = ppo_update(engine, policy, None, copy.copy(exp), cfg, gen, 5,
+                             trunk_once=None if cached else False)
         runs.append((metrics, policy.state_dict(), gen.get_state(), len(forwards)))
     (on, state_on, gen_on, n_on), (off, state_off, gen_off, n_off) = runs
     assert (n_on, n_off) == (2, 5)
