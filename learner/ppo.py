@@ -27,6 +27,11 @@ all-reduce of the counts per minibatch), which makes DeepSpeed's average exactly
 gradient. The value head's running statistics are summed over ranks too (``rl.heads``), so the
 update is the one a single rank makes on the same global batch, up to float summation order.
 
+Decoupled PPO (``ppo.decoupled``, for rows acted by older weights: ``ppo.max_policy_lag``):
+before the first minibatch every row is re-scored with the weights the update starts from
+(``proximal_log_probs``), and ``rl.losses.policy_loss`` clips against those and weights each row
+by pi_prox / pi_behaviour, truncated at ``ppo.behaviour_cap``.
+
 A frozen trunk (``learner.freeze: [model]``: only the heads train) gives every row the same
 hidden states in every epoch, so they are computed once per update, without gradients
 (``RigPolicy.trunk_states`` into ``Experience.trunk``, on the learner's device), and each
@@ -128,10 +133,11 @@ def minibatch_terms(
         if not bool(rows.any()):
             continue
         weight = mb.weights[rows].mean()
+        prox = None if mb.prox_log_probs is None else mb.prox_log_probs[rows]
         pg, m = losses.policy_loss(
             res["log_probs"][rows], act.log_probs[rows], mb.advantages[rows],
             scored[rows], act.reasoning_mask[rows],
-            cfg.clip_eps, cfg.reasoning_weight, cfg.reduction,
+            cfg.clip_eps, cfg.reasoning_weight, cfg.reduction, prox, cfg.behaviour_cap,
         )  # fmt: skip
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
                                   cfg.value_clip)  # fmt: skip
@@ -293,6 +299,25 @@ def sync_health(
     return out
 
 
+def proximal_log_probs(policy: RigPolicy, exp: Experience, chunk: int) -> torch.Tensor:
+    """(N, L) float32 log-probs of every row's sampled tokens under ``policy`` as it is (decoupled
+    PPO's proximal policy: the weights the update starts from), ``chunk`` rows at a time, in
+    eval mode without gradients and with frozen statistics, as actors score (on ``exp.trunk``
+    when the update holds a frozen trunk's states); on the CPU, as the rest of ``exp``."""
+    out = []
+    policy.eval()
+    with torch.no_grad(), frozen_statistics(policy):
+        for part in torch.arange(len(exp)).split(chunk):
+            act = exp.act[part].to(policy.device)
+            if exp.trunk is None:
+                res = policy.evaluate(act)
+            else:
+                res = policy.evaluate(act, exp.next_codes[part], hidden=exp.trunk[part.to(
+                    exp.trunk.device)])  # fmt: skip
+            out.append(res["log_probs"].float().cpu())
+    return torch.cat(out)
+
+
 def ppo_update(
     engine: Any,
     policy: RigPolicy,
@@ -334,6 +359,10 @@ def ppo_update(
     if policy.trunk_frozen if trunk_once is None else trunk_once:  # same states every epoch
         exp = dataclasses.replace(exp, trunk=policy.trunk_states(exp.act, exp.next_codes,
                                                                  cfg.minibatch_size))  # fmt: skip
+    if cfg.decoupled:
+        exp = dataclasses.replace(exp, prox_log_probs=proximal_log_probs(policy, exp,
+                                                                         cfg.minibatch_size))
+        policy.train()
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb if dp is None else dp.shard(mb), dev)
@@ -373,6 +402,7 @@ def _to(exp: Experience, device: torch.device) -> Experience:
 
 
 __all__ = [
-    "DataParallel", "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize", "ppo_update",
+    "DataParallel", "PPOConfig", "advantage_stats", "minibatch_loss", "minibatch_terms", "normalize",
+    "ppo_update", "proximal_log_probs",
     "sync_health", "term_grad_norms",
 ]  # fmt: skip

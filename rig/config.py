@@ -239,7 +239,18 @@ class PPOConfig(Section):
     reduction: Literal["sequence", "token"] = Field(description="where the PPO ratio is formed")
     kl_estimator: Literal["k1", "k2", "k3"] = Field(description="KL-to-reference estimator")
     normalize_advantages: bool = Field(description="standardise advantages over the batch")
-    max_policy_lag: int = Field(ge=0, description="drop samples older than this many versions")
+    max_policy_lag: int = Field(
+        ge=0, description="drop samples older than this many versions; also how many samples "
+        "the runners have in flight while the learner updates (0: the two alternate)"
+    )
+    decoupled: bool = Field(
+        default=False,
+        description="decoupled PPO for stale rows: clip against the learner's weights at the "
+        "update's start, weight by pi_prox / pi_behaviour (rl.losses.policy_loss)",
+    )
+    behaviour_cap: float = Field(
+        default=2.0, gt=0, description="truncation of decoupled PPO's importance weight"
+    )
     sync_check_rows: int = Field(
         ge=0,
         description="rows per update whose act-time log-probs are recomputed with the learner's "

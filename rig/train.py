@@ -17,14 +17,16 @@ One iteration, from env step to weight update (docs/ARCHITECTURE.md draws it)::
           v
     env runners and imagination actors load them; MLflow gets the metrics; a checkpoint every N.
 
-With ``ppo.max_policy_lag >= 1`` sampling is asynchronous: the runners already collect the next
-batch (with the weights they hold) while the learner updates, so the learner's data is one version
-old; with 0 the two alternate. All calls to the runners go through one worker thread, so the
-runners see sample and weight-sync requests in order.
+With ``ppo.max_policy_lag`` = k >= 1 sampling is asynchronous: k sample requests stay queued on
+the runners while the learner updates, and each weight sync is queued behind them, so the runners
+never wait for the learner and the learner's data is up to k versions old (``rollout/policy_lag``;
+``ppo.decoupled`` corrects for it); with 0 the two alternate. All calls to the runners go through
+one worker thread, so the runners see sample and weight-sync requests in order.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import json
@@ -173,6 +175,7 @@ class Trainer:
                 actor_options={"num_gpus": gpus} if gpus else None,
             )  # fmt: skip
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
+        self._syncs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._publish()  # every runner and actor starts from the learner's weights
 
     # -- set-up helpers ----------------------------------------------------------------------
@@ -201,8 +204,10 @@ class Trainer:
                 actors += int(np.ceil(learner.num_ranks * learner.num_cpus_per_rank))
             init_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, actors))
 
-    def _publish(self) -> float:
-        """Send the learner's weights (as ``counters.version``) to runners and actors; seconds."""
+    def _publish(self, wait: bool = True) -> float:
+        """Send the learner's weights (as ``counters.version``) to runners and actors; seconds.
+        ``wait`` False: the runners' sync is queued behind their samples in flight (the worker
+        thread keeps the order) and its result is checked later (:meth:`_synced`)."""
         start = time.perf_counter()
         if self.group:  # rank 0's full weights, already packed as NumPy buffers
             from actors.weights import unpack_state
@@ -221,10 +226,16 @@ class Trainer:
             from actors.weights import publish
 
             state = ray.put(packed) if self.group else publish(state)
-        self.pool.submit(self.rollouts.sync_weights, state, version).result()
+        self._syncs.append(self.pool.submit(self.rollouts.sync_weights, state, version))
+        self._synced(wait)
         if self.imagination is not None:
             self.imagination.sync_weights(state, version)
         return time.perf_counter() - start
+
+    def _synced(self, wait: bool = True) -> None:
+        """Raise the error of any runner sync that failed; ``wait``: for all of them to end."""
+        while self._syncs and (wait or self._syncs[0].done()):
+            self._syncs.popleft().result()
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -401,18 +412,18 @@ class Trainer:
         from rl.experience import Experience
 
         cfg, c = self.config, self.counters
-        pipelined = cfg.ppo.max_policy_lag >= 1
+        depth = cfg.ppo.max_policy_lag  # samples in flight on the runners during an update
         gate_open = False
         last_accuracy = 0.0
         metrics: dict[str, float] = {}
         if self.resumed_from is not None:  # MLflow forgets the abandoned attempt's later steps
             tracker.rewind(self.resumed_from)
-        pending = self.pool.submit(self._sample)
+        inflight = collections.deque([self.pool.submit(self._sample)])
         while c.iteration < cfg.train.iterations:
             t_start = time.perf_counter()
-            batch, sample_seconds = pending.result()
-            if pipelined:  # the runners collect the next batch while we learn from this one
-                pending = self.pool.submit(self._sample)
+            batch, sample_seconds = inflight.popleft().result()
+            while len(inflight) < depth:  # the runners collect the next batches meanwhile
+                inflight.append(self.pool.submit(self._sample))
             c.env_steps += len(batch)
             c.episodes += len(batch.episodes)
             for episode in batch.episodes:
@@ -440,11 +451,10 @@ class Trainer:
                 )
                 last_accuracy = metrics.get("next_frame/accuracy", last_accuracy)
             c.version += 1
-            if pipelined:
-                pending.result()  # the sync must follow the in-flight sample on the runners
-            metrics["sync/seconds"] = self._publish()
-            if not pipelined:
-                pending = self.pool.submit(self._sample)
+            # queued behind the samples in flight: they finish on the weights they started with
+            metrics["sync/seconds"] = self._publish(wait=False)
+            if not inflight:  # max_policy_lag 0: the next sample waits for these weights
+                inflight.append(self.pool.submit(self._sample))
             c.iteration += 1
 
             # -- metrics, artifacts, checkpoints ---------------------------------------------
@@ -467,8 +477,9 @@ class Trainer:
                 self.save_checkpoint()
             if progress is not None:
                 progress(c, metrics)
-        if pipelined:
+        for pending in inflight:
             pending.result()
+        self._synced()
         return metrics
 
     def _sample(self) -> tuple[Any, float]:

@@ -54,6 +54,9 @@ class Experience:
     # with ``next_codes``), on the learner's device: set by the learner for one update when the
     # trunk is frozen (``learner.freeze``), so every epoch reads them instead of recomputing.
     trunk: Tensor | None = None
+    # (N, L) float32 log-probs of the sampled tokens under the learner's weights at the start of
+    # the update (decoupled PPO's proximal policy, ``ppo.decoupled``): set by the learner.
+    prox_log_probs: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.advantages)
@@ -71,7 +74,7 @@ class Experience:
         parts = [p for p in parts if len(p)]
         out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
         for f in fields(Experience):
-            if f.name not in ("act", "trunk"):  # trunk: per update, made after the concat
+            if f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
                 out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
         return Experience(**out)
 

@@ -71,6 +71,8 @@ def policy_loss(
     clip_eps: float = 0.2,
     reasoning_weight: float = 0.5,
     reduction: str = "sequence",
+    prox_logprobs: Tensor | None = None,
+    behaviour_cap: float = 2.0,
 ) -> tuple[Tensor, Metrics]:
     """Clipped PPO surrogate (Schulman et al. 2017, eq. 7) over the tokens the policy generated.
 
@@ -102,6 +104,23 @@ def policy_loss(
       ratio, longer samples weigh more in the batch mean, and since the weights are normalised,
       reasoning_weight only sets reasoning tokens' weight RELATIVE to action tokens.
 
+    ``prox_logprobs`` (B, L) turns it into decoupled PPO (Hilton et al. 2022, "Batch
+    size-invariance for policy optimization"; AReaL's asynchronous PPO) for rows acted by an
+    older policy than the learner's: the ratio is formed and clipped against the *proximal*
+    policy (the learner's weights at the start of the update, ``prox_logprobs``) instead of the
+    behaviour policy that sampled the tokens (``old_logprobs``), and each unit's surrogate is
+    weighted by the importance weight ``pi_prox / pi_behaviour`` (the same token weights and
+    reduction), truncated at ``behaviour_cap`` and detached::
+
+        sequence:  -mean_b  min(w_b, cap) * min(r_b A_b, clip(r_b) A_b),
+                   r_b = exp(sum_l w_l (logp - prox)),  w_b = exp(sum_l w_l (prox - old))
+
+    so the trust region is around the policy the update starts from however stale the rows are,
+    and the behaviour policy's mismatch is corrected rather than clipped away. Rows acted by the
+    learner's own weights have prox = old: weight 1, the plain PPO loss. Extra metrics:
+    ``policy/behaviour_weight_mean``, ``policy/behaviour_weight_max`` (before the cap) and
+    ``policy/behaviour_capped_frac``.
+
     Metrics (over samples for "sequence", over counted tokens for "token"): ``policy/clip_frac``
     (share of ratios outside [1-eps, 1+eps]), ``policy/approx_kl`` (mean of
     ``(ratio - 1) - log ratio``, Schulman's k3 estimator of KL(old || new)), ``policy/ratio_mean``,
@@ -125,28 +144,50 @@ def policy_loss(
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if reasoning_weight < 0:
         raise ValueError(f"reasoning_weight must be >= 0, got {reasoning_weight}")
+    if prox_logprobs is not None:
+        require_same_shape(layout, "logprobs", logprobs, prox_logprobs=prox_logprobs)
+        if not behaviour_cap > 0:
+            raise ValueError(f"behaviour_cap must be > 0, got {behaviour_cap}")
     counted = _as_mask("token_mask", token_mask)
     reasoning = _as_mask("reasoning_mask", reasoning_mask)
     if bool((reasoning & ~counted).any()):
         raise ValueError("reasoning_mask marks tokens that token_mask does not count")
 
     weights = torch.where(reasoning, reasoning_weight, 1.0).to(logprobs.dtype) * counted  # (B, L)
-    diff = torch.where(counted, logprobs - old_logprobs.detach(), 0.0)  # (B, L) log ratio per token
+    anchor = old_logprobs if prox_logprobs is None else prox_logprobs  # where the ratio is formed
+    diff = torch.where(counted, logprobs - anchor.detach(), 0.0)  # (B, L) log ratio per token
+    behaviour = None  # (B, L) log pi_prox - log pi_behaviour per token, decoupled only
+    if prox_logprobs is not None:
+        behaviour = torch.where(counted, (prox_logprobs - old_logprobs).detach(), 0.0)
     adv = advantages.detach().to(logprobs.dtype)  # (B,)
 
     if reduction == "sequence":
         log_ratio = (weights * diff).sum(dim=-1)  # (B,) weighted sequence log ratio
         units = counted.any(dim=-1)  # (B,) samples with something to learn from
         surrogate = _clipped_surrogate(log_ratio, adv, clip_eps)  # (B,)
+        if behaviour is not None:
+            log_w = (weights * behaviour).sum(dim=-1)  # (B,)
+            surrogate = log_w.exp().clamp(max=behaviour_cap) * surrogate
         loss = -_masked_mean(surrogate, units)
     else:
         log_ratio = diff  # (B, L)
         units = counted
         surrogate = _clipped_surrogate(log_ratio, adv[:, None], clip_eps)  # (B, L)
+        if behaviour is not None:
+            log_w = behaviour  # (B, L)
+            surrogate = log_w.exp().clamp(max=behaviour_cap) * surrogate
         total_weight = weights.sum()
         loss = -(weights * surrogate).sum() / torch.where(total_weight > 0, total_weight, 1.0)
 
-    return loss, _ratio_metrics(log_ratio.detach(), units, clip_eps)
+    metrics = _ratio_metrics(log_ratio.detach(), units, clip_eps)
+    if behaviour is not None:
+        w = log_w.exp()
+        counted_w = torch.where(units, w, 1.0).flatten()
+        metrics["policy/behaviour_weight_mean"] = _masked_mean(w, units)
+        metrics["policy/behaviour_weight_max"] = torch.cat([counted_w, w.new_ones(1)]).max()
+        metrics["policy/behaviour_capped_frac"] = _masked_mean((w > behaviour_cap).to(w.dtype),
+                                                               units)  # fmt: skip
+    return loss, metrics
 
 
 def _clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip_eps: float) -> Tensor:

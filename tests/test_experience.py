@@ -5,6 +5,8 @@ policy on real + imagined rows through the plain-torch engine."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -397,3 +399,41 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
     for k in state_on:
         torch.testing.assert_close(state_on[k], state_off[k], atol=1e-6, rtol=1e-5)
     assert torch.equal(gen_on, gen_off)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_decoupled_update_on_the_learners_own_rows_is_plain_ppo(tiny_policy, frozen):
+    """ppo.decoupled on rows the learner's current weights acted: the proximal log-probs are the
+    recorded ones (float noise; from the frozen trunk's states too), the importance weight 1,
+    and the update that of plain PPO (float rounding apart)."""
+    import copy
+
+    from policies import state_readouts
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update, proximal_log_probs
+
+    exp = _acted(state_readouts(copy.deepcopy(tiny_policy)), [5] * 6)
+    exp.advantages = torch.linspace(-1.0, 1.0, 6)
+    runs = []
+    for decoupled in (False, True):
+        policy = state_readouts(copy.deepcopy(tiny_policy))
+        engine = PlainTorchEngine(policy, LearnerConfig(
+            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+            freeze=["model"] if frozen else [],
+        ))  # fmt: skip
+        if decoupled:
+            trunk = policy.trunk_states(exp.act, exp.next_codes) if frozen else None
+            prox = proximal_log_probs(policy, dataclasses.replace(exp, trunk=trunk), 4)
+            mask = exp.act.token_mask
+            torch.testing.assert_close(prox[mask], exp.act.log_probs[mask], atol=1e-4, rtol=0)
+        cfg = _ppo(0).model_copy(update={"decoupled": decoupled})
+        metrics = ppo_update(engine, policy, None, copy.copy(exp), cfg,
+                             torch.Generator().manual_seed(0), 5)  # fmt: skip
+        runs.append((metrics, policy.state_dict()))
+    (plain, state_plain), (dec, state_dec) = runs
+    assert "policy/behaviour_weight_mean" not in plain
+    assert dec["policy/behaviour_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    for k in state_plain:
+        torch.testing.assert_close(state_dec[k], state_plain[k], atol=1e-5, rtol=1e-4)

@@ -177,6 +177,68 @@ def test_clipping_is_pessimistic():
         assert loss.item() == pytest.approx(-min(1.5 * adv, 1.2 * adv))
 
 
+def decoupled_reference(lp, prox, old, adv, tokens, reasoning, eps, rw, reduction, cap):
+    """Decoupled PPO by loops: min(pi_prox / pi_old, cap) x the PPO surrogate against prox."""
+    B, L = len(lp), len(lp[0])
+
+    def surrogate(log_r, log_w, a):
+        r = math.exp(log_r)
+        return min(math.exp(log_w), cap) * min(r * a, min(max(r, 1 - eps), 1 + eps) * a)
+
+    def w(b, i):
+        return rw if reasoning[b][i] else 1.0
+
+    if reduction == "sequence":
+        per_sample = []
+        for b in range(B):
+            idx = [i for i in range(L) if tokens[b][i]]
+            if idx:
+                log_r = sum(w(b, i) * (lp[b][i] - prox[b][i]) for i in idx)
+                log_w = sum(w(b, i) * (prox[b][i] - old[b][i]) for i in idx)
+                per_sample.append(surrogate(log_r, log_w, adv[b]))
+        return -sum(per_sample) / max(len(per_sample), 1)
+    total = sum(w(b, i) * surrogate(lp[b][i] - prox[b][i], prox[b][i] - old[b][i], adv[b])
+                for b in range(B) for i in range(L) if tokens[b][i])  # fmt: skip
+    weight = sum(w(b, i) for b in range(B) for i in range(L) if tokens[b][i])
+    return -total / weight if weight else 0.0
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+@pytest.mark.parametrize("cap", [1.05, 1.3])
+def test_decoupled_policy_loss_matches_loop_reference(reduction, cap):
+    g = torch.Generator().manual_seed(2)
+    B, L = 6, 5
+    lp, prox, old = (torch.randn(B, L, generator=g, dtype=torch.float64) * 0.2 for _ in range(3))
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    tokens = torch.rand(B, L, generator=g) < 0.7
+    tokens[2] = False
+    reasoning = tokens & (torch.rand(B, L, generator=g) < 0.5)
+    loss, m = policy_loss(lp, old, adv, tokens, reasoning, 0.2, 0.5, reduction,
+                          prox_logprobs=prox, behaviour_cap=cap)  # fmt: skip
+    expected = decoupled_reference(
+        lp.tolist(), prox.tolist(), old.tolist(), adv.tolist(), tokens.tolist(),
+        reasoning.tolist(), 0.2, 0.5, reduction, cap,
+    )  # fmt: skip
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert 0 < m["policy/behaviour_capped_frac"].item() < 1  # the cap bites on some units here
+    assert m["policy/behaviour_weight_max"].item() > cap
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+def test_decoupled_loss_on_the_behaviour_policy_is_plain_ppo(reduction):
+    """prox = old (rows acted by the learner's own weights): weight 1, the plain loss and its
+    gradient, bit for bit."""
+    inputs = _hand_inputs()
+    plain, _ = policy_loss(**inputs, reduction=reduction)
+    (grad_plain,) = torch.autograd.grad(plain, inputs["logprobs"])
+    decoupled, m = policy_loss(**inputs, reduction=reduction, prox_logprobs=inputs["old_logprobs"])
+    (grad_decoupled,) = torch.autograd.grad(decoupled, inputs["logprobs"])
+    assert decoupled.item() == plain.item()
+    assert torch.equal(grad_decoupled, grad_plain)
+    assert m["policy/behaviour_weight_mean"].item() == 1.0
+    assert m["policy/behaviour_capped_frac"].item() == 0.0
+
+
 def test_policy_loss_rejects_bad_inputs():
     inputs = _hand_inputs()
     with pytest.raises(ValueError, match=r"advantages has shape \(3,\) but logprobs has shape"):
@@ -189,6 +251,10 @@ def test_policy_loss_rejects_bad_inputs():
         policy_loss(**dict(inputs, reasoning_mask=torch.ones(2, 3, dtype=torch.bool)))
     with pytest.raises(ValueError, match="reduction must be one of"):
         policy_loss(**inputs, reduction="tokens")
+    with pytest.raises(ValueError, match=r"prox_logprobs has shape \(2, 2\) but logprobs"):
+        policy_loss(**inputs, prox_logprobs=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="behaviour_cap must be > 0"):
+        policy_loss(**inputs, prox_logprobs=inputs["old_logprobs"], behaviour_cap=0.0)
 
 
 # ----------------------------------------------------------------------------- value, entropy

@@ -7,6 +7,7 @@ runs the Ray path with two env runners and kills one mid-run."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -169,6 +170,26 @@ def test_init_from_a_foreign_directory_is_refused(in_tmp, capsys):
     (foreign / "config.json").write_text(json.dumps({"model_type": "bert"}))
     code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, "--init-from", str(foreign))
     assert code == 2 and "not a Janus policy" in err and err.count("\n") == 1
+
+
+def test_max_policy_lag_keeps_that_many_samples_in_flight_and_decoupled_ppo_logs(in_tmp):
+    """ppo.max_policy_lag 3: three samples stay queued on the runners while the learner updates,
+    each weight sync behind them, so the lag climbs 0, 1, 2, 3 and stays at 3, and no row is
+    dropped as stale; decoupled PPO logs its importance weight, 1 on rows of the learner's own
+    weights (the first iteration)."""
+    code = main(["train", "--config", DEBUG, *FAST, "imagination.horizon=0",
+                 "train.iterations=5", "ppo.max_policy_lag=3", "ppo.decoupled=true"])  # fmt: skip
+    assert code == 0
+    client, run = mlflow_run(only_run(in_tmp))
+
+    def history(key):
+        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+    assert history("rollout/policy_lag") == [0.0, 1.0, 2.0, 3.0, 3.0]
+    assert history("counters/dropped_stale")[-1] == 0.0
+    weights = history("policy/behaviour_weight_mean")
+    assert len(weights) == 5 and all(math.isfinite(w) for w in weights)
+    assert weights[0] == pytest.approx(1.0, abs=1e-4)
 
 
 def test_ray_runners_survive_a_killed_runner(in_tmp):
