@@ -341,24 +341,32 @@ def imagination(
 # -- rig bench learning ----------------------------------------------------------------------------
 
 
+LEARNING_DEFAULTS = {"env": "rig/Catch-v0", "steps": 15000, "seeds": "0,1,2",
+                     "config": Path("configs/catch.yaml"), "threshold": 0.8, "only": "both",
+                     "peer_epochs": 10}  # fmt: skip
+"""``rig bench learning``'s run options when not given (None stands for "not given", so that
+``--merge`` can refuse any run option that was, even one set to its default)."""
+
+
 @app.command("learning")
 def learning(
-    env: Annotated[str, typer.Option("--env", help="env id, the same for both sides")] = (
-        "rig/Catch-v0"
-    ),
-    steps: Annotated[int, typer.Option("--steps", help="env-step budget of every run")] = 15000,
-    seeds: Annotated[str, typer.Option("--seeds", help="seeds, comma-separated")] = "0,1,2",
-    config: Annotated[
-        Path, typer.Option("--config", "-c", help="rig preset YAML that rig train runs")
-    ] = Path("configs/catch.yaml"),
+    env: Annotated[str | None, typer.Option(
+        "--env", help="env id, the same for both sides [default: rig/Catch-v0]")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="env-step budget of every run [default: 15000]")] = None,
+    seeds: Annotated[str | None, typer.Option(
+        "--seeds", help="seeds, comma-separated [default: 0,1,2]")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="rig preset YAML that rig train runs [default: configs/catch.yaml]"
+    )] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="key=value override passed to rig train (repeatable)"),
     ] = None,
-    threshold: Annotated[
-        float, typer.Option("--threshold", help="return for 'env steps to reach'")
-    ] = 0.8,
-    only: Annotated[str, typer.Option("--only", help="rig | peer | both")] = "both",
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="return for 'env steps to reach' [default: 0.8]")] = None,
+    only: Annotated[str | None, typer.Option(
+        "--only", help="rig | peer | both [default: both]")] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="results folder (default runs/bench-learning-<time>)"),
@@ -366,9 +374,8 @@ def learning(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="torch threads of every process")
     ] = 1,
-    peer_epochs: Annotated[
-        int, typer.Option("--peer-epochs", min=1, help="PPO epochs per batch of the peer")
-    ] = 10,
+    peer_epochs: Annotated[int | None, typer.Option(
+        "--peer-epochs", min=1, help="PPO epochs per batch of the peer [default: 10]")] = None,
     merge: Annotated[
         list[Path] | None,
         typer.Option("--merge", help="a finished results folder to pool into --out (repeat; "
@@ -379,20 +386,24 @@ def learning(
     """rig train vs RLlib's PPO: return vs env steps on one env, budget and seeds; a plot."""
     _check_json_path(json_path)
     bench = _benchmark("learning")  # each run is a subprocess with its own Ray
+    given = {"--env": env, "--steps": steps, "--seeds": seeds, "--config": config,
+             "--set": overrides or None, "--threshold": threshold, "--only": only,
+             "--peer-epochs": peer_epochs}  # fmt: skip
     if merge:
-        given = {"--env": env != "rig/Catch-v0", "--steps": steps != 15000,
-                 "--seeds": seeds != "0,1,2", "--config": config != Path("configs/catch.yaml"),
-                 "--set": bool(overrides), "--threshold": threshold != 0.8,
-                 "--only": only != "both", "--peer-epochs": peer_epochs != 10}  # fmt: skip
-        if any(given.values()):
-            names = ", ".join(name for name, used in given.items() if used)
-            raise UserError(f"--merge pools finished runs and takes their settings; drop {names}")
+        if used := [name for name, value in given.items() if value is not None]:
+            raise UserError(f"--merge pools finished runs and takes their settings; drop "
+                            f"{', '.join(used)}")  # fmt: skip
         if out is None:
             raise UserError("--merge needs --out, the folder for the pooled results")
         result = bench.merge_results(merge, out)
     else:
+        d = LEARNING_DEFAULTS
         result = bench.bench_learning(
-            env, steps, bench.parse_seeds(seeds), config, overrides or [], threshold, only, out,
-            threads, peer_epochs,
+            d["env"] if env is None else env, d["steps"] if steps is None else steps,
+            bench.parse_seeds(d["seeds"] if seeds is None else seeds),
+            d["config"] if config is None else config, overrides or [],
+            d["threshold"] if threshold is None else threshold,
+            d["only"] if only is None else only, out, threads,
+            d["peer_epochs"] if peer_epochs is None else peer_epochs,
         )  # fmt: skip
     _report(bench, result, json_path)

@@ -331,6 +331,7 @@ def test_learning_merge_pools_finished_runs_and_summarises_them_afresh(rig_main,
         ({"seeds": [1], "overrides": ["ppo.epochs=10"]}, [], "different variants"),
         (None, [], "no results.json"),
         ({"seeds": [1]}, ["--steps", "2048"], "--merge pools finished runs"),
+        ({"seeds": [1]}, ["--steps", "15000"], "drop --steps"),  # given at its default, too
     ],
 )
 def test_learning_merge_refuses_runs_that_do_not_belong_together(rig_main, capsys, tmp_path,
