@@ -338,7 +338,7 @@ class DeepSpeedEngine(_Engine):
             model=model,
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
-            config=_deepspeed_config(config),
+            config=_deepspeed_config(config, sum(p.numel() for p in model.parameters())),
             dist_init_required=False,
         )
         self._module = self._engine.module
@@ -566,14 +566,28 @@ def _saved_world_size(folder: Path) -> int | None:
     return len(list(folder.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))) or None
 
 
-def _deepspeed_config(config: LearnerConfig) -> dict[str, Any]:
+DEEPSPEED_BUCKET = 500_000_000
+"""DeepSpeed's default reduce / all-gather bucket (elements), kept for models at least this big."""
+
+
+def _deepspeed_config(config: LearnerConfig, num_params: int) -> dict[str, Any]:
     # We never use DeepSpeed's data loader, so the batch size only feeds its throughput timer;
     # train_batch_size = micro (1) x grad_accum_steps x world size is left for it to derive.
+    # Buckets no bigger than the model: ZeRO-3 allocates its reduce bucket whole (5e8 fp32
+    # elements, 1.9 GB, for a 5M-parameter tiny policy), and DeepSpeed never frees an engine's
+    # buffers in the process that made it. A bucket of the model's size holds every gradient,
+    # as the default does for any model under 5e8 parameters: the same reductions.
+    bucket = int(min(DEEPSPEED_BUCKET, max(num_params, 1_000_000)))
+    zero: dict[str, Any] = {"stage": config.zero_stage}
+    if config.zero_stage > 0:
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if config.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=min(bucket, 50_000_000))
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": config.grad_accum_steps,
         "gradient_clipping": config.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": config.precision == "bf16"},
         "fp16": {"enabled": config.precision == "fp16"},
         "steps_per_print": 2**62,  # DeepSpeed's own progress lines: we log through MLflow
