@@ -577,7 +577,8 @@ def _deepspeed_config(config: LearnerConfig, num_params: int) -> dict[str, Any]:
     # elements, 1.9 GB, for a 5M-parameter tiny policy), and DeepSpeed never frees an engine's
     # buffers in the process that made it. A bucket of the model's size holds every gradient,
     # as the default does for any model under 5e8 parameters: the same reductions.
-    bucket = int(min(DEEPSPEED_BUCKET, max(num_params, 1_000_000)))
+    # (Rounded up to 2**20 elements: DeepSpeed wants a multiple of its alignment factor.)
+    bucket = DEEPSPEED_BUCKET if num_params >= DEEPSPEED_BUCKET else -(-max(num_params, 1) // 2**20) * 2**20
     zero: dict[str, Any] = {"stage": config.zero_stage}
     if config.zero_stage > 0:
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)

@@ -537,7 +537,7 @@ class Trainer:
         return self.policy.save(out_dir, extra=extra, overwrite=True)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)  # queued samples need not run
         self.rollouts.stop()
         if self.imagination is not None:
             self.imagination.stop()
