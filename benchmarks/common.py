@@ -44,6 +44,16 @@ def interleaved(
     return times
 
 
+def setups(times: dict[str, list[float]], samples: int) -> dict[str, dict[str, float]]:
+    """Per variant of :func:`interleaved`'s ``times``: median and min seconds of one call and
+    ``samples`` per median second."""
+    out = {}
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        out[name] = {"median_s": median, "min_s": min(seconds), "samples_per_s": samples / median}
+    return out
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """``{"median", "min", "max"}`` of a list of figures."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import interleaved, print_result  # noqa: E402
+from benchmarks.common import setups as common_setups  # noqa: E402
 
 PRESET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "catch.yaml"
 VARIANTS = ("trunk once per update", "trunk per minibatch")
@@ -69,12 +69,7 @@ def bench_frozen_trunk(
 
     times = interleaved({VARIANTS[0]: lambda: update(True), VARIANTS[1]: lambda: update(False)},
                         repeats, warmup)  # fmt: skip
-    samples = rows * config.ppo.epochs
-    setups = {}
-    for name, seconds in times.items():
-        median = statistics.median(seconds)
-        setups[name] = {"median_s": median, "min_s": min(seconds),
-                        "samples_per_s": samples / median}  # fmt: skip
+    setups = common_setups(times, rows * config.ppo.epochs)
     return {
         "config": {"rows": rows, "epochs": config.ppo.epochs,
                    "minibatch": config.ppo.minibatch_size, "repeats": repeats, "warmup": warmup,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import interleaved, print_result  # noqa: E402
+from benchmarks.common import setups as common_setups  # noqa: E402
 
 
 def bench_learner_group(
@@ -80,11 +80,7 @@ def bench_learner_group(
             group.stop()
         if started:
             ray.shutdown()
-    setups = {}
-    for name, seconds in times.items():
-        median = statistics.median(seconds)
-        setups[name] = {"median_s": median, "min_s": min(seconds),
-                        "samples_per_s": rows * epochs / median}  # fmt: skip
+    setups = common_setups(times, rows * epochs)
     return {
         "config": {"rows": rows, "minibatch": minibatch, "epochs": epochs, "zero_stage": zero_stage,
                    "cpus_per_rank": cpus_per_rank, "repeats": repeats, "warmup": warmup,
