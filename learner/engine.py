@@ -236,6 +236,14 @@ class _Engine:
         """Number of trainable scalars (ZeRO-3 leaves a partitioned parameter with numel 0)."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self._trainable)
 
+    def trunk_waits(self, steps: int) -> bool:
+        """Whether the next ``steps`` optimizer steps all fall in ``warmup_delay_steps`` (LP-FT's
+        linear probe): every group outside ``warmup_skip`` stays at lr 0 through them, so their
+        gradient could not move a weight and the learner may skip computing it
+        (``learner.ppo.ppo_update`` then treats the trunk as frozen for that update)."""
+        delay = self.config.warmup_delay_steps
+        return delay > 0 and self.scheduler.last_epoch + steps <= delay
+
     @property
     def lr(self) -> float:
         """Learning rate of the next optimizer step (of the parameters at scale 1)."""

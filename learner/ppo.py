@@ -37,7 +37,11 @@ hidden states in every epoch, so they are computed once per update, without grad
 (``RigPolicy.trunk_states`` into ``Experience.trunk``, on the learner's device), and each
 minibatch runs only the heads and the LM's output layer on them: the same losses and gradients,
 without ``epochs - 1`` of every ``epochs`` trunk forwards. (With several ranks each computes
-them for the whole batch, which every rank holds.)
+them for the whole batch, which every rank holds.) The same holds for an update that lies wholly
+inside ``learner.warmup_delay_steps`` (LP-FT's first phase: the trunk at lr 0): its gradient
+could move nothing, so it is not computed, and it does not count in the global clip's norm
+either (only the LM head's, tied to the input embeddings, still is); the trunk's AdamW moments
+start when it starts to move.
 """
 
 from __future__ import annotations
@@ -341,8 +345,9 @@ def ppo_update(
     gradient norm on ``GRAD_NORM_ROWS`` rows of the first minibatch (``term_grad_norms``).
     With ``dp`` this is one rank of several: it trains on its share of every minibatch (see
     the module docstring) and its metrics are to be averaged with the other ranks'.
-    ``trunk_once`` (None: ``policy.trunk_frozen``) computes the trunk's states once for the
-    update (module docstring); False recomputes them in every minibatch (benchmarks, tests)."""
+    ``trunk_once`` (None: ``policy.trunk_frozen``, or the whole update inside the engine's
+    ``warmup_delay_steps``) computes the trunk's states once for the update (module
+    docstring); False recomputes them in every minibatch (benchmarks, tests)."""
     sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
@@ -356,7 +361,9 @@ def ppo_update(
     params = [p for p in policy.parameters() if p.requires_grad]
     term_norms: dict[str, float] | None = None if measure else {}
     policy.train()
-    if policy.trunk_frozen if trunk_once is None else trunk_once:  # same states every epoch
+    if trunk_once is None:
+        trunk_once = policy.trunk_frozen or _trunk_waits(engine, exp, cfg, accum)
+    if trunk_once:  # same states every epoch
         exp = dataclasses.replace(exp, trunk=policy.trunk_states(exp.act, exp.next_codes,
                                                                  cfg.minibatch_size))  # fmt: skip
     if cfg.decoupled:
@@ -393,6 +400,16 @@ def ppo_update(
     out["learner/optimizer_steps"] = float(steps)
     out["learner/grad_norm"] = grad_norm
     return out
+
+
+def _trunk_waits(engine: Any, exp: Experience, cfg: PPOConfig, accum: int) -> bool:
+    """Whether the whole update falls in the engine's ``warmup_delay_steps``: its trunk is at
+    lr 0 for every optimizer step of it, as good as frozen (``_Engine.trunk_waits``)."""
+    waits = getattr(engine, "trunk_waits", None)
+    if waits is None:
+        return False
+    per_epoch = -(-max(1, round(len(exp) / cfg.minibatch_size)) // accum)  # Experience.minibatches
+    return bool(waits(cfg.epochs * per_epoch))
 
 
 def _to(exp: Experience, device: torch.device) -> Experience:

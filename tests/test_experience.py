@@ -401,6 +401,52 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
     assert torch.equal(gen_on, gen_off)
 
 
+def test_an_update_inside_the_trunk_delay_runs_the_trunk_once(tiny_policy, monkeypatch):
+    """learner.warmup_delay_steps (LP-FT's first phase, the trunk trainable but at lr 0): an
+    update whose every optimizer step lies inside the delay computes the trunk's states once, as
+    a frozen trunk does, and moves no trunk weight; one that reaches past it recomputes them per
+    minibatch, and the update after the delay moves the trunk."""
+    import copy
+
+    from policies import state_readouts
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+    from rl.policy import RigPolicy
+
+    exp = _acted(state_readouts(copy.deepcopy(tiny_policy)), [5] * 6)
+    exp.advantages = torch.linspace(-1.0, 1.0, 6)
+    forwards = []
+    real_forward = RigPolicy.forward_sequence
+    monkeypatch.setattr(RigPolicy, "forward_sequence",
+                        lambda self, *a, **k: forwards.append(1) or real_forward(self, *a, **k))
+    cfg = _ppo(0).model_copy(update={"epochs": 2})  # 2 epochs x 2 minibatches: 4 steps
+    start = state_readouts(copy.deepcopy(tiny_policy)).state_dict()
+
+    def trunk_moved(policy):
+        return [k for k, v in policy.state_dict().items()
+                if k.startswith("model.") and not torch.equal(v, start[k])]  # fmt: skip
+
+    for delay, cached in ((4, True), (3, False)):
+        policy = state_readouts(copy.deepcopy(tiny_policy))
+        policy.model.model.vqmodel.requires_grad_(False)
+        engine = PlainTorchEngine(policy, LearnerConfig(
+            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+            warmup_delay_steps=delay, warmup_skip=["value_head", "action_head", "world"],
+        ))  # fmt: skip
+        assert not policy.trunk_frozen
+        forwards.clear()
+        ppo_update(engine, policy, None, copy.copy(exp), cfg, torch.Generator().manual_seed(0), 5)
+        assert len(forwards) == (2 if cached else 5), delay
+        assert (trunk_moved(policy) == []) if cached else trunk_moved(policy)
+        if cached:  # the delay is over: the next update trains the trunk
+            forwards.clear()
+            ppo_update(engine, policy, None, copy.copy(exp), cfg, torch.Generator().manual_seed(1),
+                       5)  # fmt: skip
+            assert len(forwards) == 5 and trunk_moved(policy)
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 def test_decoupled_update_on_the_learners_own_rows_is_plain_ppo(tiny_policy, frozen):
     """ppo.decoupled on rows the learner's current weights acted: the proximal log-probs are the
