@@ -6,7 +6,7 @@ next frames' VQ codes appended) gives everything the losses need::
     policy      clipped PPO over reasoning + action tokens (rl.losses.policy_loss); imagined rows
                 form a second term scaled by their weight (imagination.weight), real rows the first
     value       0.5 MSE to GAE / lambda returns (imagined rows weighted alike)
-    entropy     minus the mean entropy of the sampled tokens (real rows)
+    entropy     minus the policy's entropy, per decision as its log pi (real rows)
     kl          KL to the frozen reference policy (the initial checkpoint), k1/k2/k3 (real rows)
     next_frame  cross-entropy of the generation head against the real next frame's VQ codes
     reward      symlog MSE of the reward head against the real reward
@@ -118,6 +118,8 @@ def minibatch_terms(
     """Every loss term of one minibatch, unscaled, by name (``rl.losses.LOSS_NAMES``), and
     the metrics. Policy, entropy and KL average over the tokens that had a choice
     (``evaluate``'s ``choice_mask``): a token the trie forces has log-prob 0 under any policy.
+    The entropy is weighted and reduced as the policy's log pi (``rl.losses.entropy_bonus``):
+    per decision with ``reduction: sequence``, so reasoning does not dilute the action's.
 
     With ``dp``, ``mb`` is this rank's shard and each term is scaled to its share of the
     global minibatch's mean (module docstring); ``loss/*`` averaged over ranks then read as
@@ -154,8 +156,11 @@ def minibatch_terms(
     terms["continue"] = zero
     if bool(real.any()):
         rows = real.nonzero().squeeze(1)
-        terms["entropy"], m = losses.entropy_bonus(res["entropies"][rows], scored[rows])
-        terms["entropy"] = share("tokens", terms["entropy"])
+        terms["entropy"], m = losses.entropy_bonus(
+            res["entropies"][rows], scored[rows], act.reasoning_mask[rows],
+            cfg.reasoning_weight, cfg.reduction,
+        )  # fmt: skip
+        terms["entropy"] = share("policy", terms["entropy"])  # weighted as the policy's units
         metrics.update(m)
         action = (act.action_mask & scored)[rows]  # the action's own tokens, without reasoning
         decision = res["entropies"][rows].where(action, 0.0).sum(1)  # (B,) per decision
@@ -198,7 +203,7 @@ class _Shares:
 
     ``rows``/``rows_imagined``: rows of each kind (value, next-frame, reward, continue);
     ``policy``/``policy_imagined``: the policy loss's units (rows with a choice, or weighted
-    tokens with ``reduction: token``); ``tokens``: real tokens with a choice (entropy, KL)."""
+    tokens with ``reduction: token``); ``tokens``: real tokens with a choice (KL)."""
 
     def __init__(self, dp: DataParallel | None, mb: Experience, scored: torch.Tensor,
                  cfg: PPOConfig) -> None:  # fmt: skip

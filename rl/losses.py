@@ -259,18 +259,48 @@ def value_loss(
     return loss, {"value/clip_frac": clip_frac, "value/explained_variance": explained}
 
 
-def entropy_bonus(entropies: Tensor, token_mask: Tensor) -> tuple[Tensor, Metrics]:
-    """Minus the mean entropy of the counted tokens.
+def entropy_bonus(
+    entropies: Tensor,
+    token_mask: Tensor,
+    reasoning_mask: Tensor | None = None,
+    reasoning_weight: float = 1.0,
+    reduction: str = "token",
+) -> tuple[Tensor, Metrics]:
+    """Minus the policy's entropy, weighted as :func:`policy_loss` weights log pi.
 
     ``entropies`` ``(B, L)``: entropy of the policy's next-token distribution at each position;
-    ``token_mask`` ``(B, L)`` bool. The loss is ``-mean(entropy)``: with a positive scale,
-    minimising it RAISES entropy (a bonus). ``entropy/mean`` reports the entropy itself (>= 0).
+    ``token_mask`` ``(B, L)`` bool, the counted tokens; ``reasoning_mask`` ``(B, L)`` bool, the
+    reasoning tokens among them (None: none), weighted ``reasoning_weight``, the others 1:
+
+    * ``"sequence"``: per sample ``sum_l w_l H_l`` (by the chain rule, the entropy of the
+      sample's tokens along the sampled path: of the action's choice where it spans several
+      trie tokens), mean over the samples with a counted token. So the action's entropy is
+      weighted the same with any number of reasoning tokens beside it. (A mean over tokens
+      would give an action of one choice token beside 4 reasoning tokens a fifth of the weight
+      it has without reasoning: the bonus's share would shrink with the reasoning's length.)
+    * ``"token"``: ``sum(w * H) / sum(w)`` over the counted tokens of the batch.
+
+    The loss is minus that: with a positive scale, minimising it RAISES entropy (a bonus).
+    ``entropy/mean`` reports the plain mean entropy per counted token (>= 0), whatever the
+    weighting.
     """
     require_tensor("entropies", entropies, 2, "(B, L)")
     require_tensor("token_mask", token_mask, 2, "(B, L)")
     require_same_shape("(B, L)", "entropies", entropies, token_mask=token_mask)
-    mean = _masked_mean(entropies, _as_mask("token_mask", token_mask))
-    return -mean, {"entropy/mean": mean.detach()}
+    if reduction not in ("sequence", "token"):
+        raise ValueError(f"reduction must be 'sequence' or 'token', got {reduction!r}")
+    mask = _as_mask("token_mask", token_mask)
+    w = mask.float()
+    if reasoning_mask is not None:
+        require_same_shape("(B, L)", "entropies", entropies, reasoning_mask=reasoning_mask)
+        w = torch.where(_as_mask("reasoning_mask", reasoning_mask) & mask, reasoning_weight, w)
+    weighted = torch.where(mask, entropies, torch.zeros_like(entropies)) * w
+    if reduction == "sequence":
+        rows = mask.any(1)
+        bonus = weighted.sum(1)[rows].sum() / rows.sum().clamp_min(1)
+    else:
+        bonus = weighted.sum() / w.sum().clamp_min(1e-12)  # 0 when nothing counts
+    return -bonus, {"entropy/mean": _masked_mean(entropies, mask).detach()}
 
 
 def kl_penalty(

@@ -297,6 +297,42 @@ def test_entropy_bonus_sign_and_mask():
     assert entropies.grad.tolist() == [[-0.25, -0.25, 0.0], [-0.25, 0.0, -0.25]]
 
 
+def test_entropy_bonus_is_weighted_as_the_policys_log_pi():
+    """reduction "sequence": per row sum_l w_l H_l (reasoning at reasoning_weight), mean over
+    rows with a counted token, against a loop; so an action's entropy gets the same gradient
+    beside 4 reasoning tokens as alone. "token": sum(w H) / sum(w) over the batch."""
+    torch.manual_seed(0)
+    B, L = 4, 6
+    entropies = torch.rand(B, L) * 3
+    mask = torch.rand(B, L) > 0.3
+    mask[2] = False  # a row with nothing counted does not count
+    reasoning = mask & (torch.arange(L) < 4)
+    loss, m = entropy_bonus(entropies, mask, reasoning, 0.5, "sequence")
+    rows = []
+    for b in range(B):
+        if mask[b].any():
+            rows.append(sum((0.5 if reasoning[b, j] else 1.0) * float(entropies[b, j])
+                            for j in range(L) if mask[b, j]))  # fmt: skip
+    assert loss.item() == pytest.approx(-sum(rows) / len(rows), rel=1e-6)
+    assert m["entropy/mean"].item() == pytest.approx(float(entropies[mask].mean()), rel=1e-6)
+    w = torch.where(reasoning, 0.5, 1.0) * mask
+    token, _ = entropy_bonus(entropies, mask, reasoning, 0.5, "token")
+    assert token.item() == pytest.approx(-float((w * entropies).sum() / w.sum()), rel=1e-6)
+
+    # the action token's gradient with and without reasoning tokens beside it
+    grads = []
+    for n_reasoning in (0, 4):
+        h = torch.ones(2, 5, requires_grad=True)
+        counted = torch.zeros(2, 5, dtype=torch.bool)
+        counted[:, : n_reasoning + 1] = True  # reasoning tokens, then the action's one choice
+        why = counted & (torch.arange(5) < n_reasoning)
+        entropy_bonus(h, counted, why, 0.5, "sequence")[0].backward()
+        grads.append(h.grad[:, n_reasoning].tolist())
+    assert grads[0] == grads[1] == [-0.5, -0.5]
+    with pytest.raises(ValueError, match="reduction must be"):
+        entropy_bonus(entropies, mask, reasoning, 0.5, "mean")
+
+
 # ----------------------------------------------------------------------------- KL
 
 
