@@ -144,12 +144,13 @@ def test_two_zero2_ranks_match_one_rank_on_the_same_global_batch(trained):
 
 def test_the_shard_means_alone_would_not_match(batches):
     """Why the terms are rescaled: the mean of two shards' means is not the batch's mean when
-    the shards hold different numbers of tokens with a choice (this batch's do)."""
+    the shards hold different numbers of units, here the token reduction's weighted tokens with
+    a choice (this batch's shards differ; with ``reduction: sequence`` a unit is a row)."""
     from learner.ppo import DataParallel, minibatch_terms
     from rl.policy import RigPolicy
 
     exp = batches[0]
-    cfg = config(1).ppo
+    cfg = config(1).ppo.model_copy(update={"reduction": "token"})
     from envs.crafter_env import crafter_codec
 
     policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=0).eval()
