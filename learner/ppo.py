@@ -413,8 +413,8 @@ def _trunk_waits(engine: Any, exp: Experience, cfg: PPOConfig, accum: int) -> bo
     waits = getattr(engine, "trunk_waits", None)
     if waits is None:
         return False
-    per_epoch = -(-max(1, round(len(exp) / cfg.minibatch_size)) // accum)  # Experience.minibatches
-    return bool(waits(cfg.epochs * per_epoch))
+    steps = cfg.epochs * exp.num_minibatches(cfg.minibatch_size, accum) // accum
+    return bool(waits(steps))
 
 
 def _to(exp: Experience, device: torch.device) -> Experience:

@@ -78,6 +78,11 @@ class Experience:
                 out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
         return Experience(**out)
 
+    def num_minibatches(self, size: int, multiple_of: int = 1) -> int:
+        """How many minibatches :meth:`minibatches` makes of these rows."""
+        m = max(1, round(len(self) / size))
+        return -(-m // multiple_of) * multiple_of
+
     def minibatches(
         self, size: int, generator: torch.Generator, multiple_of: int = 1
     ) -> Iterator[Experience]:
@@ -86,9 +91,7 @@ class Experience:
         ``multiple_of``, the gradient accumulation steps) whose sizes differ by one at most,
         so no straggler of a few rows gets an optimiser step of its own (72 rows at size 32:
         36 + 36, not 32 + 32 + 8). With fewer rows than minibatches, rows repeat."""
-        n = len(self)
-        m = max(1, round(n / size))
-        m = -(-m // multiple_of) * multiple_of
+        n, m = len(self), self.num_minibatches(size, multiple_of)
         order = torch.randperm(n, generator=generator)
         if n < m:
             order = order.repeat(-(-m // n))[:m]
