@@ -214,8 +214,8 @@ class _Shares:
         if cfg.reduction == "sequence":
             units = scored.any(1).float()  # (B,) rows with something to learn from
         else:
-            w = torch.where(mb.act.reasoning_mask, cfg.reasoning_weight, 1.0)
-            units = (w * scored).sum(1)  # (B,) the token reduction's weight per row
+            w = losses.token_weights(scored, mb.act.reasoning_mask, cfg.reasoning_weight)
+            units = w.sum(1)  # (B,) the token reduction's weight per row
         counts = [real.sum(), imagined.sum(), units[real].sum(), units[imagined].sum(),
                   scored[real].sum()]  # fmt: skip
         self.local = torch.stack([c.double() for c in counts]).cpu()

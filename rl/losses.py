@@ -62,6 +62,12 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- policy
 
 
+def token_weights(counted: Tensor, reasoning: Tensor, reasoning_weight: float) -> Tensor:
+    """(B, L) float32 weight of each token in log pi: ``reasoning_weight`` on the counted
+    reasoning tokens, 1 on the other counted ones, 0 elsewhere (both masks bool)."""
+    return torch.where(reasoning, reasoning_weight, 1.0) * counted
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -153,7 +159,7 @@ def policy_loss(
     if bool((reasoning & ~counted).any()):
         raise ValueError("reasoning_mask marks tokens that token_mask does not count")
 
-    weights = torch.where(reasoning, reasoning_weight, 1.0).to(logprobs.dtype) * counted  # (B, L)
+    weights = token_weights(counted, reasoning, reasoning_weight).to(logprobs.dtype)  # (B, L)
     anchor = old_logprobs if prox_logprobs is None else prox_logprobs  # where the ratio is formed
     diff = torch.where(counted, logprobs - anchor.detach(), 0.0)  # (B, L) log ratio per token
     behaviour = None  # (B, L) log pi_prox - log pi_behaviour per token, decoupled only
@@ -290,10 +296,10 @@ def entropy_bonus(
     if reduction not in ("sequence", "token"):
         raise ValueError(f"reduction must be 'sequence' or 'token', got {reduction!r}")
     mask = _as_mask("token_mask", token_mask)
-    w = mask.float()
-    if reasoning_mask is not None:
-        require_same_shape("(B, L)", "entropies", entropies, reasoning_mask=reasoning_mask)
-        w = torch.where(_as_mask("reasoning_mask", reasoning_mask) & mask, reasoning_weight, w)
+    if reasoning_mask is None:
+        reasoning_mask = torch.zeros_like(mask)
+    require_same_shape("(B, L)", "entropies", entropies, reasoning_mask=reasoning_mask)
+    w = token_weights(mask, _as_mask("reasoning_mask", reasoning_mask), reasoning_weight)
     weighted = torch.where(mask, entropies, torch.zeros_like(entropies)) * w
     if reduction == "sequence":
         rows = mask.any(1)
