@@ -35,9 +35,11 @@ def build_policy(config: Config, codec):
     from rl.policy import RigPolicy
 
     if config.policy.init_from:
-        policy = RigPolicy.load(config.policy.init_from, codec)
+        policy = RigPolicy.load(config.policy.init_from, codec, config.policy.head_hidden)
     else:
-        policy = RigPolicy.from_preset(config.policy.preset, codec, config.run.seed)
+        policy = RigPolicy.from_preset(
+            config.policy.preset, codec, config.run.seed, config.policy.head_hidden
+        )
     if policy.image_size != config.env.size:
         raise UserError(
             f"the policy sees {policy.image_size}px frames but env.size is "

@@ -185,7 +185,7 @@ def train(
         cfg = load_config(config, [*(overrides or []), *extra])
     flag = "--init-from" if init_from is not None else "policy.init_from"
     if cfg.policy.init_from is not None:  # before any folder exists: a bad one leaves nothing
-        _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id)
+        _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id, cfg.policy.head_hidden)
     from rig.tracking import check_tracking_reachable
 
     check_tracking_reachable(cfg.tracking, cfg.run.output_dir)  # seconds, not MLflow's minutes
@@ -255,14 +255,15 @@ def export(
     typer.echo(f"exported {checkpoint} -> {path}")
 
 
-def _check_init_from(path: Path, flag: str, env_id: str) -> None:
+def _check_init_from(path: Path, flag: str, env_id: str, head_hidden: int | None = None) -> None:
     """A clear one-line error, up front, for a missing, broken or foreign checkpoint directory
-    (its heads file included), or one trained on another env than ``env_id``: the rule
-    ``rig sft --init-from`` applies (``sft_cli._trained_env``)."""
+    (its heads file included), one trained on another env than ``env_id`` (the rule
+    ``rig sft --init-from`` applies, ``sft_cli._trained_env``), or heads of another hidden width
+    than ``head_hidden`` (``policy.head_hidden``)."""
     from safetensors import safe_open
 
     from rl.model import CheckpointError, check_pretrained_dir
-    from rl.policy import HEADS_FILE
+    from rl.policy import HEAD_INNER_KEY, HEADS_FILE
 
     try:
         record, _ = check_pretrained_dir(path)
@@ -272,9 +273,16 @@ def _check_init_from(path: Path, flag: str, env_id: str) -> None:
     if heads.is_file():
         try:
             with safe_open(str(heads), framework="pt") as f:
-                f.keys()
+                keys = set(f.keys())
+                saved = f.get_slice(HEAD_INNER_KEY).get_shape()[0] if HEAD_INNER_KEY in keys else 0
         except Exception as err:  # safetensors' own SafetensorError, OSError
             raise UserError(f"{flag}: corrupted heads file {heads}: {err}") from None
+        if head_hidden is not None and saved != head_hidden:
+            raise UserError(
+                f"{flag} {path} has heads with hidden width {saved} but policy.head_hidden is "
+                f"{head_hidden}; set policy.head_hidden={saved} to load them (or start from a "
+                f"checkpoint without {HEADS_FILE})"
+            )
     trained_on = sft_cli._trained_env(record or {})
     if trained_on is not None and trained_on != env_id:
         raise UserError(

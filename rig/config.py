@@ -113,6 +113,9 @@ class PolicyConfig(Section):
     temperature: float = Field(gt=0, description="sampling temperature of reasoning and action")
     history: int = Field(ge=0, le=64, description="past steps (frame + action) in the prompt")
     lookahead: int = Field(ge=0, le=16, description="imagined steps before deciding (RIG review)")
+    head_hidden: int = Field(
+        ge=0, le=65536, description="hidden ReLU units of the value and action heads; 0: linear"
+    )
 
     @field_validator("preset")
     @classmethod

@@ -74,8 +74,8 @@ def policy_factory(config: Config):
     from actors.rollout import checkpoint_policy, preset_policy
 
     if config.policy.init_from:
-        return checkpoint_policy(config.policy.init_from)
-    return preset_policy(config.policy.preset, config.run.seed)
+        return checkpoint_policy(config.policy.init_from, config.policy.head_hidden)
+    return preset_policy(config.policy.preset, config.run.seed, config.policy.head_hidden)
 
 
 def act_kwargs(config: Config) -> dict[str, Any]:

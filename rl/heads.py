@@ -103,14 +103,16 @@ def frozen_statistics(module: nn.Module) -> Iterator[None]:
 
 
 class ValueHead(nn.Module):
-    """(..., D) decision state -> (...) float32 V(s): standardise, then one zero-initialised
-    linear layer (V = 0 before the first update, whatever the statistics). ``norm`` is also the
-    :class:`ActionHead`'s input; ``read`` takes an already standardised state."""
+    """(..., D) decision state -> (...) float32 V(s): standardise, then (``inner`` > 0) one
+    hidden layer of ``inner`` ReLU units, then a zero-initialised linear layer (V = 0 before the
+    first update, whatever the statistics). ``norm`` is also the :class:`ActionHead`'s input;
+    ``read`` takes an already standardised state."""
 
-    def __init__(self, hidden: int, momentum: float = 0.01, eps: float = 1e-4):
+    def __init__(self, hidden: int, momentum: float = 0.01, eps: float = 1e-4, inner: int = 0):
         super().__init__()
         self.norm = RunningStandardize(hidden, momentum, eps)
-        self.out = nn.Linear(hidden, 1)
+        self.inner = _inner_layer(hidden, inner)
+        self.out = nn.Linear(inner or hidden, 1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -118,18 +120,31 @@ class ValueHead(nn.Module):
         return self.read(self.norm(h))
 
     def read(self, z: Tensor) -> Tensor:
-        return self.out(z.to(self.out.weight.dtype)).squeeze(-1).float()
+        z = z.to(self.out.weight.dtype)
+        if self.inner is not None:
+            z = self.inner(z)
+        return self.out(z).squeeze(-1).float()
+
+
+def _inner_layer(features: int, width: int) -> nn.Module | None:
+    """The optional hidden layer of a head: ``Linear(features, width)`` then ReLU (None for 0),
+    torch's default (Kaiming-uniform) initialisation: with the output layer at zero the head's
+    output is still 0 at the start, and the first updates move the output layer only."""
+    if width < 0:
+        raise ValueError(f"a head's hidden width must be >= 0, got {width}")
+    return nn.Sequential(nn.Linear(features, width), nn.ReLU()) if width else None
 
 
 class ActionHead(nn.Module):
-    """Scores of the action trie's choices read linearly from the standardised decision state.
+    """Scores of the action trie's choices read from the standardised decision state: linearly,
+    or (``inner`` > 0) through one hidden layer of ``inner`` ReLU units of its own.
 
     The action is text: the LM head's logits over the tokens the trie allows (``rl.constrained``).
     This head adds to each allowed token's logit ``w_e . z``, where ``z`` is the standardised
     decision state (the value head's :class:`RunningStandardize`, so one set of
-    statistics) and ``w_e`` a weight vector per choice edge ``e`` of the trie (E of them: every
-    child of every node with more than one child). Zero-initialised, so a checkpoint's policy is
-    unchanged until RL moves it.
+    statistics), or that layer's output, and ``w_e`` a weight vector per choice edge ``e`` of the
+    trie (E of them: every child of every node with more than one child). ``w`` is
+    zero-initialised, so a checkpoint's policy is unchanged until RL moves it.
 
     Why. From scratch or after SFT, the frame is a few percent of the decision state, so through
     the LM head alone the cheapest direction of a policy gradient is the action's marginal (one
@@ -140,7 +155,7 @@ class ActionHead(nn.Module):
     log-probs the actors record are the ones the learner recomputes.
     """
 
-    def __init__(self, child_tokens: Tensor, edges: Tensor, hidden: int):
+    def __init__(self, child_tokens: Tensor, edges: Tensor, hidden: int, inner: int = 0):
         super().__init__()
         if child_tokens.shape != edges.shape or child_tokens.ndim != 2:
             raise ValueError(f"child_tokens {tuple(child_tokens.shape)} and edges "
@@ -148,12 +163,15 @@ class ActionHead(nn.Module):
         self.num_edges = int(edges.max()) + 1 if edges.numel() else 0
         self.register_buffer("child_tokens", child_tokens.long(), persistent=False)
         self.register_buffer("edges", edges.long(), persistent=False)
-        self.weight = nn.Parameter(torch.zeros(max(self.num_edges, 1), hidden))
+        self.inner = _inner_layer(hidden, inner)
+        self.weight = nn.Parameter(torch.zeros(max(self.num_edges, 1), inner or hidden))
 
     def forward(self, z: Tensor, nodes: Tensor, vocab: int) -> Tensor:
         """(N, D) standardised states, (N,) trie nodes -> (N, V) float32 logit offsets: the
         scores of the node's choices at their token ids, 0 elsewhere."""
         edge = self.edges[nodes]  # (N, K)
+        if self.inner is not None:
+            z = self.inner(z.to(self.weight.dtype))
         scores = z.float() @ self.weight.float().T  # (N, E)
         picked = scores.gather(1, edge.clamp_min(0)) * (edge >= 0)  # (N, K), 0 off the choices
         out = torch.zeros(len(nodes), vocab, device=z.device, dtype=torch.float32)

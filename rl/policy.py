@@ -81,11 +81,19 @@ if TYPE_CHECKING:
     from envs.codecs import ActionCodec
 
 LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
+HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
 ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
 """The value, action and world heads inside a checkpoint directory (``value_head.*``,
 ``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that
 transformers loads the directory as is."""
+
+
+def saved_head_hidden(heads: dict[str, Tensor]) -> int:
+    """The heads' hidden width (``RigPolicy(head_hidden=)``) a heads file's tensors were saved
+    with: 0 (linear heads) unless they hold the hidden layer."""
+    inner = heads.get(HEAD_INNER_KEY)
+    return int(inner.shape[0]) if inner is not None else 0
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -369,6 +377,9 @@ class RigPolicy(nn.Module):
         model: a ``JanusForConditionalGeneration`` (``rl.model.build_model`` or a checkpoint).
         tok: its tokenizer, with the segment markers.
         codec: the env's action codec; the trie allows exactly ``codec.vocab``.
+        head_hidden: width of the one hidden ReLU layer of the value head and of the action
+            head (each its own), between the standardised frame read-out and the output; 0:
+            both heads linear (``rl.heads``; config ``policy.head_hidden``).
     """
 
     def __init__(
@@ -376,6 +387,7 @@ class RigPolicy(nn.Module):
         model: JanusForConditionalGeneration,
         tok: PreTrainedTokenizerBase,
         codec: ActionCodec,
+        head_hidden: int = 0,
     ):
         super().__init__()
         from rl.model import image_tokens_per_frame
@@ -397,8 +409,10 @@ class RigPolicy(nn.Module):
         self.vocab_size = int(model.config.text_config.vocab_size)
         param = next(model.parameters())
         features = self.head_features  # standardised read-outs of the frame (rl.heads)
-        self.value_head = ValueHead(features, eps=HEAD_EPS).to(param.device)
-        self.action_head = ActionHead(*self.trie.choice_edges(), features).to(param.device)
+        self.head_hidden = int(head_hidden)
+        self.value_head = ValueHead(features, eps=HEAD_EPS, inner=self.head_hidden).to(param.device)
+        self.action_head = ActionHead(*self.trie.choice_edges(), features,
+                                      self.head_hidden).to(param.device)  # fmt: skip
         self.world = WorldHeads(hidden).to(param.device)
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -412,45 +426,65 @@ class RigPolicy(nn.Module):
     # -- constructors and checkpoints -------------------------------------------------------
 
     @classmethod
-    def from_preset(cls, name: str, codec: ActionCodec, seed: int = 0) -> RigPolicy:
+    def from_preset(
+        cls, name: str, codec: ActionCodec, seed: int = 0, head_hidden: int = 0
+    ) -> RigPolicy:
         """A randomly initialised policy of preset ``name`` with the built-in tokenizer."""
         from rl.model import build_model, load_preset
         from rl.tokenizer import build_tokenizer
 
         tok = build_tokenizer()
         torch.manual_seed(seed)
-        return cls(build_model(load_preset(name), tok), tok, codec)
+        return cls(build_model(load_preset(name), tok), tok, codec, head_hidden)
 
     @classmethod
     def from_model(
-        cls, model: JanusForConditionalGeneration, tok: PreTrainedTokenizerBase, codec: ActionCodec
+        cls,
+        model: JanusForConditionalGeneration,
+        tok: PreTrainedTokenizerBase,
+        codec: ActionCodec,
+        head_hidden: int = 0,
     ) -> RigPolicy:
-        return cls(model, tok, codec)
+        return cls(model, tok, codec, head_hidden)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, codec: ActionCodec) -> RigPolicy:
+    def load(
+        cls, path: str | os.PathLike, codec: ActionCodec, head_hidden: int | None = None
+    ) -> RigPolicy:
         """A policy from a checkpoint directory (``save``'s, or a plain supervised Janus one).
 
         The heads come from ``rig_heads.safetensors`` when the directory has it; a supervised
         checkpoint has none, so the value, action and world heads start fresh
         (``policy.heads_loaded`` says which; a fresh action head is zero: the checkpoint's own
-        policy). A heads file from before the action head loads with a fresh one. Every
-        failure is an ``rl.model.CheckpointError`` naming the file."""
+        policy). A heads file from before the action head loads with a fresh one.
+        ``head_hidden``: the heads' hidden width (:class:`RigPolicy`); None takes the heads
+        file's (0 without one); a number the file disagrees with is refused. Every failure is
+        an ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         from rl.model import CheckpointError, load_pretrained_dir
 
         model, tok, record = load_pretrained_dir(path)
-        policy = cls(model, tok, codec)
-        policy.record = record
-        policy.heads_loaded = False
         file = Path(path) / HEADS_FILE
+        state = None
         if file.is_file():
             try:
                 state = load_file(str(file))
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"corrupted heads file {file}: {err}") from None
+            saved = saved_head_hidden(state)
+            if head_hidden is not None and head_hidden != saved:
+                raise CheckpointError(
+                    f"{file} holds heads with hidden width {saved} but head_hidden is "
+                    f"{head_hidden}; set policy.head_hidden={saved} to load them (or delete "
+                    f"the file to start with fresh heads)"
+                )
+            head_hidden = saved
+        policy = cls(model, tok, codec, head_hidden or 0)
+        policy.record = record
+        policy.heads_loaded = False
+        if state is not None:
             heads = {k: v for k, v in policy.state_dict().items() if not k.startswith("model.")}
             if set(state) >= LEGACY_VALUE_KEYS:  # the MLP value head before rl.heads
                 state = {k: v for k, v in state.items() if not k.startswith("value_head.")}
@@ -460,7 +494,8 @@ class RigPolicy(nn.Module):
             for key in ACTION_HEAD_KEYS - set(state):  # saved before rl.heads.ActionHead:
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
             read = state.get("value_head.out.weight")
-            if read is not None and read.shape[-1] == model.config.text_config.hidden_size \
+            if read is not None and HEAD_INNER_KEY not in state \
+                    and read.shape[-1] == model.config.text_config.hidden_size \
                     and read.shape != heads["value_head.out.weight"].shape:  # fmt: skip
                 # saved when the heads read the one state at <reasoning>: fresh value and
                 # action heads (zero: the same policy), the world heads loaded

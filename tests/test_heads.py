@@ -62,6 +62,50 @@ def test_value_head_starts_at_zero_and_reads_a_small_signal_at_once():
     assert fit(mlp) < 0.5
 
 
+@pytest.mark.parametrize("head", ["value", "action"])
+def test_a_hidden_layer_starts_at_zero_and_learns_only_its_output_first(head):
+    """With ``inner`` the head is Linear+ReLU then the zero-initialised output: the output is
+    0 at the start, the first gradient reaches the output layer only (the hidden layer's is
+    0 through the zero weights), and one Adam step later the hidden layer moves too."""
+    from rl.constrained import ActionTrie
+    from rl.heads import ActionHead
+
+    torch.manual_seed(0)
+    D, W, n = 12, 5, 32
+    z = torch.randn(n, D)
+    if head == "value":
+        module = ValueHead(D, inner=W).train()
+        out_weight = module.out.weight
+
+        def forward():
+            return module.read(z)
+    else:
+        trie = ActionTrie([[1, 9], [2, 9], [3, 9]], eos_id=9)
+        module = ActionHead(*trie.choice_edges(), hidden=D, inner=W)
+        out_weight = module.weight
+        nodes = torch.zeros(n, dtype=torch.long)
+
+        def forward():
+            return module(z, nodes, 10)[:, [1, 2, 3]]
+
+    assert out_weight.shape[-1] == W and module.inner[0].weight.shape == (W, D)
+    assert torch.equal(forward(), torch.zeros_like(forward()))
+    target = torch.randn_like(forward())
+    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
+    for step in range(2):
+        opt.zero_grad()
+        ((forward() - target) ** 2).mean().backward()
+        inner_grad = module.inner[0].weight.grad.abs().sum()
+        assert (float(inner_grad) == 0.0) == (step == 0)
+        assert float(out_weight.grad.abs().sum()) > 0
+        opt.step()
+
+
+def test_a_head_width_must_not_be_negative():
+    with pytest.raises(ValueError, match="hidden width"):
+        ValueHead(4, inner=-1)
+
+
 def test_momentum_must_be_a_fraction():
     with pytest.raises(ValueError, match="momentum"):
         RunningStandardize(3, momentum=0.0)

@@ -104,3 +104,11 @@ def test_rig_eval_applies_the_same_rule(saved, in_tmp, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert f"--checkpoint {path} was trained on rig/Catch-v0 but --env is rig/Crafter-v0" in err
     assert not (in_tmp / "eval").exists()
+
+
+def test_heads_of_another_hidden_width_are_refused_up_front(saved, in_tmp, capsys):
+    """The saved heads are linear; a config asking for a hidden layer would not load them."""
+    path = _copy(saved, in_tmp)
+    err = _refused(in_tmp, capsys, "--init-from", str(path), "policy.head_hidden=8")
+    assert f"--init-from {path} has heads with hidden width 0 but policy.head_hidden is 8" in err
+    assert "set policy.head_hidden=0" in err

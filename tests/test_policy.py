@@ -304,6 +304,36 @@ def test_save_load_round_trip(tmp_path):
         policy.save(path)
 
 
+def test_heads_with_a_hidden_layer_save_and_load_at_their_width(tmp_path):
+    """``head_hidden`` comes back from the heads file; a width the file disagrees with is refused
+    by name; both heads change the policy's act and value once their outputs are non-zero."""
+    from envs.crafter_env import crafter_codec
+    from rl.model import CheckpointError
+    from rl.policy import RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", crafter_codec(), seed=3, head_hidden=16).eval()
+    assert policy.value_head.inner[0].weight.shape == (16, policy.head_features)
+    with torch.no_grad():
+        policy.value_head.norm.var.uniform_(0.5, 2.0)
+        policy.value_head.out.weight.normal_()
+        policy.action_head.weight.normal_(0.0, 0.5)
+    path = policy.save(tmp_path / "ckpt")
+    loaded = RigPolicy.load(path, crafter_codec())
+    assert loaded.heads_loaded and loaded.head_hidden == 16
+    assert RigPolicy.load(path, crafter_codec(), head_hidden=16).head_hidden == 16
+    a = policy.act(frames(2, 9), TASK, 0, 1.0, torch.Generator().manual_seed(9))
+    b = loaded.act(frames(2, 9), TASK, 0, 1.0, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=0, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=0, rtol=0)
+    assert float(a.values.abs().sum()) > 0
+    linear = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    c = linear.act(frames(2, 9), TASK, 0, 1.0, torch.Generator().manual_seed(9))
+    assert not torch.equal(a.log_probs, c.log_probs)
+    with pytest.raises(CheckpointError, match="hidden width 16 but head_hidden is 0; set "
+                                              "policy.head_hidden=16"):  # fmt: skip
+        RigPolicy.load(path, crafter_codec(), head_hidden=0)
+
+
 @pytest.mark.parametrize("lookahead", [0, 2])
 def test_plays_a_whole_crafter_episode_with_history_and_lookahead(policy, lookahead):
     """The tiny policy drives two real Crafter envs to the time limit, with a history of 2 steps

@@ -52,14 +52,16 @@ def only_run(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One debug run of 3 iterations (in-process), shared by the checks below."""
+    """One debug run of 3 iterations (in-process), shared by the checks below; its heads have
+    a hidden layer (``policy.head_hidden``), which resume and export must carry."""
     import os
 
     root = tmp_path_factory.mktemp("train")
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        code = main(["train", "--config", DEBUG, *FAST, "train.iterations=3"])
+        code = main(["train", "--config", DEBUG, *FAST, "train.iterations=3",
+                     "policy.head_hidden=8"])  # fmt: skip
     finally:
         os.chdir(cwd)
     assert code == 0
@@ -94,6 +96,7 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
 
     policy = RigPolicy.load(trained / "export", crafter_codec())
     assert policy.heads_loaded and policy.record["extra"]["iteration"] == 3
+    assert policy.head_hidden == 8  # the run's policy.head_hidden, read back from the heads
 
 
 def test_resume_continues_counters_and_the_mlflow_run(trained, capsys, monkeypatch):
@@ -207,7 +210,7 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
     cfg = load_config(DEBUG, [
         "env.num_envs=1", "rollout.fragment_length=4", "imagination.num_starts=2",
         "imagination.horizon=1", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
-        "train.iterations=5", "tracking.system_metrics=false",
+        "train.iterations=5", "tracking.system_metrics=false", "policy.head_hidden=8",
     ])  # fmt: skip
     run_dir = in_tmp / "runs" / "ray-train"
     logged: list[dict] = []
