@@ -19,6 +19,9 @@ lands in ``--out``: ``results.json`` (every curve), ``curves.png`` and one log p
                                       envs, the budget split into equal train batches of ~1024
                                       (a multiple of 8), minibatch 128, 10 epochs (--peer-epochs),
                                       .debugging(seed=S), until the budget is sampled.
+    random-seed<S>.log              the baseline: uniformly random actions on the same env
+                                      (one env, reset and action space seeded with S) for the
+                                      same budget, in this process, recorded per 1,024 steps.
 
 The peer's model is RLlib's default for a (64, 64, 3) image (PPOCatalog, ray 2.60): a CNN
 encoder with RLlib's 64x64 filters [[16, 4, 2], [32, 4, 2], [64, 4, 2], [128, 4, 2]] ("same"
@@ -30,6 +33,11 @@ does not cast uint8 frames (its first conv fails on them), so frames go through 
 episode's return, so both sides give the same record per iteration (mean return and count of the
 episodes that ended in it); RLlib's ``episode_return_mean`` (its 100-episode moving mean) is kept
 next to it in results.json.
+
+On an env that reports ``info["achievements"]`` (Crafter) every side also records, per
+iteration, how many of its finished episodes unlocked each achievement (rig's from the success
+rates rig train logs to MLflow), and the summary gives each run's Crafter score (``envs.stats``)
+over the episodes of its final return's window.
 
 The curve maths are pure functions (unit tested). An iteration's smoothed return is the
 episode-weighted mean of the newest iterations that hold at least ``WINDOW`` (100) episodes
@@ -68,7 +76,8 @@ sys.path.insert(0, str(_ROOT))  # run as a script from anywhere
 from benchmarks.common import print_result  # noqa: E402
 from rig.errors import UserError  # noqa: E402
 
-METHODS = ("rig", "peer")
+METHODS = ("rig", "peer", "random")
+COMPARED = ("rig", "peer")  # the sides the ratios compare; "random" is the baseline beside them
 WINDOW = 100  # episodes in a moving mean
 TABLE_MARKS = 10
 THRESHOLD_MARKS = 50
@@ -79,8 +88,11 @@ PEER_BATCH = 1024
 PEER_MINIBATCH = 128
 PEER_EPOCHS = 10
 PEER_LR = 3e-4
+RIG_SUCCESS = "crafter/success/"  # rig train's per-achievement success rates (all episodes so far)
+RANDOM_ITERATION = PEER_BATCH  # env steps per recorded iteration of the random agent
 
 Point = Sequence[float]  # (env steps, mean return, episodes): one iteration, or its window
+Unlocks = Sequence[Any]  # (env steps, episodes, {achievement: episodes that unlocked it}), likewise
 
 
 # -- curve maths ---------------------------------------------------------------------------------
@@ -153,6 +165,30 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
+def window_score(unlocks: Sequence[Unlocks], window: int = WINDOW) -> list[float] | None:
+    """``[Crafter score in percent, episodes]`` over the newest iterations that hold at least
+    ``window`` episodes together (the episodes of the final return's window; all, if fewer):
+    each achievement's success rate is the share of those episodes that unlocked it
+    (``envs.stats``). None without any episode."""
+    from envs.crafter_env import ACHIEVEMENTS
+    from envs.stats import crafter_score
+
+    total: dict[str, int] = {}
+    episodes = 0
+    for _, n, counts in reversed(unlocks):
+        if n <= 0:
+            continue
+        episodes += n
+        for name, count in counts.items():
+            total[name] = total.get(name, 0) + count
+        if episodes >= window:
+            break
+    if not episodes:
+        return None
+    return [crafter_score({a: 100.0 * total.get(a, 0) / episodes for a in ACHIEVEMENTS}),
+            episodes]  # fmt: skip
+
+
 # -- plans ---------------------------------------------------------------------------------------
 
 
@@ -206,22 +242,59 @@ def read_rig_curve(run_out: Path) -> list[list[float]]:
             for s in sorted(counts) if s in returns and s in env_steps]  # fmt: skip
 
 
+def read_rig_unlocks(run_out: Path) -> list[list[Any]]:
+    """``[env steps, episodes, {achievement: episodes that unlocked it}]`` per iteration of the
+    ``rig train`` run in ``run_out`` that ended episodes, from its MLflow store; [] for an env
+    without achievements. rig train logs each achievement's success rate over every episode so
+    far (``crafter/success/<name>``), so an iteration's counts are the differences of rate x
+    episodes so far (whole numbers, rounded from float)."""
+    ids = sorted(run_out.glob("*/mlflow_run_id"))
+    if not ids or not (run_out / "mlflow.db").is_file():
+        return []
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_out.resolve()}/mlflow.db")
+    run_id = ids[-1].read_text().strip()
+    names = sorted(key.removeprefix(RIG_SUCCESS) for key in client.get_run(run_id).data.metrics
+                   if key.startswith(RIG_SUCCESS))  # fmt: skip
+    if not names:
+        return []
+    keys = (RIG_COUNT, RIG_STEPS, *(RIG_SUCCESS + name for name in names))
+    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+               for key in keys}  # fmt: skip
+    out, episodes, before = [], 0, dict.fromkeys(names, 0)
+    for step in sorted(history[RIG_COUNT]):
+        n = round(history[RIG_COUNT][step])
+        episodes += n
+        if n <= 0 or step not in history[RIG_STEPS]:
+            continue
+        so_far = {a: round(history[RIG_SUCCESS + a].get(step, 0.0) * episodes / 100.0)
+                  for a in names}  # fmt: skip
+        out.append([history[RIG_STEPS][step], n,
+                    {a: so_far[a] - before[a] for a in names if so_far[a] > before[a]}])
+        before = so_far
+    return out
+
+
 def run_rig(config: Path, overrides: Sequence[str], env: str, seed: int, iterations: int,
             out: Path, threads: int) -> dict[str, Any]:  # fmt: skip
     run_out = (out / f"rig-seed{seed}").resolve()
     log = out / f"rig-seed{seed}.log"
     command = rig_command(config.resolve(), overrides, env, seed, iterations, run_out)
     code, seconds = _subprocess(command, log, threads)
-    return _run(seed, code, seconds, log, read_rig_curve(run_out))
+    return {**_run(seed, code, seconds, log, read_rig_curve(run_out)),
+            "unlocks": read_rig_unlocks(run_out)}  # fmt: skip
 
 
 # -- the peer side -------------------------------------------------------------------------------
 
 _FINISHED: list[float] = []  # returns of episodes ended since the last drain (the peer's process)
+_UNLOCKED: list[list[str]] = []  # and their unlocked achievements, for envs that report them
 
 
 class _EpisodeReturns(gym.Wrapper):
-    """Appends each finished episode's return to ``_FINISHED``."""
+    """Appends each finished episode's return to ``_FINISHED`` and, where the env reports
+    ``info["achievements"]`` (Crafter), its unlocked achievements to ``_UNLOCKED``."""
 
     def reset(self, **kwargs):
         self._return = 0.0
@@ -232,7 +305,19 @@ class _EpisodeReturns(gym.Wrapper):
         self._return += float(reward)
         if terminated or truncated:
             _FINISHED.append(self._return)
+            if "achievements" in info:
+                from envs.stats import unlocked_from_counts
+
+                _UNLOCKED.append(unlocked_from_counts(info["achievements"]))
         return obs, reward, terminated, truncated, info
+
+
+def _count_unlocks(unlocked: Sequence[Sequence[str]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for names in unlocked:
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def _peer_env(env_config: dict[str, Any]) -> gym.Env:
@@ -268,7 +353,8 @@ def run_peer_here(
     epochs: int = PEER_EPOCHS, threads: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """RLlib's PPO in this process until ``steps`` env steps are sampled (module doc); returns
-    ``{"points": [[env steps, mean return, episodes]], "rllib_return_mean": [[env steps, v]]}``."""
+    ``{"points": [[env steps, mean return, episodes]], "unlocks": [[env steps, episodes,
+    {achievement: count}]] (Crafter), "rllib_return_mean": [[env steps, v]]}``."""
     import ray
     import torch
     from ray.rllib.utils.metrics import (
@@ -282,21 +368,25 @@ def run_peer_here(
     plan = peer_plan(steps)
     register_env(PEER_ENV, _peer_env)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    points, rllib_means, sampled = [], [], 0
+    points, unlocks, rllib_means, sampled = [], [], [], 0
     try:
         config = peer_config(PEER_ENV, {"id": env, "size": size, "kwargs": kwargs},
                              plan["batch"], plan["minibatch"], epochs, seed)  # fmt: skip
         algo = config.build_algo()
         _FINISHED.clear()  # episodes of the spaces-probing env, if any
+        _UNLOCKED.clear()
         while sampled < steps:
             result = algo.train()
             now = int(result[NUM_ENV_STEPS_SAMPLED_LIFETIME])
             if now <= sampled:
                 raise RuntimeError(f"RLlib sampled no env steps in an iteration (at {now})")
-            sampled, returns = now, _FINISHED[:]
+            sampled, returns, unlocked = now, _FINISHED[:], _UNLOCKED[:]
             _FINISHED.clear()
+            _UNLOCKED.clear()
             if returns:
                 points.append([sampled, statistics.fmean(returns), len(returns)])
+            if unlocked:
+                unlocks.append([sampled, len(returns), _count_unlocks(unlocked)])
             rllib = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
             if rllib is not None and math.isfinite(rllib):
                 rllib_means.append([sampled, float(rllib)])
@@ -305,7 +395,7 @@ def run_peer_here(
         algo.stop()
     finally:
         ray.shutdown()
-    return {"points": points, "rllib_return_mean": rllib_means}
+    return {"points": points, "unlocks": unlocks, "rllib_return_mean": rllib_means}
 
 
 def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int, out: Path,
@@ -318,7 +408,69 @@ def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
     code, seconds = _subprocess(command, log, threads)
     found = json.loads(answer.read_text()) if answer.is_file() else {}
     run = _run(seed, code, seconds, log, found.get("points", []))
+    run["unlocks"] = found.get("unlocks", [])
     run["rllib_return_mean"] = found.get("rllib_return_mean", [])
+    return run
+
+
+# -- the random agent ----------------------------------------------------------------------------
+
+
+def random_agent(
+    env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
+    iteration: int = RANDOM_ITERATION,
+) -> dict[str, list]:  # fmt: skip
+    """Uniformly random actions on the env rig builds (``actors.env.make_env``, one env, reset
+    with ``seed``, actions from the action space seeded with ``seed``) for ``steps`` env steps;
+    ``{"points": ..., "unlocks": ...}`` per ``iteration`` env steps, as the peer records them."""
+    from actors.env import make_env
+    from envs.stats import unlocked_from_counts
+
+    e = make_env({"id": env, "size": size, "kwargs": kwargs})
+    points: list[list[float]] = []
+    unlocks: list[list[Any]] = []
+    try:
+        e.action_space.seed(seed)
+        e.reset(seed=seed)
+        returns: list[float] = []
+        unlocked: list[list[str]] = []
+        total = 0.0
+        for t in range(1, steps + 1):
+            _, reward, terminated, truncated, info = e.step(e.action_space.sample())
+            total += float(reward)
+            if terminated or truncated:
+                returns.append(total)
+                total = 0.0
+                if "achievements" in info:
+                    unlocked.append(unlocked_from_counts(info["achievements"]))
+                e.reset()
+            if t % iteration == 0 or t == steps:
+                if returns:
+                    points.append([t, statistics.fmean(returns), len(returns)])
+                if unlocked:
+                    unlocks.append([t, len(returns), _count_unlocks(unlocked)])
+                returns, unlocked = [], []
+    finally:
+        e.close()
+    return {"points": points, "unlocks": unlocks}
+
+
+def run_random(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
+               out: Path) -> dict[str, Any]:  # fmt: skip
+    """``random_agent`` in this process (no Ray, no model: seconds to minutes), as a run."""
+    import traceback
+
+    log = out / f"random-seed{seed}.log"
+    start = time.perf_counter()
+    try:
+        found = random_agent(env, size, kwargs, seed, steps)
+        code = 0
+        log.write_text(f"random agent, seed {seed}: {len(found['points'])} iterations\n")
+    except Exception:  # a broken env: the run fails, the benchmark goes on
+        found, code = {"points": [], "unlocks": []}, 1
+        log.write_text(traceback.format_exc())
+    run = _run(seed, code, time.perf_counter() - start, log, found["points"])
+    run["unlocks"] = found["unlocks"]
     return run
 
 
@@ -387,7 +539,7 @@ def bench_learning(
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
     if steps < 1:
         raise UserError(f"--steps must be >= 1, got {steps}")
-    if only not in (*METHODS, "both"):
+    if only not in (*COMPARED, "both"):
         raise UserError(f"--only must be rig, peer or both, got {only!r}")
     if not seeds or min(seeds) < 0:
         raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
@@ -401,8 +553,9 @@ def bench_learning(
     cfg = load_config(config, [*overrides, f"env.id={env}"])
     out = _fresh_out(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    methods = METHODS if only == "both" else (only,)
-    plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs}}
+    methods = (*(COMPARED if only == "both" else (only,)), "random")  # the baseline always
+    plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs},
+             "random": {"steps_per_iteration": RANDOM_ITERATION}}  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for seed in seeds:  # seed by seed, both sides, so a busy stretch hits both
         for method in methods:
@@ -410,9 +563,11 @@ def bench_learning(
             if method == "rig":
                 run = run_rig(config, overrides, env, seed, plans["rig"]["iterations"], out,
                               threads)  # fmt: skip
-            else:
+            elif method == "peer":
                 run = run_peer(env, cfg.env.size, dict(cfg.env.kwargs), seed, steps, out,
                                peer_epochs, threads)  # fmt: skip
+            else:
+                run = run_random(env, cfg.env.size, dict(cfg.env.kwargs), seed, steps, out)
             say(f"{method} seed {seed}: {'done' if run['ok'] else run['error']} "
                 f"({run['wall_s']:.0f} s, {len(run['points'])} points)")  # fmt: skip
             runs[method].append(run)
@@ -448,7 +603,8 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
     sides run as separate processes, e.g. two at once on two cores): their runs pooled by
     side, summarised afresh, written with its plot to ``out``. The folders must agree on env,
     budget and threshold, and those holding rig runs on the preset and overrides; a seed may
-    appear once per side. Bad input is a ``UserError``."""
+    appear once per side (the random agent's, the same in every folder for a seed, is kept
+    from the first folder that has it). Bad input is a ``UserError``."""
     if len(folders) < 2:
         raise UserError(f"--merge needs at least two result folders, got {len(folders)}")
     loaded = []
@@ -483,11 +639,13 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
         for method, data in methods.items():
             seen = {run["seed"] for run in runs.get(method, [])}
             for run in data["runs"]:
+                if run["seed"] in seen and method == "random":
+                    continue  # a deterministic baseline, run beside each side
                 if run["seed"] in seen:
                     raise UserError(f"--merge: {method} seed {run['seed']} is in more than "
                                     f"one folder ({folder} and another); keep one")  # fmt: skip
-                keep = ("seed", "ok", "error", "wall_s", "log", "points")
-                runs.setdefault(method, []).append({key: run[key] for key in keep})
+                keep = ("seed", "ok", "error", "wall_s", "log", "points", "unlocks")
+                runs.setdefault(method, []).append({key: run.get(key, []) for key in keep})
             plan = plans.setdefault(method, config["plans"][method])
             if plan != config["plans"][method]:
                 raise UserError(f"--merge: {folder} ran {method} with plan "
@@ -503,7 +661,8 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
     result["config"] = {
         **{key: first[key] for key in MERGE_SAME},
         "seeds": seeds, "config": rig_config["config"], "overrides": rig_config["overrides"],
-        "threads": first.get("threads"), "only": "both" if len(runs) == 2 else next(iter(runs)),
+        "threads": first.get("threads"),
+        "only": "both" if set(COMPARED) <= set(runs) else next(iter(runs)),
         "out": str(out), "plans": plans, "ray": first.get("ray"),
         "merged_from": [str(folder) for folder, _, _ in loaded],
     }  # fmt: skip
@@ -513,8 +672,8 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: float) -> dict:
-    """Smoothed curves, steps to threshold and final return per run; medians over the runs
-    that finished; rig / peer ratios."""
+    """Smoothed curves, steps to threshold, final return and (envs with achievements) final
+    Crafter score per run; medians over the runs that finished; rig / peer ratios."""
     table, fine = marks(steps, TABLE_MARKS), marks(steps, THRESHOLD_MARKS)
     methods: dict[str, Any] = {}
     for method, method_runs in runs.items():
@@ -523,19 +682,23 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
             run["steps_to_threshold"] = steps_to_threshold(run["curve"], fine, threshold)
             final = value_at(run["curve"], steps)
             run["final_return"] = None if final is None else final[1]
+            score = window_score(run.get("unlocks") or [])
+            run["final_score"] = None if score is None else score[0]
         ok = [r for r in method_runs if r["ok"]]
         finals = [r["final_return"] for r in ok if r["final_return"] is not None]
+        scores = [r["final_score"] for r in ok if r["final_score"] is not None]
         methods[method] = {
             "runs": method_runs,
             "median": {
                 "returns": median_curve([r["curve"] for r in ok], table),
                 "steps_to_threshold": median_steps([r["steps_to_threshold"] for r in ok]),
                 "final_return": statistics.median(finals) if finals else None,
+                "final_score": statistics.median(scores) if scores else None,
                 "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
             },
         }
     ratios = {"steps": None, "wall": None}
-    if set(methods) == set(METHODS):
+    if set(COMPARED) <= set(methods):
         rig, peer = methods["rig"]["median"], methods["peer"]["median"]
         ratios["steps"] = ratio(rig["steps_to_threshold"], peer["steps_to_threshold"])
         ratios["wall"] = ratio(rig["wall_s"], peer["wall_s"])
@@ -563,7 +726,7 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for method, color in zip(METHODS, ("tab:blue", "tab:orange"), strict=True):
+    for method, color in zip(METHODS, ("tab:blue", "tab:orange", "tab:gray"), strict=True):
         if method not in result["methods"]:
             continue
         # a seed's return holds from one iteration to the next (value_at): steps, drawn "post"
@@ -577,7 +740,8 @@ def plot_curves(result: dict[str, Any], path: Path) -> None:
         median = [(m, v) for m, v in zip(at, median_curve(ok, at), strict=True) if v is not None]
         if median:
             ax.step(*zip(*median, strict=True), where="post", color=color, lw=2.5, marker="o",
-                    ms=3, label=f"{method}: median of {len(ok)} seeds")  # fmt: skip
+                    ms=3, label=f"{method}{' agent' if method == 'random' else ''}: median of "
+                    f"{len(ok)} seeds")  # fmt: skip
     ax.axhline(c["threshold"], color="gray", ls="--", lw=1, label=f"threshold {c['threshold']}")
     ax.set_xlabel("env steps")
     ax.set_ylabel(f"mean episode return (moving, >= {c['window']} episodes)")
@@ -610,7 +774,7 @@ def header(result: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-COLUMNS = ("env steps", "rig return", "peer return")
+COLUMNS = ("env steps", "rig return", "peer return", "random return")
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -631,12 +795,16 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
 
     lines = [f"env steps to reach return {c['threshold']} (moving mean over >= {c['window']} "
              "episodes, at budget/50 marks):"]  # fmt: skip
-    lines += [f"  {per_seed(m, 'steps_to_threshold', '{:.0f}', 'never')}" for m in methods]
+    compared = [m for m in methods if m in COMPARED]
+    lines += [f"  {per_seed(m, 'steps_to_threshold', '{:.0f}', 'never')}" for m in compared]
     lines.append(f"final return at {c['steps']} env steps:")
     lines += [f"  {per_seed(m, 'final_return', '{:+.3f}', '-')}" for m in methods]
+    if any(methods[m]["median"].get("final_score") is not None for m in methods):
+        lines.append(f"Crafter score (%) of the final return's episodes (>= {c['window']}):")
+        lines += [f"  {per_seed(m, 'final_score', '{:.2f}', '-')}" for m in methods]
     lines.append("wall-clock seconds per run:")
-    lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in methods]
-    if set(methods) == set(METHODS):
+    lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in compared]
+    if set(COMPARED) <= set(methods):
         steps = result["ratios"]["steps"]
         lines.append(f"steps-to-threshold ratio rig / peer (medians): "
                      f"{_num(steps, none='n/a (a side never reached it)')} "

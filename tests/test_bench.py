@@ -256,6 +256,55 @@ def test_read_rig_curve_from_what_rig_train_logs(tmp_path, monkeypatch):
     assert learning.read_rig_curve(tmp_path / "nothing-here") == []
 
 
+def test_window_score_is_the_crafter_score_of_the_final_windows_episodes():
+    from envs.crafter_env import ACHIEVEMENTS
+    from envs.stats import crafter_score
+
+    unlocks = [[100, 50, {"collect_wood": 50}], [200, 0, {}], [300, 60, {"collect_wood": 30}],
+               [400, 40, {"collect_wood": 10, "place_table": 4}]]  # fmt: skip
+    # the newest iterations holding >= 100 episodes: 40 + 60; wood 40 of 100, table 4 of 100
+    rates = dict.fromkeys(ACHIEVEMENTS, 0.0) | {"collect_wood": 40.0, "place_table": 4.0}
+    assert learning.window_score(unlocks, window=100) == [pytest.approx(crafter_score(rates)), 100]
+    assert learning.window_score(unlocks, window=10)[1] == 40  # the last iteration alone
+    assert learning.window_score(unlocks[:2], window=1000)[1] == 50  # all there is
+    assert learning.window_score([], window=10) is None
+
+
+def test_random_agent_records_returns_and_crafter_unlocks_per_iteration():
+    catch = learning.random_agent("rig/Catch-v0", 64, {}, seed=3, steps=700, iteration=256)
+    assert [p[0] for p in catch["points"]] == [256, 512, 700] and catch["unlocks"] == []
+    assert all(-1.0 <= p[1] <= 1.0 and p[2] > 0 for p in catch["points"])
+    assert learning.random_agent("rig/Catch-v0", 64, {}, seed=3, steps=700, iteration=256) == catch
+    crafter = learning.random_agent("rig/Crafter-v0", 64, {"length": 40}, seed=0, steps=200,
+                                    iteration=100)  # fmt: skip
+    # 40-step episodes (or sooner, by death): every episode is counted, achievements or none
+    assert [u[0] for u in crafter["unlocks"]] == [100, 200]
+    assert [u[1] for u in crafter["unlocks"]] == [p[2] for p in crafter["points"]]
+    assert sum(u[1] for u in crafter["unlocks"]) >= 5
+    for _, episodes, counts in crafter["unlocks"]:
+        assert all(0 < n <= episodes for n in counts.values())
+
+
+def test_read_rig_unlocks_from_the_success_rates_rig_train_logs(tmp_path, monkeypatch):
+    from rig.config import load_config
+    from rig.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = load_config(None, []).tracking.model_copy(update={"system_metrics": False})
+    run_out = tmp_path / "rig-seed0"
+    wood, table = "crafter/success/collect_wood", "crafter/success/place_table"
+    with Tracker(tracking, run_out / "rig-train-x", {}) as tracker:
+        # 3 episodes, 1 unlocked wood; then 4 more (7), 3 more with wood and 1 with a table
+        tracker.log_metrics({"episode/count": 3.0, "counters/env_steps": 64.0,
+                             wood: 100 / 3, table: 0.0}, step=1)  # fmt: skip
+        tracker.log_metrics({"counters/env_steps": 128.0, wood: 100 / 3, table: 0.0}, step=2)
+        tracker.log_metrics({"episode/count": 4.0, "counters/env_steps": 192.0,
+                             wood: 400 / 7, table: 100 / 7}, step=3)  # fmt: skip
+    assert learning.read_rig_unlocks(run_out) == [
+        [64.0, 3, {"collect_wood": 1}], [192.0, 4, {"collect_wood": 3, "place_table": 1}]]
+    assert learning.read_rig_unlocks(tmp_path / "nothing-here") == []
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -290,7 +339,8 @@ def _finished(folder, method, seeds, steps=1024, config="configs/catch.yaml", ov
     runs = {method: [learning._run(s, 0, 10.0 + s, folder / f"{method}-seed{s}.log",
                                    [[512, -0.5, 100], [1024, 0.1 * s, 100]]) for s in seeds]}
     result = learning.summarize(runs, steps, 0.8)
-    plan = {"iterations": 2, "steps_per_iteration": 512} if method == "rig" else {
+    plan = {"rig": {"iterations": 2, "steps_per_iteration": 512},
+            "random": {"steps_per_iteration": learning.RANDOM_ITERATION}}.get(method) or {
         **learning.peer_plan(steps), "epochs": 10}
     result["config"] = {"env": "rig/Catch-v0", "size": 64, "env_kwargs": {}, "steps": steps,
                         "seeds": list(seeds), "config": config, "overrides": list(overrides),
@@ -321,6 +371,31 @@ def test_learning_merge_pools_finished_runs_and_summarises_them_afresh(rig_main,
     assert result["config"]["seeds"] == [0, 1, 2] and result["config"]["only"] == "both"
     assert set(result["config"]["plans"]) == {"rig", "peer"}
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_merge_keeps_one_random_baseline_per_seed_and_scores_crafter(rig_main,
+                                                                               tmp_path):
+    a = _finished(tmp_path / "a", "rig", [0])
+    b = _finished(tmp_path / "b", "peer", [0])
+    for folder in (a, b):  # each side's process ran the random agent for its seed
+        result = json.loads((folder / "results.json").read_text())
+        runs = [learning._run(0, 0, 1.0, folder / "random-seed0.log", [[1024, -0.75, 150]])]
+        runs[0]["unlocks"] = [[1024, 150, {"collect_wood": 15}]]
+        result["methods"]["random"] = learning.summarize({"random": runs}, 1024, 0.8)[
+            "methods"]["random"]
+        result["config"]["plans"]["random"] = {"steps_per_iteration": learning.RANDOM_ITERATION}
+        (folder / "results.json").write_text(json.dumps(result))
+    out = tmp_path / "merged"
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(b),
+                     "--out", str(out)]) == 0  # fmt: skip
+    result = json.loads((out / "results.json").read_text())
+    random = result["methods"]["random"]
+    assert [r["seed"] for r in random["runs"]] == [0]
+    assert random["median"]["final_return"] == pytest.approx(-0.75)
+    # wood in 10% of the episodes, nothing else: exp(ln(11) / 22) - 1
+    assert random["median"]["final_score"] == pytest.approx(11 ** (1 / 22) - 1)
+    assert result["methods"]["rig"]["median"]["final_score"] is None  # Catch: no achievements
+    assert result["ratios"]["steps"] is None and result["config"]["only"] == "both"
 
 
 @pytest.mark.parametrize(
@@ -376,6 +451,9 @@ def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_p
     assert result["methods"]["peer"]["median"]["returns"][-1] == pytest.approx(mean)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "peer-seed0.log").is_file()
+    (baseline,) = result["methods"]["random"]["runs"]  # the random agent, always beside
+    assert baseline["ok"] and baseline["points"][-1][0] == 1024 and "random return" in printed
+    assert -1.0 <= result["methods"]["random"]["median"]["final_return"] <= -0.3
 
 
 def test_catch_bandit_runs_the_real_update_in_both_modes(capsys):
