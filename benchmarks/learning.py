@@ -312,12 +312,20 @@ class _EpisodeReturns(gym.Wrapper):
         return obs, reward, terminated, truncated, info
 
 
-def _count_unlocks(unlocked: Sequence[Sequence[str]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for names in unlocked:
-        for name in names:
+def _drain(steps: int, points: list, unlocks: list) -> list[float]:
+    """Moves the episodes ended since the last drain into one iteration's ``points`` entry
+    (and ``unlocks``, where they reported achievements) at ``steps``; returns their returns."""
+    returns, unlocked = _FINISHED[:], _UNLOCKED[:]
+    _FINISHED.clear()
+    _UNLOCKED.clear()
+    if returns:
+        points.append([steps, statistics.fmean(returns), len(returns)])
+    if unlocked:
+        counts: dict[str, int] = {}
+        for name in (name for names in unlocked for name in names):
             counts[name] = counts.get(name, 0) + 1
-    return counts
+        unlocks.append([steps, len(returns), counts])
+    return returns
 
 
 def _peer_env(env_config: dict[str, Any]) -> gym.Env:
@@ -373,20 +381,13 @@ def run_peer_here(
         config = peer_config(PEER_ENV, {"id": env, "size": size, "kwargs": kwargs},
                              plan["batch"], plan["minibatch"], epochs, seed)  # fmt: skip
         algo = config.build_algo()
-        _FINISHED.clear()  # episodes of the spaces-probing env, if any
-        _UNLOCKED.clear()
+        _drain(0, [], [])  # episodes of the spaces-probing env, if any
         while sampled < steps:
             result = algo.train()
             now = int(result[NUM_ENV_STEPS_SAMPLED_LIFETIME])
             if now <= sampled:
                 raise RuntimeError(f"RLlib sampled no env steps in an iteration (at {now})")
-            sampled, returns, unlocked = now, _FINISHED[:], _UNLOCKED[:]
-            _FINISHED.clear()
-            _UNLOCKED.clear()
-            if returns:
-                points.append([sampled, statistics.fmean(returns), len(returns)])
-            if unlocked:
-                unlocks.append([sampled, len(returns), _count_unlocks(unlocked)])
+            sampled, returns = now, _drain(now, points, unlocks)
             rllib = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
             if rllib is not None and math.isfinite(rllib):
                 rllib_means.append([sampled, float(rllib)])
@@ -422,34 +423,23 @@ def random_agent(
 ) -> dict[str, list]:  # fmt: skip
     """Uniformly random actions on the env rig builds (``actors.env.make_env``, one env, reset
     with ``seed``, actions from the action space seeded with ``seed``) for ``steps`` env steps;
-    ``{"points": ..., "unlocks": ...}`` per ``iteration`` env steps, as the peer records them."""
+    ``{"points": ..., "unlocks": ...}`` per ``iteration`` env steps, recorded by the peer's
+    wrapper. Not thread-safe (the wrapper's lists are the module's)."""
     from actors.env import make_env
-    from envs.stats import unlocked_from_counts
 
-    e = make_env({"id": env, "size": size, "kwargs": kwargs})
+    e = _EpisodeReturns(make_env({"id": env, "size": size, "kwargs": kwargs}))
     points: list[list[float]] = []
     unlocks: list[list[Any]] = []
+    _drain(0, [], [])
     try:
         e.action_space.seed(seed)
         e.reset(seed=seed)
-        returns: list[float] = []
-        unlocked: list[list[str]] = []
-        total = 0.0
         for t in range(1, steps + 1):
-            _, reward, terminated, truncated, info = e.step(e.action_space.sample())
-            total += float(reward)
+            _, _, terminated, truncated, _ = e.step(e.action_space.sample())
             if terminated or truncated:
-                returns.append(total)
-                total = 0.0
-                if "achievements" in info:
-                    unlocked.append(unlocked_from_counts(info["achievements"]))
                 e.reset()
             if t % iteration == 0 or t == steps:
-                if returns:
-                    points.append([t, statistics.fmean(returns), len(returns)])
-                if unlocked:
-                    unlocks.append([t, len(returns), _count_unlocks(unlocked)])
-                returns, unlocked = [], []
+                _drain(t, points, unlocks)
     finally:
         e.close()
     return {"points": points, "unlocks": unlocks}
