@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/bootstrap.sh
 ruff check .
-python -m pytest "$@"
+# Two workers, each test file whole on one (module-scoped fixtures such as a Ray session are
+# built once): most of the suite's time is Ray start-ups and subprocess waits, which overlap.
+python -m pytest -n 2 --dist loadfile "$@"
