@@ -22,7 +22,7 @@ from rig.progress import Bar
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", help="preset YAML (learner, tracking, policy.task, env sections)"
+        "--config", "-c", help="preset YAML (learner, tracking, policy.task and head_hidden, env sections)"
     ),
 ]
 Overrides = Annotated[
@@ -117,7 +117,10 @@ def sft(
     ] = None,
     history: Annotated[int, typer.Option("--history", min=0, help="past steps per prompt")] = 0,
     max_reasoning_tokens: Annotated[
-        int, typer.Option("--max-reasoning-tokens", min=1, help="act's reasoning cap")
+        int,
+        typer.Option(
+            "--max-reasoning-tokens", min=0, help="act's reasoning cap (0: actions only, no reasoning)"
+        ),
     ] = 64,
     eval_every: Annotated[
         int, typer.Option("--eval-every", min=1, help="steps between held-out evaluations")
@@ -172,7 +175,7 @@ def sft(
         policy = _load_policy(init_from, codec, "--init-from")
     else:
         try:
-            policy = RigPolicy.from_preset(preset or "tiny", codec, seed)
+            policy = RigPolicy.from_preset(preset or "tiny", codec, seed, cfg.policy.head_hidden)
         except ValueError as err:
             raise UserError(f"--preset: {err}") from None
     if vq is not None:
@@ -274,7 +277,7 @@ def evaluate(
     ] = None,
     max_reasoning_tokens: Annotated[
         int | None,
-        typer.Option("--max-reasoning-tokens", min=1, help="default: the SFT's, else config"),
+        typer.Option("--max-reasoning-tokens", min=0, help="default: the SFT's, else config"),
     ] = None,
     temperature: Annotated[
         float | None, typer.Option("--temperature", min=1e-6, help="default: policy.temperature")
@@ -334,8 +337,9 @@ def evaluate(
         episodes=episodes, num_envs=num_envs, lookahead=lookahead,
         history=trained.get("history", 0) if history is None else history,
         task=trained.get("task") or cfg.policy.task,
-        max_reasoning_tokens=max_reasoning_tokens or trained.get("max_reasoning_tokens")
-        or cfg.policy.max_reasoning_tokens,
+        max_reasoning_tokens=next(cap for cap in (
+            max_reasoning_tokens, trained.get("max_reasoning_tokens"),
+            cfg.policy.max_reasoning_tokens) if cap is not None),  # 0 is a cap, not unset
         temperature=cfg.policy.temperature if temperature is None else temperature,
         psnr_every=psnr_every, seed=seed, max_steps=max_steps, video_size=video_size,
     )  # fmt: skip

@@ -277,6 +277,41 @@ def test_checkpoint_runs_in_rig_train(sft_run, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+def test_actions_only_sft_with_mlp_heads_feeds_rl_and_eval(dataset, tmp_path, capsys, monkeypatch):
+    """`--max-reasoning-tokens 0` trains on actions (and frames) alone, written as act writes a
+    cap of 0 (a forced ``<end>``, no reasoning in the loss), and `policy.head_hidden` is honoured:
+    the checkpoint is one `rig train --init-from` with the same head width takes, and `rig eval`
+    plays it at the SFT's cap of 0 (not the config's)."""
+    from envs.crafter_env import crafter_codec
+    from rl.policy import RigPolicy
+
+    out = tmp_path / "bc"
+    code, _, err = run_cli(capsys, "sft", "--dataset", dataset / "s1", "--steps", 4,
+                           "--batch-size", 2, "--max-reasoning-tokens", 0, "--eval-every", 4,
+                           "--out", out, "policy.head_hidden=8", *QUIET)  # fmt: skip
+    assert code == 0, err
+    policy = RigPolicy.load(out / "final", crafter_codec())
+    assert policy.head_hidden == 8 and policy.record["extra"]["sft"]["max_reasoning_tokens"] == 0
+    data = SftData(dataset / "s1")
+    data.encode(policy)
+    batch = build_batch(policy, [data.example(policy, 0, 0, 0, {})], TASK, 0)
+    assert not bool((batch.kinds == REASONING).any())  # nothing of the reasoning is trained
+    assert bool((batch.kinds == ACTION).any())
+
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", out / "final", "--episodes", 1,
+                           "--num-envs", 1, "--out", tmp_path / "ev", "env.kwargs.length=4",
+                           *QUIET)  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["settings"]["max_reasoning_tokens"] == 0
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "--config", DEBUG, *FAST, "train.iterations=1", "policy.head_hidden=8",
+                 "policy.max_reasoning_tokens=0", "--init-from", str(out / "final")])  # fmt: skip
+    assert code == 0
+
+
+@pytest.mark.slow
 def test_eval_reports_scores_psnr_and_a_video(sft_run, tmp_path, capsys):
     out = tmp_path / "eval"
     code, stdout, err = run_cli(
