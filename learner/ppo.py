@@ -375,6 +375,7 @@ def ppo_update(
         exp = dataclasses.replace(exp, prox_log_probs=proximal_log_probs(policy, exp,
                                                                          cfg.minibatch_size))
         policy.train()
+    micro, stopped = 0, False
     for _ in range(cfg.epochs):
         for mb in exp.minibatches(cfg.minibatch_size, generator, multiple_of=accum):
             mb = _to(mb if dp is None else dp.shard(mb), dev)
@@ -385,6 +386,10 @@ def ppo_update(
                 term_norms = term_grad_norms(terms, cfg.loss_scales, params)
                 del terms
             terms, metrics = minibatch_terms(policy, reference, mb, cfg, dp)
+            if micro % accum == 0 and _kl_stop(metrics, cfg, dp):
+                stopped = True  # before this step (a cycle's first micro-batch: none pending)
+                break
+            micro += 1
             loss, m = losses.combine(terms, cfg.loss_scales)
             metrics.update(m)
             stats = engine.backward_step(loss)
@@ -397,14 +402,31 @@ def ppo_update(
                 if value == value:  # skip nan (e.g. explained variance of constant returns)
                     sums[k] += value
                     counts[k] += 1
+        if stopped:
+            break
     policy.eval()
     out = {k: sums[k] / counts[k] for k in sums}
     out.update(raw)
     out.update(sync)
     out.update(term_norms or {})
     out["learner/optimizer_steps"] = float(steps)
+    out["learner/kl_stopped"] = float(stopped)
     out["learner/grad_norm"] = grad_norm
     return out
+
+
+def _kl_stop(metrics: dict[str, torch.Tensor], cfg: PPOConfig, dp: DataParallel | None) -> bool:
+    """``ppo.target_kl``'s early stop (Spinning Up's PPO, SB3): whether this minibatch's approx
+    KL to the behaviour policy (real rows, k3) exceeds 1.5 x the target. With several ranks the
+    ranks' values are averaged first, so all stop at the same minibatch."""
+    if cfg.target_kl is None:
+        return False
+    kl = metrics.get("policy/approx_kl")  # absent: no real row in this minibatch
+    kl = torch.zeros(1, dtype=torch.float64) if kl is None else \
+        kl.detach().double().cpu().reshape(1)  # fmt: skip
+    if dp is not None:  # on the CPU, as _Shares' counts
+        kl = dp.all_sum(kl) / dp.world_size
+    return bool(kl.item() > 1.5 * cfg.target_kl)
 
 
 def _trunk_waits(engine: Any, exp: Experience, cfg: PPOConfig, accum: int) -> bool:

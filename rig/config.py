@@ -254,6 +254,11 @@ class PPOConfig(Section):
     behaviour_cap: float = Field(
         default=2.0, gt=0, description="truncation of decoupled PPO's importance weight"
     )
+    target_kl: float | None = Field(
+        default=None, gt=0,
+        description="stop the update before a step once a minibatch's approx KL to the "
+        "behaviour policy exceeds 1.5x this (Spinning Up, SB3); null: run every epoch",
+    )
     sync_check_rows: int = Field(
         ge=0,
         description="rows per update whose act-time log-probs are recomputed with the learner's "

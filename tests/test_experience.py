@@ -262,6 +262,68 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
     assert "grad_norm/policy" not in metrics  # a term at scale 0 costs no extra backward
 
 
+# -- ppo.target_kl's early stop (learner/ppo.py _kl_stop) -----------------------------------------
+
+
+@pytest.mark.parametrize("target_kl", [None, 1e-4, 1e3])
+def test_target_kl_stops_the_update_before_the_step_that_would_pass_it(tiny_policy, target_kl):
+    """Minibatch 1 starts at the behaviour policy (approx KL ~0) and always steps; with a
+    tiny target the next minibatch is over 1.5x it and nothing more moves: one step, and the
+    weights are those of a one-epoch update stopped alike. No target, or a huge one: every step."""
+    import copy
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+    from rl.heads import frozen_statistics
+
+    def update(cfg):
+        policy = copy.deepcopy(tiny_policy)
+        policy.model.model.vqmodel.requires_grad_(False)
+        engine = PlainTorchEngine(policy, LearnerConfig(
+            zero_stage=0, precision="fp32", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95),
+            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+        ))  # fmt: skip
+        exp = _acted(tiny_policy, [0] * 8)
+        with frozen_statistics(policy):  # the fixture's are unfit: the first forward resets them
+            metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0),
+                                 0)  # fmt: skip
+        return metrics, policy
+
+    cfg = _ppo(0).model_copy(update=dict(epochs=3, target_kl=target_kl))  # 3 epochs x 2 minibatches
+    metrics, policy = update(cfg)
+    stops = target_kl == 1e-4
+    assert metrics["learner/optimizer_steps"] == (1 if stops else 6)
+    assert metrics["learner/kl_stopped"] == float(stops)
+    if stops:  # nothing moved after the stop: the same weights as a one-epoch update stopped alike
+        _, one = update(cfg.model_copy(update=dict(epochs=1)))
+        ref = dict(one.named_parameters())
+        for name, p in policy.named_parameters():
+            torch.testing.assert_close(p, ref[name], msg=name)
+
+
+def test_target_kl_ranks_stop_together_on_their_mean():
+    """With several ranks the decision is on the ranks' mean approx KL, so one rank over the
+    line and one under it still agree (a rank that broke alone would hang the next all-reduce)."""
+    from learner.ppo import _kl_stop
+
+    class TwoRanks:  # the other rank's approx KL is `other`
+        world_size = 2
+
+        def __init__(self, other):
+            self.other = other
+
+        def all_sum(self, t):
+            return t + self.other
+
+    cfg = _ppo(0).model_copy(update=dict(target_kl=0.01))  # stops above 0.015
+    mine = {"policy/approx_kl": torch.tensor(0.02)}
+    assert _kl_stop(mine, cfg, None)
+    assert not _kl_stop(mine, cfg, TwoRanks(0.0))  # mean 0.01
+    assert _kl_stop(mine, cfg, TwoRanks(0.012))  # mean 0.016
+    assert not _kl_stop({}, cfg, None)  # no real rows here: nothing to measure, no stop
+    assert not _kl_stop(mine, cfg.model_copy(update=dict(target_kl=None)), None)
+
+
 # -- the sync-health alarm (learner/ppo.py sync_health) --------------------------------------------
 
 
