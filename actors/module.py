@@ -87,9 +87,14 @@ class RigRLModule(TorchRLModule):
         num_threads: torch threads for this runner process (None: torch's default, all cores,
             which oversubscribes a machine shared by several runners).
         device: where the policy acts (``cpu``; ``cuda`` on a runner that reserved a GPU).
+        inference: Ray handles of ``actors.inference.InferenceActor``s (absent or empty: this
+            module acts itself). Then the module holds no policy: ``act`` runs on the actor
+            ``client_of`` its runner's index picks (``use_inference``), and every step also
+            stores ``ACTED_VERSION``, the weights version that computed it.
 
     State (``get_state``/``set_state``): the policy's ``state_dict`` (CPU tensors); the weights
     version lives beside it in the env runner (``weights_seq_no``), which tags every step.
+    With inference actors the state is empty: the weights live in the actors.
     """
 
     def setup(self) -> None:
@@ -99,14 +104,32 @@ class RigRLModule(TorchRLModule):
         seed = torch.initial_seed()
         if cfg.get("num_threads"):
             torch.set_num_threads(int(cfg["num_threads"]))
-        factory: Callable = cfg["policy_factory"]
-        self.policy: RigPolicy = factory(cfg["codec"]).eval().to(cfg.get("device") or "cpu")
         self.act_kwargs = dict(cfg["act_kwargs"])
-        self.width = generated_width(self.policy, self.act_kwargs)
-        self.generator = torch.Generator(self.policy.device).manual_seed(seed)
+        self.handles: list = list(cfg.get("inference") or [])
+        self.inference = None  # the handle this runner sends to (use_inference)
+        self.policy: RigPolicy | None = None
         # What _act stored per field: a torch dtype (RLlib's TensorToNumpy narrows int64 to
         # int32, so the reader casts back), ``list`` (an item per row) or a scalar's type.
         self.stored_fields: dict[str, Any] = {}
+        if self.handles:
+            import ray
+
+            meta = ray.get(self.handles[0].meta.remote())
+            self.pad_id = meta["pad_id"]
+            self.width = int(self.act_kwargs["max_reasoning_tokens"]) + 2 + meta["max_action_len"]
+            return
+        factory: Callable = cfg["policy_factory"]
+        self.policy = factory(cfg["codec"]).eval().to(cfg.get("device") or "cpu")
+        self.pad_id = self.policy.ids.pad
+        self.width = generated_width(self.policy, self.act_kwargs)
+        self.generator = torch.Generator(self.policy.device).manual_seed(seed)
+
+    def use_inference(self, runner_index: int) -> None:
+        """Send to the inference actor of env runner ``runner_index`` (a no-op without them)."""
+        if self.handles:
+            from actors.inference import client_of
+
+            self.inference = self.handles[client_of(runner_index, len(self.handles))]
 
     def _forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
         return self._act(batch)
@@ -136,19 +159,31 @@ class RigRLModule(TorchRLModule):
         frames = batch[Columns.OBS]
         if frames.dtype != torch.uint8:
             raise TypeError(f"RigRLModule needs uint8 frames, the connectors gave {frames.dtype}")
-        out = self.policy.act(
-            frames, generator=self.generator, history=self._history(batch), **self.act_kwargs
-        )
+        version = None
+        if self.handles:
+            import ray
+
+            if self.inference is None:
+                raise RuntimeError("RigRLModule with inference actors: call use_inference first")
+            out, version = ray.get(self.inference.act.remote(frames.numpy(), self._history(batch)))
+        else:
+            out = self.policy.act(
+                frames, generator=self.generator, history=self._history(batch), **self.act_kwargs
+            )
         # Lookahead writes more columns than the formula counts: grow the width then (older
         # steps stay narrower; ActOutput.collate pads them when a batch is assembled).
         self.width = max(self.width, out.tokens.shape[1])
-        out = pad_generated(out, self.width, self.policy.ids.pad)
+        out = pad_generated(out, self.width, self.pad_id)
         B = len(out.actions)
         result: dict[str, Any] = {
             Columns.ACTIONS: out.actions,
             Columns.ACTION_LOGP: (out.log_probs * out.action_mask).sum(1),  # (B,)
             Columns.VF_PREDS: out.values.float(),
         }
+        if version is not None:
+            from actors.inference import ACTED_VERSION
+
+            result[ACTED_VERSION] = np.full(B, version, np.int64)
         for f in dataclasses.fields(out):
             x = getattr(out, f.name)
             if f.name in FROM_EPISODE or x is None:
@@ -166,10 +201,16 @@ class RigRLModule(TorchRLModule):
         return result
 
     def get_state(self, components=None, *, not_components=None, **kwargs) -> dict[str, Any]:
+        if self.policy is None:
+            return {}
         return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Load a state dict, packed by ``actors.weights.pack_state`` or not."""
         from actors.weights import unpack_state
 
+        if self.policy is None:
+            if state:
+                raise RuntimeError("weights go to the inference actors, not to this runner")
+            return
         self.policy.load_state_dict(unpack_state(state))

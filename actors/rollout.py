@@ -44,6 +44,7 @@ from ray.rllib.env.single_agent_env_runner import SingleAgentEnvRunner
 from ray.rllib.utils.metrics import WEIGHTS_SEQ_NO
 
 from actors.env import make_env
+from actors.inference import ACTED_VERSION
 from actors.module import (
     ACT_PREFIX,
     HISTORY_ACTIONS,
@@ -103,6 +104,12 @@ class RolloutSettings:
     custom_resources_per_env_runner: dict[str, float] = field(default_factory=dict)
     max_num_env_runner_restarts: int = 1000
     env_factory: Callable | None = None
+    # Central batched inference (actors.inference): 0 runners act themselves; n > 0 of them
+    # act for all runners, each on its runners' steps in one forward.
+    num_inference_actors: int = 0
+    num_cpus_per_inference_actor: float = 1
+    num_gpus_per_inference_actor: float = 0
+    inference_wait_s: float = 0.02
 
 
 class _RigConfig(AlgorithmConfig):
@@ -182,13 +189,21 @@ class EpisodeStats(RLlibCallback):
         episode.custom_data["stats"] = stats
 
 
-def rllib_config(s: RolloutSettings) -> AlgorithmConfig:
-    """The RLlib config for ``s``: our env creator, module, connectors and fault tolerance."""
+def env_codec(s: RolloutSettings) -> Any:
+    """The action codec of ``s``'s env (the policy's trie is built on it wherever it acts)."""
     import envs
 
     env = s.env_factory() if s.env_factory else envs.make(s.env_id, s.env_size, **s.env_kwargs)
-    codec = envs.get_codec(env)  # the policy's trie is built on it in every runner
-    env.close()
+    try:
+        return envs.get_codec(env)
+    finally:
+        env.close()
+
+
+def rllib_config(s: RolloutSettings, inference: list | None = None) -> AlgorithmConfig:
+    """The RLlib config for ``s``: our env creator, module, connectors and fault tolerance;
+    ``inference``: the handles of the inference actors the runners send to (none: they act)."""
+    codec = env_codec(s)
     env_config = {"id": s.env_id, "size": s.env_size, "kwargs": dict(s.env_kwargs)}
     if s.env_factory is not None:
         env_config["factory"] = s.env_factory
@@ -220,6 +235,7 @@ def rllib_config(s: RolloutSettings) -> AlgorithmConfig:
                 if s.num_env_runners
                 else None,
                 "device": "cuda" if s.num_env_runners and s.num_gpus_per_env_runner else "cpu",
+                "inference": list(inference or []),
             }
         )
         .fault_tolerance(
@@ -308,6 +324,8 @@ def _steps_as_act_outputs(episode, stored_fields: dict[str, Any]) -> list[ActOut
 def batch_from_episodes(episodes: list, module: RigRLModule) -> RolloutBatch:
     """Our batch from a runner's ``sample()`` result (episode chunks, done ones first)."""
     chunks = [e for e in episodes if len(e) > 0]
+    # with inference actors, the version that computed each step; else the runner's own
+    version_key = ACTED_VERSION if module.handles else WEIGHTS_SEQ_NO
     acts, rewards, terminated, truncated, versions, ids, last, finished = ([] for _ in range(8))
     for c, ep in enumerate(chunks):
         T = len(ep)
@@ -317,13 +335,13 @@ def batch_from_episodes(episodes: list, module: RigRLModule) -> RolloutBatch:
         term[-1], trunc[-1] = ep.is_terminated, ep.is_truncated
         terminated.append(term)
         truncated.append(trunc)
-        versions.append(np.asarray(ep.get_extra_model_outputs(WEIGHTS_SEQ_NO), np.int64))
+        versions.append(np.asarray(ep.get_extra_model_outputs(version_key), np.int64))
         ids.append(np.full(T, c, np.int64))
         last.append(np.asarray(ep.get_observations(-1)))
         if "stats" in ep.custom_data:
             finished.append({**ep.custom_data["stats"], "version": int(versions[-1][-1])})
     return RolloutBatch(
-        act=ActOutput.collate(acts, module.policy.ids.pad),
+        act=ActOutput.collate(acts, module.pad_id),
         rewards=np.concatenate(rewards),
         terminated=np.concatenate(terminated),
         truncated=np.concatenate(truncated),
@@ -337,6 +355,7 @@ def batch_from_episodes(episodes: list, module: RigRLModule) -> RolloutBatch:
 def _sample_on_runner(runner: SingleAgentEnvRunner) -> tuple[int, int, RolloutBatch]:
     """One fragment per sub-env from ``runner``, converted where it was sampled; with the
     runner's index and process id, by which the driver notices a restarted runner."""
+    runner.module.use_inference(runner.worker_index)  # a restarted runner picks its actor again
     episodes = runner.sample()
     # Also drains the runner's episode bookkeeping for metrics, which grows until read.
     runner.get_metrics()
@@ -360,8 +379,20 @@ class RolloutWorkers:
     """
 
     def __init__(self, settings: RolloutSettings | None = None, **kwargs: Any):
-        self.settings = settings or RolloutSettings(**kwargs)
-        self.config = rllib_config(self.settings)
+        self.settings = s = settings or RolloutSettings(**kwargs)
+        self.inference: list = []  # actors.inference.InferenceActor handles
+        if s.num_inference_actors:
+            from actors.inference import start_inference_actors
+
+            if s.num_env_runners < 1:
+                raise ValueError("rollout.num_inference_actors > 0 needs rollout.num_env_runners "
+                                 ">= 1 (an in-process runner acts itself)")  # fmt: skip
+            self.inference = start_inference_actors(
+                s.num_inference_actors, s.num_env_runners, s.inference_wait_s, s.policy_factory,
+                env_codec(s), s.act_kwargs, s.seed, s.num_cpus_per_inference_actor,
+                s.num_gpus_per_inference_actor,
+            )  # fmt: skip
+        self.config = rllib_config(s, self.inference)
         self.version = 0  # the weights the runners hold (0: the factory's)
         self._weights: dict[str, Any] | None = None  # last published state, for restarts
         if self.settings.num_env_runners == 0:
@@ -415,9 +446,28 @@ class RolloutWorkers:
         ``_publish`` and ``_apply`` are the two halves an NCCL broadcast would replace."""
         if version <= self.version:
             raise ValueError(f"version {version} is not newer than the runners' {self.version}")
+        if self.inference:  # the weights live in the inference actors; rows carry theirs
+            import ray
+
+            ref = self._publish(state)
+            ray.get([a.set_weights.remote(ref, version) for a in self.inference])
+            self.version = version
+            return
         self._weights = {COMPONENT_RL_MODULE: self._publish(state), WEIGHTS_SEQ_NO: version}
         self._apply(self._weights)
         self.version = version
+
+    def inference_stats(self) -> dict[str, float]:
+        """``rollout/inference_rows_per_batch``: the mean batch the inference actors acted on
+        (empty without them)."""
+        if not self.inference:
+            return {}
+        import ray
+
+        stats = ray.get([a.stats.remote() for a in self.inference])
+        batches = sum(x["batches"] for x in stats)
+        rows = sum(x["rows_per_batch"] * x["batches"] for x in stats)
+        return {"rollout/inference_rows_per_batch": rows / batches if batches else 0.0}
 
     def stop(self) -> None:
         """Close the envs and end the runner actors."""
@@ -425,6 +475,12 @@ class RolloutWorkers:
             self.group.stop()
         else:
             self.local.stop()
+        if self.inference:
+            import ray
+
+            for actor in self.inference:
+                ray.kill(actor)
+            self.inference = []
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -460,9 +516,9 @@ class RolloutWorkers:
     def _pad_id(self) -> int:
         if self.pad_id is None:
             if self.local is not None:
-                self.pad_id = self.local.module.policy.ids.pad
+                self.pad_id = self.local.module.pad_id
             else:
                 self.pad_id = self.group.foreach_env_runner(
-                    lambda r: r.module.policy.ids.pad, local_env_runner=False
+                    lambda r: r.module.pad_id, local_env_runner=False
                 )[0]
         return self.pad_id

@@ -32,6 +32,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )  # fmt: skip
 from pydantic_core import PydanticCustomError
 
@@ -138,6 +139,29 @@ class RolloutConfig(Section):
     resources: dict[str, float] = Field(
         description="custom Ray resources each env runner needs, e.g. {minecraft: 1}"
     )
+    num_inference_actors: int = Field(
+        default=0, ge=0, description="Ray actors that act for all env runners, each on its "
+        "runners' steps in one batch (actors/inference.py); 0: every runner acts itself",
+    )
+    num_cpus_per_inference_actor: float = Field(default=1, ge=0,
+                                                description="Ray CPUs each inference actor reserves")  # fmt: skip
+    num_gpus_per_inference_actor: float = Field(
+        default=0, ge=0, description="Ray GPUs each inference actor reserves; > 0 acts on the GPU"
+    )
+    inference_wait_ms: float = Field(
+        default=20, ge=0, description="longest an inference actor waits for the rest of its "
+        "runners' requests after the first one, before acting on those it has",
+    )
+
+    @model_validator(mode="after")
+    def _inference_needs_runners(self) -> RolloutConfig:
+        if self.num_inference_actors > self.num_env_runners:
+            raise ValueError(
+                f"num_inference_actors ({self.num_inference_actors}) must be at most "
+                f"num_env_runners ({self.num_env_runners}): each serves one or more runners, "
+                f"and an in-process runner (0 runners) acts itself"
+            )
+        return self
 
 
 class ImaginationConfig(Section):

@@ -162,6 +162,10 @@ class Trainer:
                 num_cpus_per_env_runner=config.rollout.num_cpus_per_runner,
                 num_gpus_per_env_runner=config.rollout.num_gpus_per_runner,
                 custom_resources_per_env_runner=dict(config.rollout.resources),
+                num_inference_actors=config.rollout.num_inference_actors,
+                num_cpus_per_inference_actor=config.rollout.num_cpus_per_inference_actor,
+                num_gpus_per_inference_actor=config.rollout.num_gpus_per_inference_actor,
+                inference_wait_s=config.rollout.inference_wait_ms / 1000,
             )
         )
         self.imagination = None
@@ -196,9 +200,10 @@ class Trainer:
             # A local Ray (loopback only, actors/local.py) counts logical CPUs: declare one per
             # actor at least, so a 2-core laptop runs the debug preset's 3 actors, knowingly
             # oversubscribed, instead of waiting forever for a CPU that never frees up.
-            actors = self.config.rollout.num_env_runners + (
+            rollout = self.config.rollout
+            actors = rollout.num_env_runners + (
                 self.config.imagination.num_actors if self.config.imagination.horizon else 0
-            )
+            ) + int(np.ceil(rollout.num_inference_actors * rollout.num_cpus_per_inference_actor))
             if self.group:
                 learner = self.config.learner
                 actors += int(np.ceil(learner.num_ranks * learner.num_cpus_per_rank))
@@ -497,6 +502,7 @@ class Trainer:
             "rollout/env_steps_per_s": len(batch) / max(seconds, 1e-9),
             "rollout/reward_mean": float(batch.rewards.mean()),  # real, beside imagination/*
             "rollout/reward_std": float(batch.rewards.std()),
+            **self.rollouts.inference_stats(),  # the batch the inference actors act on, if any
         }
         if batch.episodes:
             s = summarize(batch.episodes)

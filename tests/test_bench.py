@@ -86,11 +86,15 @@ def test_rollout_benchmark_ratios(rig_main, capsys, tmp_path):
     args = ["rollout", "--envs", "1", "--fragment", "2", "--calls", "1", "--reasoning-tokens", "0"]
     out, result = _run(rig_main, capsys, tmp_path, args)
     assert "Ray overhead ratio (1 actor / in-process):" in out and "scaling ratio" in out
-    assert set(result["setups"]) == {"in-process", "1 actor", "2 actors"}
+    assert set(result["setups"]) == {"in-process", "1 actor", "2 actors", "2 + central"}
     assert all(r["median"] > 0 for r in result["setups"].values())
     setups = result["setups"]
     assert result["overhead"] == pytest.approx(
         setups["1 actor"]["median"] / setups["in-process"]["median"]
+    )
+    assert "central inference ratio (2 + central / 2 actors):" in out
+    assert result["central"] == pytest.approx(
+        setups["2 + central"]["median"] / setups["2 actors"]["median"]
     )
 
 

@@ -195,6 +195,28 @@ def test_max_policy_lag_keeps_that_many_samples_in_flight_and_decoupled_ppo_logs
     assert weights[0] == pytest.approx(1.0, abs=1e-4)
 
 
+def test_rig_train_acts_through_an_inference_actor(in_tmp):
+    """``rollout.num_inference_actors: 1`` with the debug preset's 2 Ray runners: the runners
+    hold no policy, the actor acts on both runners' envs per forward, the rows it acted carry its
+    weights version (the sync-health alarm re-scores them: near 0, the learner's own weights),
+    and the run trains and finishes."""
+    pytest.importorskip("ray")
+    code = main(["train", "--config", DEBUG, "env.num_envs=2", "rollout.fragment_length=4",
+                 "imagination.horizon=0", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
+                 "train.iterations=3", "tracking.system_metrics=false", "ppo.max_policy_lag=0",
+                 "rollout.num_inference_actors=1", "rollout.inference_wait_ms=2000"])  # fmt: skip
+    assert code == 0
+    client, run = mlflow_run(only_run(in_tmp))
+
+    def history(key):
+        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+    assert history("counters/env_steps")[-1] == 3 * 2 * 2 * 4  # iterations x runners x envs x T
+    assert history("rollout/inference_rows_per_batch")[-1] == 4.0  # 2 runners x 2 envs
+    assert all(d < 1e-3 for d in history("sync/logp_abs_diff_max")), history("sync/logp_abs_diff_max")
+    assert len(history("sync/logp_abs_diff_max")) == 3 and history("counters/dropped_stale")[-1] == 0
+
+
 def test_ray_runners_survive_a_killed_runner(in_tmp):
     """The Ray path of the debug preset, smaller: 2 env-runner actors and 1 imagination actor.
     One runner process is killed after the first iteration; training still finishes, and the
