@@ -52,6 +52,7 @@ TINY = [
     "policy.preset=tiny", "env.id=rig/Crafter-v0", "env.size=64", "env.num_envs=1",
     "env.vectorization=sync", "env.kwargs={length: 6}", "policy.max_reasoning_tokens=2",
     "rollout.num_env_runners=2", "rollout.fragment_length=4", "rollout.resources={}",
+    "rollout.num_inference_actors=0",  # 1 CPU per node: the runners act themselves here
     "imagination.horizon=0",
     "learner.zero_stage=0", "learner.precision=fp32", "learner.device=cpu",
     "ppo.minibatch_size=8", "tracking.system_metrics=false", f"train.iterations={ITERATIONS}",
