@@ -426,6 +426,8 @@ class RolloutWorkers:
         else:
             self._restore_restarted()
             answers = self.group.foreach_env_runner(_sample_on_runner, local_env_runner=False)
+            if self.inference and len(answers) < self.group.num_remote_workers():
+                self._check_inference()  # runners fail when their inference actor is gone
             if not answers:
                 raise RuntimeError("no healthy env runner returned a sample")
         replaced = [i for i, pid, _ in answers if self._pids.setdefault(i, pid) != pid]
@@ -456,6 +458,22 @@ class RolloutWorkers:
         self._weights = {COMPONENT_RL_MODULE: self._publish(state), WEIGHTS_SEQ_NO: version}
         self._apply(self._weights)
         self.version = version
+
+    def _check_inference(self) -> None:
+        """Raise a one-line error naming a dead inference actor. It is not restarted: its
+        weights are the learner's latest, which only the driver holds (the run stops; resume
+        it from its last checkpoint with ``--resume``)."""
+        import ray
+
+        for j, actor in enumerate(self.inference):
+            try:
+                ray.get(actor.meta.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+                raise RuntimeError(
+                    f"inference actor {j} of {len(self.inference)} is gone "
+                    f"({type(exc).__name__}); the env runners it served cannot act. Resume the "
+                    f"run from its last checkpoint (rig train --resume)"
+                ) from None
 
     def inference_stats(self) -> dict[str, float]:
         """``rollout/inference_rows_per_batch``: the mean batch the inference actors acted on

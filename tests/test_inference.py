@@ -141,3 +141,13 @@ def test_synced_weights_act_and_tag_the_rows(central, codec):
     batch = central.sample()
     assert (batch.versions == 5).all()
     assert_evaluate_reproduces(policy.eval(), batch.act, values=True)
+
+
+def test_a_killed_inference_actor_stops_sampling_with_a_clear_message(central):
+    """Runs last in this module: it kills the fixture's actor. The runners' calls fail; the
+    sample names the dead inference actor instead of hanging or blaming the runners."""
+    import ray
+
+    ray.kill(central.inference[0])
+    with pytest.raises(RuntimeError, match="inference actor 0 of 1 is gone"):
+        central.sample()
