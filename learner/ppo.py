@@ -4,7 +4,8 @@ Per minibatch, one teacher-forced forward of the policy (``RigPolicy.evaluate`` 
 next frames' VQ codes appended) gives everything the losses need::
 
     policy      clipped PPO over reasoning + action tokens (rl.losses.policy_loss); imagined rows
-                form a second term scaled by their weight (imagination.weight), real rows the first
+                form a second term scaled by their weight (imagination.weight), real rows the first,
+                with RLlib's adaptive KL penalty to the behaviour policy (ppo.behaviour_kl_coeff)
     value       0.5 MSE to GAE / lambda returns (imagined rows weighted alike)
     entropy     minus the policy's entropy, per decision as its log pi (real rows)
     kl          KL to the frozen reference policy (the initial checkpoint), k1/k2/k3 (real rows)
@@ -114,6 +115,7 @@ def minibatch_terms(
     mb: Experience,
     cfg: PPOConfig,
     dp: DataParallel | None = None,
+    kl_coeff: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every loss term of one minibatch, unscaled, by name (``rl.losses.LOSS_NAMES``), and
     the metrics. Policy, entropy and KL average over the tokens that had a choice
@@ -123,7 +125,9 @@ def minibatch_terms(
 
     With ``dp``, ``mb`` is this rank's shard and each term is scaled to its share of the
     global minibatch's mean (module docstring); ``loss/*`` averaged over ranks then read as
-    one rank's, the other metrics are this shard's."""
+    one rank's, the other metrics are this shard's. ``kl_coeff``: the weight of the KL penalty
+    to the behaviour policy inside the policy term (``ppo.behaviour_kl_coeff``, adapted by the
+    driver; ``rl.losses.policy_loss``), on real rows only, as the entropy."""
     res = policy.evaluate(mb.act, next_codes=mb.next_codes, hidden=mb.trunk)
     act = mb.act
     scored = res["choice_mask"]  # (B, L) reasoning tokens and action tokens with a choice
@@ -144,6 +148,7 @@ def minibatch_terms(
             res["log_probs"][rows], act.log_probs[rows], mb.advantages[rows],
             scored[rows], act.reasoning_mask[rows],
             cfg.clip_eps, cfg.reasoning_weight, cfg.reduction, prox, cfg.behaviour_cap,
+            kl_coeff if suffix == "" else 0.0,
         )  # fmt: skip
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
                                   cfg.value_clip)  # fmt: skip
@@ -337,6 +342,7 @@ def ppo_update(
     version: int,
     dp: DataParallel | None = None,
     trunk_once: bool | None = None,
+    kl_coeff: float = 0.0,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
     engine accumulates and clips as configured). Each epoch splits the batch into
@@ -352,7 +358,8 @@ def ppo_update(
     the module docstring) and its metrics are to be averaged with the other ranks'.
     ``trunk_once`` (None: ``policy.trunk_frozen``, or the whole update inside the engine's
     ``warmup_delay_steps``) computes the trunk's states once for the update (module
-    docstring); False recomputes them in every minibatch (benchmarks, tests)."""
+    docstring); False recomputes them in every minibatch (benchmarks, tests). ``kl_coeff``:
+    this update's weight of the KL penalty to the behaviour policy (``minibatch_terms``)."""
     sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
@@ -382,10 +389,10 @@ def ppo_update(
             if term_norms is None:  # once per update, on a few rows of the first minibatch
                 few = mb.rows(torch.arange(min(GRAD_NORM_ROWS, len(mb)), device=dev))
                 with frozen_statistics(policy):  # a diagnostic, not data for the value head
-                    terms, _ = minibatch_terms(policy, reference, few, cfg)
+                    terms, _ = minibatch_terms(policy, reference, few, cfg, kl_coeff=kl_coeff)
                 term_norms = term_grad_norms(terms, cfg.loss_scales, params)
                 del terms
-            terms, metrics = minibatch_terms(policy, reference, mb, cfg, dp)
+            terms, metrics = minibatch_terms(policy, reference, mb, cfg, dp, kl_coeff)
             if micro % accum == 0 and _kl_stop(metrics, cfg, dp):
                 stopped = True  # before this step (a cycle's first micro-batch: none pending)
                 break

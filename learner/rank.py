@@ -6,7 +6,7 @@ config, with the four things the driver asks of a learner.
 of N Ray actors (``actors/learner.py``, OpenRLHF's layout) holds one, built with its
 :class:`~learner.engine.World`; they train data parallel (``learner.ppo.DataParallel``)::
 
-    update(exp, generator, version)  ppo_update on this rank's share of every minibatch
+    update(exp, generator, version, kl_coeff)  ppo_update on this rank's share of every minibatch
     published_state_dict()           full weights (gathered under ZeRO-3) on rank 0, None elsewhere
     save_checkpoint(dir, tag, meta)  DeepSpeed's layout + the rank-independent full state
     load_checkpoint(dir, tag)        from as many ranks as now, or from any other number
@@ -86,13 +86,15 @@ class LearnerRank:
     def rank(self) -> int:
         return 0 if self.world is None else self.world.rank
 
-    def update(self, exp, generator: torch.Generator, version: int) -> dict[str, float]:
+    def update(self, exp, generator: torch.Generator, version: int,
+               kl_coeff: float = 0.0) -> dict[str, float]:  # fmt: skip
         """One PPO update (``learner.ppo.ppo_update``, looked up at call time so tests can wrap
-        it); ``generator`` draws the minibatches and must be in the same state on every rank."""
+        it); ``generator`` draws the minibatches and must be in the same state on every rank;
+        ``kl_coeff`` is the driver's current ``ppo.behaviour_kl_coeff``."""
         from learner import ppo
 
         return ppo.ppo_update(self.engine, self.policy, self.reference, exp, self.config.ppo,
-                              generator, version, self.dp)  # fmt: skip
+                              generator, version, self.dp, kl_coeff=kl_coeff)  # fmt: skip
 
     def published_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full CPU state dict on rank 0 (None on the others); every rank must call it."""

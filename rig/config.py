@@ -283,6 +283,16 @@ class PPOConfig(Section):
         description="stop the update before a step once a minibatch's approx KL to the "
         "behaviour policy exceeds 1.5x this (Spinning Up, SB3); null: run every epoch",
     )
+    behaviour_kl_coeff: float = Field(
+        default=0.0, ge=0,
+        description="initial weight of a KL(behaviour || policy) penalty in the policy loss "
+        "(RLlib PPO's kl_coeff, 0.2 there); 0: off",
+    )
+    behaviour_kl_target: float | None = Field(
+        default=0.01, gt=0,
+        description="after each update behaviour_kl_coeff x1.5 when its mean approx KL > 2x "
+        "this, x0.5 when < 0.5x (RLlib's kl_target); null: the coefficient stays fixed",
+    )
     sync_check_rows: int = Field(
         ge=0,
         description="rows per update whose act-time log-probs are recomputed with the learner's "

@@ -58,7 +58,8 @@ class DivergedError(UserError):
 
 @dataclass
 class Counters:
-    """What a checkpoint must restore besides weights and optimiser (all monotonic)."""
+    """What a checkpoint must restore besides weights and optimiser (all monotonic but
+    ``kl_coeff``)."""
 
     iteration: int = 0  # iterations finished
     env_steps: int = 0
@@ -67,6 +68,9 @@ class Counters:
     dropped_stale: int = 0
     episodes: int = 0  # finished episodes
     unlocks: dict[str, int] = field(default_factory=dict)  # achievement -> episodes unlocking it
+    # ppo.behaviour_kl_coeff as adapted so far (None: the config's initial value; checkpoints
+    # from before it had none)
+    kl_coeff: float | None = None
 
 
 def policy_factory(config: Config):
@@ -415,6 +419,7 @@ class Trainer:
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""
         from rl.experience import Experience
+        from rl.losses import adapt_kl_coeff
 
         cfg, c = self.config, self.counters
         depth = cfg.ppo.max_policy_lag  # samples in flight on the runners during an update
@@ -449,8 +454,15 @@ class Trainer:
             t_learn = time.perf_counter()
             if parts:
                 exp = Experience.concat(parts, self.policy.ids.pad)
-                metrics.update(self.learner.update(exp, self.generator, c.version))
+                coeff = cfg.ppo.behaviour_kl_coeff if c.kl_coeff is None else c.kl_coeff
+                metrics.update(self.learner.update(exp, self.generator, c.version, coeff))
                 self._check_finite(metrics)
+                if coeff > 0:  # RLlib's adaptive KL penalty: the next update's coefficient
+                    metrics["learner/kl_coeff"] = coeff
+                    if cfg.ppo.behaviour_kl_target is not None and "policy/approx_kl" in metrics:
+                        coeff = adapt_kl_coeff(coeff, metrics["policy/approx_kl"],
+                                               cfg.ppo.behaviour_kl_target)  # fmt: skip
+                    c.kl_coeff = coeff
                 metrics["learner/samples_per_s"] = (
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
                 )

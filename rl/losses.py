@@ -79,6 +79,7 @@ def policy_loss(
     reduction: str = "sequence",
     prox_logprobs: Tensor | None = None,
     behaviour_cap: float = 2.0,
+    kl_coeff: float = 0.0,
 ) -> tuple[Tensor, Metrics]:
     """Clipped PPO surrogate (Schulman et al. 2017, eq. 7) over the tokens the policy generated.
 
@@ -127,6 +128,14 @@ def policy_loss(
     ``policy/behaviour_weight_mean``, ``policy/behaviour_weight_max`` (before the cap) and
     ``policy/behaviour_capped_frac``.
 
+    ``kl_coeff`` > 0 adds RLlib PPO's KL penalty (``kl_coeff * KL(old || new)``, the coefficient
+    adapted between updates by :func:`adapt_kl_coeff`) to the loss: Schulman's k3 of the same
+    ratio, ``r - 1 - log r`` (>= 0, unbiased for KL(old || new) on tokens sampled by the old
+    policy, and so is its gradient, ``(r - 1) grad log r``), reduced as the surrogate is (over
+    samples, or the weighted token mean), so it scales with it under several learner ranks. The
+    ratio is the one the surrogate clips: against the proximal policy when decoupled. Metric:
+    ``policy/kl_penalty`` (the unscaled mean it adds, times ``kl_coeff``).
+
     Metrics (over samples for "sequence", over counted tokens for "token"): ``policy/clip_frac``
     (share of ratios outside [1-eps, 1+eps]), ``policy/approx_kl`` (mean of
     ``(ratio - 1) - log ratio``, Schulman's k3 estimator of KL(old || new)), ``policy/ratio_mean``,
@@ -150,6 +159,8 @@ def policy_loss(
         raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
     if reasoning_weight < 0:
         raise ValueError(f"reasoning_weight must be >= 0, got {reasoning_weight}")
+    if not kl_coeff >= 0:
+        raise ValueError(f"kl_coeff must be >= 0, got {kl_coeff}")
     if prox_logprobs is not None:
         require_same_shape(layout, "logprobs", logprobs, prox_logprobs=prox_logprobs)
         if not behaviour_cap > 0:
@@ -175,6 +186,8 @@ def policy_loss(
             log_w = (weights * behaviour).sum(dim=-1)  # (B,)
             surrogate = log_w.exp().clamp(max=behaviour_cap) * surrogate
         loss = -_masked_mean(surrogate, units)
+        if kl_coeff > 0:
+            penalty = _masked_mean(_k3(log_ratio), units)
     else:
         log_ratio = diff  # (B, L)
         units = counted
@@ -183,9 +196,15 @@ def policy_loss(
             log_w = behaviour  # (B, L)
             surrogate = log_w.exp().clamp(max=behaviour_cap) * surrogate
         total_weight = weights.sum()
-        loss = -(weights * surrogate).sum() / torch.where(total_weight > 0, total_weight, 1.0)
+        denominator = torch.where(total_weight > 0, total_weight, 1.0)
+        loss = -(weights * surrogate).sum() / denominator
+        if kl_coeff > 0:
+            penalty = (weights * _k3(log_ratio)).sum() / denominator
 
     metrics = _ratio_metrics(log_ratio.detach(), units, clip_eps)
+    if kl_coeff > 0:
+        loss = loss + kl_coeff * penalty
+        metrics["policy/kl_penalty"] = (kl_coeff * penalty).detach()
     if behaviour is not None:
         w = log_w.exp()
         counted_w = torch.where(units, w, 1.0).flatten()
@@ -200,6 +219,26 @@ def _clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip_eps: float) -> Tenso
     """min(r * A, clip(r, 1 - eps, 1 + eps) * A), elementwise (PPO's pessimistic bound)."""
     ratio = log_ratio.exp()
     return torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
+
+
+def _k3(log_ratio: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(old || new) from log r = log new - log old (elementwise)."""
+    return log_ratio.exp() - 1.0 - log_ratio
+
+
+def adapt_kl_coeff(coeff: float, kl: float, target: float) -> float:
+    """The next update's KL-penalty coefficient after one whose mean approx KL was ``kl``
+    (RLlib PPO's rule, the peer's): x1.5 above twice ``target``, x0.5 below half of it, else
+    kept; a non-finite ``kl`` keeps it (the update's finiteness check reports that)."""
+    if not target > 0:
+        raise ValueError(f"target must be > 0, got {target}")
+    if kl != kl or kl in (float("inf"), float("-inf")):
+        return coeff
+    if kl > 2.0 * target:
+        return coeff * 1.5
+    if kl < 0.5 * target:
+        return coeff * 0.5
+    return coeff
 
 
 def _ratio_metrics(log_ratio: Tensor, units: Tensor, clip_eps: float) -> Metrics:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from rl.losses import (
     LOSS_NAMES,
+    adapt_kl_coeff,
     combine,
     continue_loss,
     entropy_bonus,
@@ -237,6 +238,81 @@ def test_decoupled_loss_on_the_behaviour_policy_is_plain_ppo(reduction):
     assert torch.equal(grad_decoupled, grad_plain)
     assert m["policy/behaviour_weight_mean"].item() == 1.0
     assert m["policy/behaviour_capped_frac"].item() == 0.0
+
+
+def kl_reference(lp, old, tokens, reasoning, rw, reduction):
+    """The behaviour-KL penalty by loops: k3 = r - 1 - log r of the surrogate's own ratio,
+    averaged over samples (sequence) or weighted over tokens (token)."""
+    B, L = len(lp), len(lp[0])
+
+    def k3(log_r):
+        return math.exp(log_r) - 1.0 - log_r
+
+    def w(b, i):
+        return rw if reasoning[b][i] else 1.0
+
+    if reduction == "sequence":
+        per_sample = [k3(sum(w(b, i) * (lp[b][i] - old[b][i]) for i in range(L) if tokens[b][i]))
+                      for b in range(B) if any(tokens[b])]  # fmt: skip
+        return sum(per_sample) / max(len(per_sample), 1)
+    total = sum(w(b, i) * k3(lp[b][i] - old[b][i])
+                for b in range(B) for i in range(L) if tokens[b][i])  # fmt: skip
+    weight = sum(w(b, i) for b in range(B) for i in range(L) if tokens[b][i])
+    return total / weight if weight else 0.0
+
+
+@pytest.mark.parametrize("reduction", ["sequence", "token"])
+@pytest.mark.parametrize("reasoning_weight", [0.5, 1.0])
+def test_behaviour_kl_penalty_matches_loop_reference(reduction, reasoning_weight):
+    """kl_coeff adds kl_coeff x k3(old || new) to the plain loss, reduced as the surrogate."""
+    g = torch.Generator().manual_seed(3)
+    B, L = 5, 6
+    lp = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3
+    old = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    tokens = torch.rand(B, L, generator=g) < 0.7
+    tokens[1] = False
+    reasoning = tokens & (torch.rand(B, L, generator=g) < 0.5)
+    args = (lp, old, adv, tokens, reasoning, 0.2, reasoning_weight, reduction)
+    plain, m0 = policy_loss(*args)
+    loss, m = policy_loss(*args, kl_coeff=0.7)
+    kl = kl_reference(lp.tolist(), old.tolist(), tokens.tolist(), reasoning.tolist(),
+                      reasoning_weight, reduction)  # fmt: skip
+    assert kl > 0.01  # the ratios are far enough from 1 for the penalty to matter
+    assert loss.item() == pytest.approx(plain.item() + 0.7 * kl, rel=1e-12)
+    assert m["policy/kl_penalty"].item() == pytest.approx(0.7 * kl, rel=1e-12)
+    assert "policy/kl_penalty" not in m0
+    with pytest.raises(ValueError, match="kl_coeff must be >= 0"):
+        policy_loss(*args, kl_coeff=-0.1)
+
+
+def test_behaviour_kl_penalty_gradient_is_the_kl_gradient_in_expectation():
+    """On actions drawn from the behaviour policy (enumerated: a 4-way categorical, one
+    token per sample, advantages 0 so only the penalty has a gradient), the expected gradient
+    of the penalty is that of the exact KL(old || new), RLlib's loss term."""
+    theta = torch.tensor([0.3, -0.2, 1.0, 0.1], requires_grad=True)
+    old = torch.log_softmax(torch.tensor([0.0, 0.5, -0.5, 0.2], dtype=torch.float32), -1)
+    logp = torch.log_softmax(theta, -1)
+    expectation = 0.0
+    for i in range(4):  # sample i, drawn with probability old[i]
+        loss, _ = policy_loss(logp[i].reshape(1, 1), old[i].reshape(1, 1), torch.zeros(1),
+                              torch.ones(1, 1, dtype=torch.bool),
+                              torch.zeros(1, 1, dtype=torch.bool), kl_coeff=1.0)  # fmt: skip
+        expectation = expectation + old[i].exp() * loss
+    (got,) = torch.autograd.grad(expectation, theta)
+    exact = (old.exp() * (old - torch.log_softmax(theta, -1))).sum()
+    (want,) = torch.autograd.grad(exact, theta)
+    torch.testing.assert_close(got, want)
+
+
+def test_adapt_kl_coeff_follows_rllibs_rule():
+    assert adapt_kl_coeff(0.2, 0.05, 0.01) == pytest.approx(0.3)  # > 2 x target: x1.5
+    assert adapt_kl_coeff(0.2, 0.004, 0.01) == pytest.approx(0.1)  # < target / 2: x0.5
+    assert adapt_kl_coeff(0.2, 0.01, 0.01) == 0.2  # in between: kept
+    assert adapt_kl_coeff(0.2, 0.02, 0.01) == 0.2 and adapt_kl_coeff(0.2, 0.005, 0.01) == 0.2
+    assert adapt_kl_coeff(0.2, float("nan"), 0.01) == 0.2
+    with pytest.raises(ValueError, match="target must be > 0"):
+        adapt_kl_coeff(0.2, 0.01, 0.0)
 
 
 def test_policy_loss_rejects_bad_inputs():

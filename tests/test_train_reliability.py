@@ -128,6 +128,25 @@ def test_replayed_steps_read_as_the_resumed_run_computed(in_tmp, capsys):
     assert mlrun.data.metrics["counters/env_steps"] == 24.0
 
 
+def test_the_adaptive_kl_coefficient_adapts_and_survives_a_resume(in_tmp, capsys):
+    """ppo.behaviour_kl_coeff 0.2 with a target no update reaches (1e6): halved after every
+    update, logged as learner/kl_coeff, kept in the checkpoint's counters, so the resumed
+    iteration 3 uses 0.05, not the config's 0.2 again."""
+    kl = ["ppo.behaviour_kl_coeff=0.2", "ppo.behaviour_kl_target=1000000.0"]
+    code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, *kl, "train.iterations=2",
+                           "train.export_at_end=false")  # fmt: skip
+    assert code == 0, err
+    run = only_run(in_tmp)
+    counters = json.loads((run / "checkpoints" / "iter_000002" / "counters.json").read_text())
+    assert counters["kl_coeff"] == pytest.approx(0.05)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "train.iterations=3")
+    assert code == 0, err
+    client, mlrun = mlflow_run(run)
+    rows = [m.value for m in client.get_metric_history(mlrun.info.run_id, "learner/kl_coeff")]
+    assert rows == pytest.approx([0.2, 0.1, 0.05])
+    assert mlrun.data.metrics["policy/kl_penalty"] > 0
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory):
     """A 2-iteration ZeRO-2 run, shared by the resume and export checks below."""
