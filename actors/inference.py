@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rig.errors import UserError
 from rl.policy import ActOutput, History, RigPolicy
 
 #: The per-step column of the weights version that acted (replaces RLlib's runner version).
@@ -164,6 +165,7 @@ def start_inference_actors(
     if num_actors < 1 or num_runners < num_actors:
         raise ValueError(f"{num_actors} inference actors for {num_runners} env runners: need "
                          f"1 <= rollout.num_inference_actors <= rollout.num_env_runners")  # fmt: skip
+    _check_room(num_cpus, num_gpus)
     remote = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)(InferenceActor)
     device = "cuda" if num_gpus else "cpu"
     threads = max(1, int(num_cpus)) if num_cpus else None
@@ -176,10 +178,34 @@ def start_inference_actors(
     return actors
 
 
+class InferencePlacementError(UserError):
+    """No node of the cluster can ever hold an inference actor of the asked resources."""
+
+
+def _check_room(num_cpus: float, num_gpus: float) -> None:
+    """Fail at once, naming the settings, where no alive node offers an inference actor's CPUs
+    and GPUs: Ray would otherwise keep the actor pending and the run would wait forever (a
+    fixed cluster does not grow; the docker-compose one is fixed)."""
+    import ray
+
+    need = {k: v for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v > 0}
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not need or any(all(r.get(k, 0) >= v for k, v in need.items()) for r in nodes):
+        return
+    most = {k: max((r.get(k, 0) for r in nodes), default=0) for k in need}
+    fix = ("set rollout.num_gpus_per_inference_actor=0 to act on CPUs, or add a node with GPUs"
+           if "GPU" in need and most["GPU"] < num_gpus else
+           "lower rollout.num_cpus_per_inference_actor, or add a larger node")  # fmt: skip
+    raise InferencePlacementError(
+        f"no Ray node can hold an inference actor of {need} (the largest offers "
+        f"{ {k: float(v) for k, v in most.items()} }); {fix}"
+    )
+
+
 def client_of(runner_index: int, num_actors: int) -> int:
     """The inference actor that env runner ``runner_index`` (RLlib's, from 1) sends to."""
     return (runner_index - 1) % num_actors
 
 
-__all__ = ["ACTED_VERSION", "BatchedPolicy", "InferenceActor", "client_of",
+__all__ = ["ACTED_VERSION", "BatchedPolicy", "InferenceActor", "InferencePlacementError", "client_of",
            "start_inference_actors"]  # fmt: skip

@@ -199,18 +199,20 @@ while True:
 
 
 class RayCluster:
-    """A head and a worker node from docker/ray-node.sh, 1 CPU each, token auth on."""
+    """A head and a worker node from docker/ray-node.sh, ``cpus`` CPUs each (1) and the custom
+    ``resources`` (JSON, none) on each, token auth on."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, cpus: int = 1, resources: str | None = None):
         self.root = root
         self.gcs_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.env = base_env(
             RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_NODE_IP="127.0.0.1",
-            RAY_TEMP_DIR=str(root), RAY_NUM_CPUS="1", RAY_DASHBOARD_HOST="127.0.0.1",
+            RAY_TEMP_DIR=str(root), RAY_NUM_CPUS=str(cpus), RAY_DASHBOARD_HOST="127.0.0.1",
             RAY_DASHBOARD_PORT=str(free_port()), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
             # The test environment has no `ray[default]`/`ray[client]`: no dashboard, no client.
             RAY_INCLUDE_DASHBOARD="false", RAY_CLIENT_PORT="",
+            **({"RAY_RESOURCES": resources} if resources else {}),
         )  # fmt: skip
         self.head = self.worker = self.watcher = None
         self.states: list[dict] = []
@@ -253,8 +255,11 @@ class RayCluster:
         return self.states[-1] if self.states else {"nodes": {}, "actors": []}
 
     def runners(self, state: dict | None = None) -> list[dict]:
+        return self.actors("SingleAgentEnvRunner", state)
+
+    def actors(self, cls: str, state: dict | None = None) -> list[dict]:
         state = state or self.latest()
-        return [a for a in state["actors"] if a["cls"] == "SingleAgentEnvRunner"]
+        return [a for a in state["actors"] if a["cls"] == cls]
 
     def kill_worker_raylet(self) -> None:
         """SIGKILL the second node's raylet: its workers and the node go down, as with a lost
@@ -356,6 +361,81 @@ def test_training_spans_two_nodes_and_survives_losing_one(ray_cluster, mlflow_se
     assert "config.yaml" in {f.path for f in client.list_artifacts(run_id)}  # proxied upload
     if mlflow_server is None:
         pytest.skip(f"trained and tracked to SQLite, not the MLflow server: {NO_AUTH_APP}")
+
+
+# configs/cluster.yaml's layout at its smallest: each node offers one `game` (as a Minecraft
+# worker offers {minecraft: 1}), so the 2 runners go one to a node; they hold no policy and send
+# their steps to one inference actor (1 s wait, so both runners' envs meet in each forward);
+# 2 learner ranks (ZeRO-2 over gloo) train. 2 CPUs a node: 1 + 1 runners, 0.5 inference,
+# 2 x 0.5 ranks.
+SCALED = [
+    *(o for o in TINY if not o.startswith(("rollout.num_inference_actors=", "rollout.resources=",
+                                           "learner.zero_stage=", "train.iterations=",
+                                           "train.checkpoint_every="))),
+    "rollout.resources={game: 1}", "rollout.num_inference_actors=1",
+    "rollout.num_cpus_per_inference_actor=0.5", "rollout.num_gpus_per_inference_actor=0",
+    "rollout.inference_wait_ms=1000",
+    "learner.num_ranks=2", "learner.num_cpus_per_rank=0.5", "learner.zero_stage=2",
+    "train.iterations=3", "train.checkpoint_every=3",
+]  # fmt: skip
+
+
+def test_runners_on_both_nodes_act_through_an_inference_actor_and_two_ranks_learn(tmp_path):
+    """`rig train -c configs/cluster.yaml` as the cluster runs it, on 2 loopback nodes: one env
+    runner on each node, both acting through the same inference actor (the batches hold both
+    runners' envs), and a 2-rank ZeRO-2 learner group that trains and writes a checkpoint of
+    both ranks' shards. (Killing an inference actor or a learner rank ends the run with a
+    one-line error, never a hang: tests/test_inference.py, tests/test_learner_group.py.)"""
+    root = Path(tempfile.mkdtemp(prefix="rigs", dir="/tmp"))
+    cluster = RayCluster(root, cpus=2, resources='{"game": 1}')
+    try:
+        cluster.start()
+        wait_for(lambda: len([n for n in cluster.latest()["nodes"].values() if n["alive"]]) == 2,
+                 90, "two alive Ray nodes", cluster.root / "worker.log")  # fmt: skip
+        err = root / "train.err"
+        db = f"sqlite:///{root}/mlflow.db"
+        train = subprocess.Popen(
+            [str(BIN / "rig"), "train", "--config", str(ROOT / "configs" / "cluster.yaml"),
+             *SCALED, f"train.ray_address={cluster.address}", f"tracking.tracking_uri={db}",
+             f"run.output_dir={root / 'runs'}"],
+            cwd=ROOT, env=cluster.env, stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            def placed():
+                assert train.poll() is None, err.read_text()[-3000:]
+                state = cluster.latest()
+                alive = {cls: [a for a in cluster.actors(cls, state) if a["state"] == "ALIVE"]
+                         for cls in ("SingleAgentEnvRunner", "InferenceActor", "LearnerActor")}
+                counts = {cls: len(a) for cls, a in alive.items()}
+                return counts == {"SingleAgentEnvRunner": 2, "InferenceActor": 1,
+                                  "LearnerActor": 2} and alive  # fmt: skip
+
+            alive = wait_for(placed, 240, "2 runners, 1 inference actor and 2 learner ranks", err)
+            nodes = {n for n, a in cluster.latest()["nodes"].items() if a["alive"]}
+            assert {r["node"] for r in alive["SingleAgentEnvRunner"]} == nodes
+            out, _ = train.communicate(timeout=300)
+        finally:
+            stop(train)
+        log = err.read_text()
+        assert train.returncode == 0, log[-3000:]
+        assert "iter 3:" in log
+
+        import mlflow
+
+        run_id = out.split("(run ")[1].split(")")[0]
+        client = mlflow.MlflowClient(db)
+        metrics = client.get_run(run_id).data.metrics
+        assert metrics["rollout/inference_rows_per_batch"] > 1.5  # both runners' envs together
+        assert metrics["rollout/healthy_runners"] == 2
+        assert metrics["counters/env_steps"] == 3 * 2 * 4
+        assert 0 <= metrics["sync/logp_abs_diff_max"] < 1e-4  # the actor acts on the learner's weights
+        (run,) = (root / "runs").glob("*-train-*")
+        shards = sorted(p.name for p in (run / "checkpoints" / "iter_000003").rglob("*optim_states.pt"))
+        assert len(shards) == 2, shards  # ZeRO-2: one optimiser shard per rank
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_mlflow_server_refuses_clients_without_credentials(mlflow_server, monkeypatch, tmp_path):

@@ -143,6 +143,19 @@ def test_synced_weights_act_and_tag_the_rows(central, codec):
     assert_evaluate_reproduces(policy.eval(), batch.act, values=True)
 
 
+def test_an_inference_actor_no_node_can_hold_is_a_clear_error_not_a_wait(central):
+    """A GPU asked of a CPU-only cluster (configs/cluster.yaml's 0.5 GPU, say): Ray would keep
+    the actor pending forever; the start names the setting instead, at once."""
+    from actors.inference import InferencePlacementError, start_inference_actors
+
+    with pytest.raises(InferencePlacementError,
+                       match=r"no Ray node can hold an inference actor of \{'CPU': 1, 'GPU': 0.5\}.*"
+                             r"rollout.num_gpus_per_inference_actor=0"):  # fmt: skip
+        start_inference_actors(1, 2, 0.02, preset_policy("tiny", 0), None, ACT, 0, num_gpus=0.5)
+    with pytest.raises(InferencePlacementError, match="lower rollout.num_cpus_per_inference_actor"):
+        start_inference_actors(1, 2, 0.02, preset_policy("tiny", 0), None, ACT, 0, num_cpus=64)
+
+
 def test_a_killed_inference_actor_stops_sampling_with_a_clear_message(central):
     """Runs last in this module: it kills the fixture's actor. The runners' calls fail; the
     sample names the dead inference actor instead of hanging or blaming the runners."""
