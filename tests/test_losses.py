@@ -106,17 +106,23 @@ def policy_reference(lp, old, adv, tokens, reasoning, eps, rw, reduction):
     return -total / weight if weight else 0.0
 
 
+def _random_rows(seed, B, L, spread, empty):
+    """Log-probs, old log-probs (N(0, spread)), advantages, ~70% counted tokens (none in row
+    ``empty``: a sample with nothing generated does not count), about half of them reasoning."""
+    g = torch.Generator().manual_seed(seed)
+    lp = torch.randn(B, L, generator=g, dtype=torch.float64) * spread
+    old = torch.randn(B, L, generator=g, dtype=torch.float64) * spread
+    adv = torch.randn(B, generator=g, dtype=torch.float64)
+    tokens = torch.rand(B, L, generator=g) < 0.7
+    tokens[empty] = False
+    reasoning = tokens & (torch.rand(B, L, generator=g) < 0.5)
+    return lp, old, adv, tokens, reasoning
+
+
 @pytest.mark.parametrize("reduction", ["sequence", "token"])
 @pytest.mark.parametrize("reasoning_weight", [0.0, 0.5, 1.0])
 def test_policy_loss_matches_loop_reference(reduction, reasoning_weight):
-    g = torch.Generator().manual_seed(1)
-    B, L = 5, 7
-    lp = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.1
-    old = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.1
-    adv = torch.randn(B, generator=g, dtype=torch.float64)
-    tokens = torch.rand(B, L, generator=g) < 0.7
-    tokens[3] = False  # a sample with nothing generated does not count
-    reasoning = tokens & (torch.rand(B, L, generator=g) < 0.5)
+    lp, old, adv, tokens, reasoning = _random_rows(1, 5, 7, 0.1, empty=3)
     loss, _ = policy_loss(lp, old, adv, tokens, reasoning, 0.1, reasoning_weight, reduction)
     expected = policy_reference(
         lp.tolist(), old.tolist(), adv.tolist(), tokens.tolist(), reasoning.tolist(),
@@ -265,14 +271,7 @@ def kl_reference(lp, old, tokens, reasoning, rw, reduction):
 @pytest.mark.parametrize("reasoning_weight", [0.5, 1.0])
 def test_behaviour_kl_penalty_matches_loop_reference(reduction, reasoning_weight):
     """kl_coeff adds kl_coeff x k3(old || new) to the plain loss, reduced as the surrogate."""
-    g = torch.Generator().manual_seed(3)
-    B, L = 5, 6
-    lp = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3
-    old = torch.randn(B, L, generator=g, dtype=torch.float64) * 0.3
-    adv = torch.randn(B, generator=g, dtype=torch.float64)
-    tokens = torch.rand(B, L, generator=g) < 0.7
-    tokens[1] = False
-    reasoning = tokens & (torch.rand(B, L, generator=g) < 0.5)
+    lp, old, adv, tokens, reasoning = _random_rows(3, 5, 6, 0.3, empty=1)
     args = (lp, old, adv, tokens, reasoning, 0.2, reasoning_weight, reduction)
     plain, m0 = policy_loss(*args)
     loss, m = policy_loss(*args, kl_coeff=0.7)
