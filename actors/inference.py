@@ -16,8 +16,10 @@ per runner. The batching window: a call waits until every runner assigned to the
 request in (the lockstep of synchronous runners), or ``wait_s`` after the first one arrived,
 whichever is first, so a slow or restarting runner delays the others by at most ``wait_s``.
 
-Weights go to the inference actors (``RolloutWorkers.sync_weights``), not to the runners, and
-every answer carries the weights version that computed it: the rows are tagged with that version
+Weights go to the inference actors (``RolloutWorkers.sync_weights``), not to the runners,
+through the object store or, with ``rollout.weight_sync: collective``, by a broadcast from the
+driver into the policy's parameters in place (``actors/collective.py``); and every answer
+carries the weights version that computed it: the rows are tagged with that version
 (``ACTED_VERSION``), not the runner's own, so a sync between two steps of a sample is visible to
 the learner row by row and the sync-health alarm (``learner/ppo.py``) checks the weights that
 really acted.
@@ -58,6 +60,7 @@ class BatchedPolicy:
         self.act_kwargs = dict(act_kwargs)
         self.generator = torch.Generator(self.policy.device).manual_seed(seed)
         self.version = 0  # the factory's weights
+        self.receiver = None  # actors.collective.WeightReceiver (weight_sync: collective)
         self.batches = 0  # forwards run
         self.rows = 0  # rows acted on
 
@@ -71,6 +74,30 @@ class BatchedPolicy:
 
         self.policy.load_state_dict(unpack_state(state))
         self.version = int(version)
+
+    # -- rollout.weight_sync: collective (actors/collective.py) --------------------------------
+
+    def check_weight_layout(self, layout: list) -> str | None:
+        """Refuse the sender's ``layout`` unless it is this policy's (WeightSyncError); the
+        physical GPU the policy is on (None on the CPU), from which the driver picks nccl."""
+        from actors.collective import check_layout, gpu_id
+
+        check_layout(layout, self.policy.state_dict())
+        return gpu_id(self.policy.device)
+
+    def join_weight_sync(self, host: str, port: int, rank: int, world_size: int, layout: list,
+                         bucket_bytes: int, backend: str, timeout_s: float,
+                         own_host: str | None = None) -> None:  # fmt: skip
+        """Join the driver's broadcast group as ``rank`` (blocks until every rank has)."""
+        from actors.collective import WeightReceiver
+
+        self.receiver = WeightReceiver(host, port, rank, world_size, layout, bucket_bytes,
+                                       self.policy.state_dict(), backend, timeout_s, own_host)  # fmt: skip
+
+    def receive_weights(self) -> int:
+        """The driver's next broadcast, copied into the policy in place; its version acts."""
+        self.version = self.receiver.receive()
+        return self.version
 
     @torch.no_grad()
     def act(
@@ -126,6 +153,19 @@ class InferenceActor:
 
     def stats(self) -> dict[str, float]:
         return self.server.stats()
+
+    def check_weight_layout(self, layout: list) -> str | None:
+        return self.server.check_weight_layout(layout)
+
+    # Both block the event loop on purpose (as a forward does): no forward runs while the
+    # weights are being replaced.
+    async def join_weight_sync(self, *args: Any) -> None:
+        import ray
+
+        self.server.join_weight_sync(*args, own_host=ray.util.get_node_ip_address())
+
+    async def receive_weights(self) -> int:
+        return self.server.receive_weights()
 
     async def act(self, frames: np.ndarray, history: History | None) -> tuple[ActOutput, int]:
         loop = asyncio.get_running_loop()

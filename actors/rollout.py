@@ -110,6 +110,10 @@ class RolloutSettings:
     num_cpus_per_inference_actor: float = 1
     num_gpus_per_inference_actor: float = 0
     inference_wait_s: float = 0.02
+    # How weights reach the inference actors: "object_store" (one put, each actor fetches) or
+    # "collective" (a bucketed broadcast from the driver, actors/collective.py)
+    weight_sync: str = "object_store"
+    weight_sync_bucket_mb: float = 256
 
 
 class _RigConfig(AlgorithmConfig):
@@ -362,6 +366,17 @@ def _sample_on_runner(runner: SingleAgentEnvRunner) -> tuple[int, int, RolloutBa
     return runner.worker_index, os.getpid(), batch_from_episodes(episodes, runner.module)
 
 
+def _tensors(state: dict[str, Any] | Any) -> dict[str, torch.Tensor]:
+    """A state dict of tensors from a state dict, a packed one or an ``ObjectRef`` of either."""
+    import ray
+
+    from actors.weights import unpack_state
+
+    if isinstance(state, ray.ObjectRef):
+        state = ray.get(state)
+    return unpack_state(state)
+
+
 # -- the workers -------------------------------------------------------------------------------
 
 
@@ -381,6 +396,13 @@ class RolloutWorkers:
     def __init__(self, settings: RolloutSettings | None = None, **kwargs: Any):
         self.settings = s = settings or RolloutSettings(**kwargs)
         self.inference: list = []  # actors.inference.InferenceActor handles
+        if s.weight_sync not in ("object_store", "collective"):
+            raise ValueError(
+                f"weight_sync must be object_store or collective, got {s.weight_sync!r}"
+            )
+        if s.weight_sync == "collective" and not s.num_inference_actors:
+            raise ValueError("rollout.weight_sync=collective broadcasts to inference actors: "
+                             "it needs rollout.num_inference_actors >= 1")  # fmt: skip
         if s.num_inference_actors:
             from actors.inference import start_inference_actors
 
@@ -392,6 +414,11 @@ class RolloutWorkers:
                 env_codec(s), s.act_kwargs, s.seed, s.num_cpus_per_inference_actor,
                 s.num_gpus_per_inference_actor,
             )  # fmt: skip
+        self._broadcast = None  # actors.collective.ActorBroadcast, for weight_sync: collective
+        if s.weight_sync == "collective":
+            from actors.collective import ActorBroadcast
+
+            self._broadcast = ActorBroadcast(self.inference, s.weight_sync_bucket_mb)
         self.config = rllib_config(s, self.inference)
         self.version = 0  # the weights the runners hold (0: the factory's)
         self._weights: dict[str, Any] | None = None  # last published state, for restarts
@@ -443,14 +470,19 @@ class RolloutWorkers:
         already in the object store) as weights ``version``.
 
         Through the object store (``actors.weights``: one zero-copy put, none for a
-        reference), each runner fetches
-        the reference itself (``SingleAgentEnvRunner.set_state`` resolves an ``ObjectRef``).
-        ``_publish`` and ``_apply`` are the two halves an NCCL broadcast would replace."""
+        reference), each runner fetches the reference itself (``SingleAgentEnvRunner.set_state``
+        resolves an ``ObjectRef``). With inference actors the weights go to them only, and with
+        ``weight_sync="collective"`` by a broadcast from this process (``actors/collective.py``;
+        a reference is fetched here first)."""
         if version <= self.version:
             raise ValueError(f"version {version} is not newer than the runners' {self.version}")
         if self.inference:  # the weights live in the inference actors; rows carry theirs
             import ray
 
+            if self._broadcast is not None:
+                self._broadcast.sync(_tensors(state), version)
+                self.version = version
+                return
             ref = self._publish(state)
             ray.get([a.set_weights.remote(ref, version) for a in self.inference])
             self.version = version
@@ -499,6 +531,7 @@ class RolloutWorkers:
             for actor in self.inference:
                 ray.kill(actor)
             self.inference = []
+            self._broadcast = None
 
     # -- helpers ------------------------------------------------------------------------------
 

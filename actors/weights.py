@@ -12,7 +12,8 @@ two side by side (5-8x faster here).
 as same-width integer views and are viewed back); ``unpack_state`` inverts it and passes an
 unpacked state dict through unchanged, so receivers accept both. ``publish`` is one put of a
 packed state; the receivers (``RigRLModule.set_state``, ``Imaginer.set_weights``) unpack.
-An NCCL broadcast on a GPU cluster would replace ``publish`` and the receivers' fetch.
+To inference actors, ``rollout.weight_sync: collective`` replaces ``publish`` and the receivers'
+fetch with a bucketed broadcast from the driver (``actors/collective.py``; NCCL between GPUs).
 """
 
 from __future__ import annotations

@@ -301,9 +301,17 @@ def sync(
         int, typer.Option("--imagination-actors", min=0, help="imagination actors")
     ] = 1,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="timed syncs")] = 5,
+    inference_actors: Annotated[
+        int, typer.Option("--inference-actors", min=0,
+                          help="inference actors for object store vs collective; 0: skip")
+    ] = 1,
+    bucket_mb: Annotated[
+        float, typer.Option("--bucket-mb", min=0.001, help="collective: MiB per bucket")
+    ] = 256,
     json_path: JsonOpt = None,
 ) -> None:
-    """Seconds per weight sync to every runner and actor, and MB/s, zero-copy vs pickled."""
+    """Seconds per weight sync to every runner and actor, and MB/s, zero-copy vs pickled; to
+    inference actors, object store vs collective broadcast (rollout.weight_sync)."""
     names = [p.strip() for p in presets.split(",") if p.strip()]
     if not names:
         raise UserError("--presets must name at least one policy preset")
@@ -312,7 +320,9 @@ def sync(
     _check_json_path(json_path)
     _ray_free()
     bench = _benchmark("sync")
-    _report(bench, bench.bench_sync(names, runners, imagination_actors, repeats), json_path)
+    result = bench.bench_sync(names, runners, imagination_actors, repeats,
+                              inference_actors=inference_actors, bucket_mb=bucket_mb)  # fmt: skip
+    _report(bench, result, json_path)
 
 
 # -- rig bench imagination -------------------------------------------------------------------------

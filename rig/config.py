@@ -152,6 +152,15 @@ class RolloutConfig(Section):
         default=20, ge=0, description="longest an inference actor waits for the rest of its "
         "runners' requests after the first one, before acting on those it has",
     )
+    weight_sync: Literal["object_store", "collective"] = Field(
+        default="object_store", description="how weights reach the inference actors: one "
+        "object-store put each fetches, or a bucketed broadcast from the driver (nccl between "
+        "distinct GPUs, else gloo; actors/collective.py); env runners always use the store",
+    )
+    weight_sync_bucket_mb: float = Field(
+        default=256, gt=0, le=65536, description="weight_sync collective: MiB per broadcast "
+        "(the extra memory on each side)",
+    )
 
     @model_validator(mode="after")
     def _inference_needs_runners(self) -> RolloutConfig:
@@ -160,6 +169,11 @@ class RolloutConfig(Section):
                 f"num_inference_actors ({self.num_inference_actors}) must be at most "
                 f"num_env_runners ({self.num_env_runners}): each serves one or more runners, "
                 f"and an in-process runner (0 runners) acts itself"
+            )
+        if self.weight_sync == "collective" and self.num_inference_actors < 1:
+            raise ValueError(
+                "weight_sync=collective broadcasts to inference actors but num_inference_actors "
+                "is 0; set rollout.num_inference_actors >= 1 or rollout.weight_sync=object_store"
             )
         return self
 

@@ -13,7 +13,8 @@ One iteration, from env step to weight update (docs/ARCHITECTURE.md draws it)::
           |  ImaginedBatch (predicted rewards, continues)  ->  lambda returns  ->  imagined Experience
           v                                   (enters the loss once next-frame accuracy >= min_accuracy)
     learner (DeepSpeed, in this process)   ppo epochs over minibatches of real + imagined rows
-          |  published weights, version v + 1 (Ray object store)
+          |  published weights, version v + 1 (Ray object store; a broadcast to inference actors
+          |  with rollout.weight_sync: collective)
           v
     env runners and imagination actors load them; MLflow gets the metrics; a checkpoint every N.
 
@@ -170,6 +171,8 @@ class Trainer:
                 num_cpus_per_inference_actor=config.rollout.num_cpus_per_inference_actor,
                 num_gpus_per_inference_actor=config.rollout.num_gpus_per_inference_actor,
                 inference_wait_s=config.rollout.inference_wait_ms / 1000,
+                weight_sync=config.rollout.weight_sync,
+                weight_sync_bucket_mb=config.rollout.weight_sync_bucket_mb,
             )
         )
         self.imagination = None
@@ -229,13 +232,19 @@ class Trainer:
         if self.group:
             self.policy.load_state_dict(state)
         version = self.counters.version
-        if self._ray_started:  # one zero-copy put for runners and actors alike
+        # rollout.weight_sync collective: the inference actors get the tensors by a broadcast
+        # from this process (actors/collective.py); imagination actors the object store still
+        collective = self.config.rollout.weight_sync == "collective"
+        tensors = state
+        if self._ray_started and (not collective or self.imagination is not None):
             import ray
 
             from actors.weights import publish
 
+            # one zero-copy put for runners and actors alike
             state = ray.put(packed) if self.group else publish(state)
-        self._syncs.append(self.pool.submit(self.rollouts.sync_weights, state, version))
+        rollout_state = tensors if collective else state
+        self._syncs.append(self.pool.submit(self.rollouts.sync_weights, rollout_state, version))
         self._synced(wait)
         if self.imagination is not None:
             self.imagination.sync_weights(state, version)

@@ -137,7 +137,7 @@ def test_frozen_trunk_benchmark_prints_the_ratio_of_recomputing_to_once(rig_main
 @pytest.mark.slow
 def test_sync_benchmark_payload_and_encodings(rig_main, capsys, tmp_path):
     args = ["sync", "--presets", "tiny", "--runners", "1", "--imagination-actors", "1",
-            "--repeats", "1"]  # fmt: skip
+            "--repeats", "1", "--inference-actors", "1", "--bucket-mb", "4"]  # fmt: skip
     out, result = _run(rig_main, capsys, tmp_path, args)
     assert "zero-copy vs pickled tensors" in out
     rows = result["presets"]
@@ -145,6 +145,10 @@ def test_sync_benchmark_payload_and_encodings(rig_main, capsys, tmp_path):
     # fp32 weights: 4 bytes per parameter (buffers such as the VQ codebook counted in both)
     assert rows[0]["megabytes"] == pytest.approx(rows[0]["parameters"] * 4 / 1e6, rel=0.05)
     assert all(r["sync_s"] > 0 and r["receivers"] == 2 for r in rows)
+    # to the inference actor: rollout.weight_sync's two paths side by side, with their ratio
+    assert [r["path"] for r in result["inference"]] == ["object store", "collective"]
+    assert all(r["sync_s"] > 0 and r["receivers"] == 1 for r in result["inference"])
+    assert "tiny to 1 inference actor(s): collective" in out
 
 
 def test_imagination_benchmark_ratio(rig_main, capsys, tmp_path):

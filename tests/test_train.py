@@ -131,6 +131,7 @@ def test_export_command_writes_a_loadable_directory(trained, capsys, tmp_path):
         (["ppo.loss_scales={policy: 1.0}"], "ppo.loss_scales"),
         (["--resume", "runs/none"], "runs/none"),
         (["policy.preset=huge"], "unknown policy preset 'huge'"),
+        (["rollout.weight_sync=collective"], "set rollout.num_inference_actors >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_nothing(in_tmp, capsys, args, message):
@@ -215,6 +216,28 @@ def test_rig_train_acts_through_an_inference_actor(in_tmp):
     assert history("rollout/inference_rows_per_batch")[-1] == 4.0  # 2 runners x 2 envs
     assert all(d < 1e-3 for d in history("sync/logp_abs_diff_max")), history("sync/logp_abs_diff_max")
     assert len(history("sync/logp_abs_diff_max")) == 3 and history("counters/dropped_stale")[-1] == 0
+
+
+def test_rig_train_broadcasts_weights_to_the_inference_actor(in_tmp):
+    """``rollout.weight_sync: collective``: the inference actor gets every version by the
+    driver's gloo broadcast instead of the object store; the rows it acts carry that version and
+    re-score under the learner's weights to float noise (the sync-health alarm)."""
+    pytest.importorskip("ray")
+    code = main(["train", "--config", DEBUG, "env.num_envs=2", "rollout.fragment_length=4",
+                 "imagination.horizon=0", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
+                 "train.iterations=3", "tracking.system_metrics=false", "ppo.max_policy_lag=0",
+                 "rollout.num_inference_actors=1", "rollout.inference_wait_ms=2000",
+                 "rollout.weight_sync=collective", "rollout.weight_sync_bucket_mb=1"])  # fmt: skip
+    assert code == 0
+    client, run = mlflow_run(only_run(in_tmp))
+
+    def history(key):
+        return [m.value for m in client.get_metric_history(run.info.run_id, key)]
+
+    diffs = history("sync/logp_abs_diff_max")
+    assert len(diffs) == 3 and all(d < 1e-4 for d in diffs), diffs
+    assert all(n > 0 for n in history("sync/logp_rows_checked"))
+    assert history("counters/dropped_stale")[-1] == 0
 
 
 def test_ray_runners_survive_a_killed_runner(in_tmp):
