@@ -67,10 +67,22 @@ def _load_policy(path: Path, codec, flag: str):
 
 def _trained_env(record: dict[str, Any]) -> str | None:
     """The env a checkpoint was trained on (SFT record, or a `rig train` export's config)."""
+    return _trained_settings(record).get("env_id")
+
+
+def _trained_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """How a checkpoint acted while it was trained, in the SFT record's keys (``env_id``,
+    ``env_kwargs``, ``size``, ``task``, ``history``, ``max_reasoning_tokens``): its
+    ``rig sft`` record, else a ``rig train`` export's config (env and policy sections). An RL
+    policy trained with 0 reasoning tokens is scored with 0, not the config's default cap."""
     extra = record.get("extra") or {}
-    return (extra.get("sft") or {}).get("env_id") or (
-        (extra.get("config") or {}).get("env") or {}
-    ).get("id")
+    if extra.get("sft"):
+        return dict(extra["sft"])
+    config = extra.get("config") or {}
+    env, policy = config.get("env") or {}, config.get("policy") or {}
+    settings = {"env_id": env.get("id"), "env_kwargs": env.get("kwargs"), "size": env.get("size")}
+    settings.update({k: policy.get(k) for k in ("task", "history", "max_reasoning_tokens")})
+    return {k: v for k, v in settings.items() if v is not None}
 
 
 def _codec(env_id: str, size: int, kwargs: dict[str, Any]):
@@ -273,11 +285,11 @@ def evaluate(
     lookahead: Annotated[int, typer.Option("--lookahead", min=0, help="lookahead n")] = 0,
     num_envs: Annotated[int, typer.Option("--num-envs", min=1, help="envs in parallel")] = 4,
     history: Annotated[
-        int | None, typer.Option("--history", min=0, help="past steps (default: the SFT's)")
+        int | None, typer.Option("--history", min=0, help="past steps (default: the checkpoint's)")
     ] = None,
     max_reasoning_tokens: Annotated[
         int | None,
-        typer.Option("--max-reasoning-tokens", min=0, help="default: the SFT's, else config"),
+        typer.Option("--max-reasoning-tokens", min=0, help="default: the checkpoint's (its SFT or RL run), else config"),
     ] = None,
     temperature: Annotated[
         float | None, typer.Option("--temperature", min=1e-6, help="default: policy.temperature")
@@ -288,7 +300,7 @@ def evaluate(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="stop after this many vector steps")
     ] = None,
-    env: Annotated[str | None, typer.Option("--env", help="env id (default: the SFT's)")] = None,
+    env: Annotated[str | None, typer.Option("--env", help="env id (default: the checkpoint's)")] = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="new output folder (default: runs/<name>-eval-<time>)"),
@@ -305,8 +317,8 @@ def evaluate(
     cfg = load_config(config, overrides or [])
     out = _out_dir(out, cfg, "eval")
     record = _checkpoint_record(checkpoint, "--checkpoint")
-    trained = (record.get("extra") or {}).get("sft") or {}
-    trained_on = _trained_env(record)  # the rule of rig sft and rig train --init-from
+    trained = _trained_settings(record)  # the SFT's or the RL run's own act settings
+    trained_on = trained.get("env_id")  # the rule of rig sft and rig train --init-from
     if env is not None and trained_on is not None and env != trained_on:
         raise UserError(
             f"--checkpoint {checkpoint} was trained on {trained_on} but --env is {env}; "

@@ -106,6 +106,25 @@ def test_rig_eval_applies_the_same_rule(saved, in_tmp, capsys):
     assert not (in_tmp / "eval").exists()
 
 
+def test_rig_eval_acts_as_the_rl_run_did(saved, in_tmp, capsys):
+    """A `rig train` export is scored with its run's own act settings (reasoning cap, task,
+    history, env kwargs), not the eval config's defaults: an RL policy trained without reasoning
+    was once evaluated with the default cap of 8 reasoning tokens it had never written."""
+    import json
+
+    run = {"env": {"id": "rig/Crafter-v0", "kwargs": {"length": 3}},
+           "policy": {"max_reasoning_tokens": 0, "history": 0, "task": "collect wood"}}  # fmt: skip
+    path = _copy(saved, in_tmp, {"config": run})
+    out = in_tmp / "eval"
+    code = main(["eval", "--checkpoint", str(path), "--episodes", "1", "--num-envs", "1",
+                 "--psnr-every", "1000", "--out", str(out), "tracking.system_metrics=false"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["max_reasoning_tokens"] == 0  # the config's default is 8
+    assert report["settings"]["task"] == "collect wood" and report["settings"]["history"] == 0
+    assert report["env_kwargs"] == {"length": 3} and report["summary"]["length_mean"] <= 3
+
+
 def test_heads_of_another_hidden_width_are_refused_up_front(saved, in_tmp, capsys):
     """The saved heads are linear; a config asking for a hidden layer would not load them."""
     path = _copy(saved, in_tmp)
