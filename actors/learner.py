@@ -69,10 +69,11 @@ class LearnerActor:
         self.learner = LearnerRank(config, world)
         return self.learner.engine.num_trainable
 
-    def update(self, exp, generator_state: torch.Tensor, version: int, kl_coeff: float = 0.0):
+    def update(self, exp, generator_state: torch.Tensor, version: int, kl_coeff: float = 0.0,
+               actor_frozen: bool = False):  # fmt: skip
         generator = torch.Generator().manual_seed(0)
         generator.set_state(generator_state)
-        metrics = self.learner.update(exp, generator, version, kl_coeff)
+        metrics = self.learner.update(exp, generator, version, kl_coeff, actor_frozen)
         return metrics, generator.get_state()
 
     def published_state(self) -> dict[str, Any] | None:
@@ -133,11 +134,12 @@ class LearnerGroup:
     # -- the learner's API -------------------------------------------------------------------
 
     def update(self, exp, generator: torch.Generator, version: int,
-               kl_coeff: float = 0.0) -> dict[str, float]:  # fmt: skip
+               kl_coeff: float = 0.0, actor_frozen: bool = False) -> dict[str, float]:  # fmt: skip
         """One PPO update on every rank; the ranks' metrics averaged (``loss/*`` then equal one
         rank's on the global batch); ``generator`` advances as it would on one rank."""
         exp_ref = ray.put(exp)
-        answers = self._call("update", exp_ref, generator.get_state(), version, kl_coeff)
+        answers = self._call("update", exp_ref, generator.get_state(), version, kl_coeff,
+                             actor_frozen)  # fmt: skip
         generator.set_state(answers[0][1])
         return _average([metrics for metrics, _ in answers])
 

@@ -343,6 +343,7 @@ def ppo_update(
     dp: DataParallel | None = None,
     trunk_once: bool | None = None,
     kl_coeff: float = 0.0,
+    actor_frozen: bool = False,
 ) -> dict[str, float]:
     """``cfg.epochs`` passes of shuffled minibatches; one ``engine.backward_step`` each (the
     engine accumulates and clips as configured). Each epoch splits the batch into
@@ -359,7 +360,13 @@ def ppo_update(
     ``trunk_once`` (None: ``policy.trunk_frozen``, or the whole update inside the engine's
     ``warmup_delay_steps``) computes the trunk's states once for the update (module
     docstring); False recomputes them in every minibatch (benchmarks, tests). ``kl_coeff``:
-    this update's weight of the KL penalty to the behaviour policy (``minibatch_terms``)."""
+    this update's weight of the KL penalty to the behaviour policy (``minibatch_terms``).
+    ``actor_frozen`` (``ppo.freeze_actor_iterations``): the policy, entropy and KL terms are
+    weighted 0 and the KL stop is off: the value and world-model terms train (the action head
+    gets no gradient; a trunk that is not frozen still moves with the world-model terms)."""
+    if actor_frozen:
+        cfg = frozen_actor(cfg)
+        kl_coeff = 0.0
     sync = sync_health(policy, exp, version, cfg.sync_check_rows, cfg.minibatch_size)
     raw = advantage_stats(exp)
     if cfg.normalize_advantages:
@@ -420,6 +427,17 @@ def ppo_update(
     out["learner/kl_stopped"] = float(stopped)
     out["learner/grad_norm"] = grad_norm
     return out
+
+
+def frozen_actor(cfg: PPOConfig) -> PPOConfig:
+    """``cfg`` with the actor's terms (policy, entropy, KL to the reference) weighted 0 and no
+    KL stop: an update that fits the critic and the world heads."""
+    scales = {**cfg.loss_scales, **{name: 0.0 for name in ACTOR_TERMS}}
+    return cfg.model_copy(update={"loss_scales": scales, "target_kl": None})
+
+
+ACTOR_TERMS = ("policy", "entropy", "kl")
+"""The loss terms that move the policy (``ppo.freeze_actor_iterations`` turns them off)."""
 
 
 def _kl_stop(metrics: dict[str, torch.Tensor], cfg: PPOConfig, dp: DataParallel | None) -> bool:

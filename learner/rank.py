@@ -87,14 +87,16 @@ class LearnerRank:
         return 0 if self.world is None else self.world.rank
 
     def update(self, exp, generator: torch.Generator, version: int,
-               kl_coeff: float = 0.0) -> dict[str, float]:  # fmt: skip
+               kl_coeff: float = 0.0, actor_frozen: bool = False) -> dict[str, float]:  # fmt: skip
         """One PPO update (``learner.ppo.ppo_update``, looked up at call time so tests can wrap
         it); ``generator`` draws the minibatches and must be in the same state on every rank;
-        ``kl_coeff`` is the driver's current ``ppo.behaviour_kl_coeff``."""
+        ``kl_coeff`` is the driver's current ``ppo.behaviour_kl_coeff``; ``actor_frozen``: an
+        update inside ``ppo.freeze_actor_iterations`` (the critic only)."""
         from learner import ppo
 
         return ppo.ppo_update(self.engine, self.policy, self.reference, exp, self.config.ppo,
-                              generator, version, self.dp, kl_coeff=kl_coeff)  # fmt: skip
+                              generator, version, self.dp, kl_coeff=kl_coeff,
+                              actor_frozen=actor_frozen)  # fmt: skip
 
     def published_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The full CPU state dict on rank 0 (None on the others); every rank must call it."""

@@ -307,6 +307,12 @@ class PPOConfig(Section):
         description="after each update behaviour_kl_coeff x1.5 when its mean approx KL > 2x "
         "this, x0.5 when < 0.5x (RLlib's kl_target); null: the coefficient stays fixed",
     )
+    freeze_actor_iterations: int = Field(
+        default=0, ge=0,
+        description="the updates of the first N iterations train the critic and world heads "
+        "only (the policy, entropy and KL terms off: OpenRLHF's freezing_actor_steps), so a "
+        "fresh value head fits before its advantages move an --init-from policy; 0: off",
+    )
     sync_check_rows: int = Field(
         ge=0,
         description="rows per update whose act-time log-probs are recomputed with the learner's "

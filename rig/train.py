@@ -464,9 +464,12 @@ class Trainer:
             if parts:
                 exp = Experience.concat(parts, self.policy.ids.pad)
                 coeff = cfg.ppo.behaviour_kl_coeff if c.kl_coeff is None else c.kl_coeff
-                metrics.update(self.learner.update(exp, self.generator, c.version, coeff))
+                # ppo.freeze_actor_iterations: the critic fits before the policy moves
+                frozen = c.iteration < cfg.ppo.freeze_actor_iterations
+                metrics.update(self.learner.update(exp, self.generator, c.version, coeff, frozen))
+                metrics["learner/actor_frozen"] = float(frozen)
                 self._check_finite(metrics)
-                if coeff > 0:  # RLlib's adaptive KL penalty: the next update's coefficient
+                if coeff > 0 and not frozen:  # RLlib's adaptive KL penalty: the next coefficient
                     metrics["learner/kl_coeff"] = coeff
                     if cfg.ppo.behaviour_kl_target is not None and "policy/approx_kl" in metrics:
                         coeff = adapt_kl_coeff(coeff, metrics["policy/approx_kl"],

@@ -324,6 +324,51 @@ def test_target_kl_ranks_stop_together_on_their_mean():
     assert not _kl_stop(mine, cfg.model_copy(update=dict(target_kl=None)), None)
 
 
+# -- ppo.freeze_actor_iterations (learner/ppo.py frozen_actor) -------------------------------------
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_frozen_actor_update_fits_the_critic_and_leaves_the_action_head(tiny_policy, frozen):
+    """OpenRLHF's freezing_actor_steps: inside ``ppo.freeze_actor_iterations`` the policy,
+    entropy and KL terms are off, so the action head gets no gradient (bit for bit unchanged)
+    while the value head learns, and ``target_kl`` stops nothing (no KL to measure). Outside,
+    the same update moves the action head."""
+    import copy
+
+    from learner.engine import LearnerConfig, PlainTorchEngine
+    from learner.ppo import ppo_update
+    from rl.heads import frozen_statistics
+    from rl.imagine import frame_codes
+
+    policy = copy.deepcopy(tiny_policy)
+    policy.model.model.vqmodel.requires_grad_(False)
+    engine = PlainTorchEngine(policy, LearnerConfig(
+        zero_stage=0, precision="fp32", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95),
+        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+    ))  # fmt: skip
+    n = 8
+    frames = np.random.default_rng(4).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+    with torch.no_grad():
+        act = policy.act(frames, "collect wood", 0, 1.0, torch.Generator().manual_seed(4))
+    rewards = np.linspace(-1, 1, n).astype(np.float32)
+    exp = real_experience(act, rewards, np.ones(n, bool), np.zeros(n, bool), np.arange(n),
+                          torch.zeros(n), frame_codes(policy, frames), np.zeros(n, np.int64),
+                          0.99, 0.95)  # fmt: skip
+    before = {k: v.detach().clone() for k, v in policy.named_parameters()}
+    cfg = _ppo(0).model_copy(update=dict(epochs=3, target_kl=1e-4))  # would stop after 1 step
+    with frozen_statistics(policy):
+        metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0), 0,
+                             actor_frozen=frozen)  # fmt: skip
+    moved = {k for k, v in policy.named_parameters() if not torch.equal(v, before[k])}
+    action = {k for k in before if k.startswith("action_head.")}
+    assert action and any(k.startswith("value_head.") for k in moved)
+    if frozen:
+        assert not moved & action, sorted(moved & action)
+        assert metrics["learner/optimizer_steps"] == 6 and metrics["learner/kl_stopped"] == 0.0
+    else:
+        assert action <= moved
+
+
 # -- the sync-health alarm (learner/ppo.py sync_health) --------------------------------------------
 
 

@@ -147,6 +147,25 @@ def test_the_adaptive_kl_coefficient_adapts_and_survives_a_resume(in_tmp, capsys
     assert mlrun.data.metrics["policy/kl_penalty"] > 0
 
 
+def test_frozen_actor_iterations_fit_the_critic_first_and_hold_the_kl_coefficient(in_tmp, capsys):
+    """ppo.freeze_actor_iterations 1: iteration 1's update has no policy term (policy/pg_loss
+    weighted 0: learner/actor_frozen 1) and leaves the adaptive KL coefficient alone; iteration
+    2 updates the policy and adapts it (0.2 -> 0.1)."""
+    flags = ["ppo.freeze_actor_iterations=1", "ppo.behaviour_kl_coeff=0.2",
+             "ppo.behaviour_kl_target=1000000.0"]  # fmt: skip
+    code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, *flags, "train.iterations=2",
+                           "train.export_at_end=false")  # fmt: skip
+    assert code == 0, err
+    run = only_run(in_tmp)
+    counters = json.loads((run / "checkpoints" / "iter_000002" / "counters.json").read_text())
+    assert counters["kl_coeff"] == pytest.approx(0.1)
+    client, mlrun = mlflow_run(run)
+    frozen = [m.value for m in client.get_metric_history(mlrun.info.run_id, "learner/actor_frozen")]
+    assert frozen == [1.0, 0.0]
+    rows = [m.value for m in client.get_metric_history(mlrun.info.run_id, "learner/kl_coeff")]
+    assert rows == pytest.approx([0.2])
+
+
 @pytest.fixture(scope="module")
 def zero2_run(tmp_path_factory):
     """A 2-iteration ZeRO-2 run, shared by the resume and export checks below."""
