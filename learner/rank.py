@@ -27,6 +27,7 @@ from learner.engine import DeepSpeedEngine, World
 from learner.ppo import DataParallel
 from rig.config import Config
 from rig.errors import UserError
+from rl.heads import freeze_statistics
 
 
 def build_policy(config: Config, codec):
@@ -49,6 +50,17 @@ def build_policy(config: Config, codec):
     return policy
 
 
+def statistics_frozen(config: Config, policy) -> bool:
+    """``learner.freeze_statistics``, its null resolved: frozen when the run starts from a
+    checkpoint (``policy.init_from``) whose head statistics are fitted."""
+    from rl.heads import fitted_statistics
+
+    frozen = config.learner.freeze_statistics
+    if frozen is None:
+        frozen = bool(config.policy.init_from) and fitted_statistics(policy)
+    return frozen
+
+
 def run_codec(config: Config):
     import envs
 
@@ -67,6 +79,8 @@ class LearnerRank:
             torch.manual_seed(config.run.seed)
         self.codec = run_codec(config)
         policy = build_policy(config, self.codec)
+        if statistics_frozen(config, policy):
+            freeze_statistics(policy)
         # The frozen reference (the initial weights) for the KL term, if it has a weight: a copy
         # kept on the learner's device and in its dtype, so its log-probs are comparable from
         # step 0 (DeepSpeed moves and casts the learner's module, not a copy made before).

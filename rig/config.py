@@ -233,6 +233,13 @@ class LearnerConfig(Section):
         description="parameter-name prefixes that do not train (no gradient, not in the "
         "optimiser), e.g. [model]: only the heads learn",
     )
+    freeze_statistics: bool | None = Field(
+        default=None,
+        description="keep the heads' standardisation statistics as loaded (rl/heads.py): a "
+        "trained policy reads its state through them, so refitting them on RL's states would "
+        "change it with no gradient and no trust region; null: frozen when policy.init_from's "
+        "are fitted, updated otherwise (from scratch they have to fit)",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         description="auto: cuda if a GPU is visible, else cpu"
     )

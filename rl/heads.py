@@ -102,6 +102,19 @@ def frozen_statistics(module: nn.Module) -> Iterator[None]:
             m.frozen = was
 
 
+def fitted_statistics(module: nn.Module) -> bool:
+    """Whether any :class:`RunningStandardize` of ``module`` has seen data (a trained policy's
+    heads read their state through them)."""
+    return any(float(m.count) > 0 for m in module.modules() if isinstance(m, RunningStandardize))
+
+
+def freeze_statistics(module: nn.Module) -> None:
+    """Every :class:`RunningStandardize` of ``module`` keeps its statistics from now on."""
+    for m in module.modules():
+        if isinstance(m, RunningStandardize):
+            m.frozen = True
+
+
 class ValueHead(nn.Module):
     """(..., D) decision state -> (...) float32 V(s): standardise, then (``inner`` > 0) one
     hidden layer of ``inner`` ReLU units, then a zero-initialised linear layer (V = 0 before the

@@ -125,6 +125,43 @@ def test_rig_eval_acts_as_the_rl_run_did(saved, in_tmp, capsys):
     assert report["env_kwargs"] == {"length": 3} and report["summary"]["length_mean"] <= 3
 
 
+@pytest.mark.parametrize(("fitted", "setting", "frozen"), [
+    (True, None, True),  # a trained checkpoint's statistics are part of its policy: kept
+    (False, None, False),  # never fitted (a preset saved as is): they have to fit
+    (True, False, False),  # learner.freeze_statistics=false: refitted on RL's states
+])  # fmt: skip
+def test_the_learner_keeps_a_checkpoints_head_statistics(saved, in_tmp, fitted, setting, frozen):
+    """learner.freeze_statistics (null: frozen for an --init-from checkpoint with fitted ones):
+    the SFT-trained action head reads its state standardised by statistics of the SFT data;
+    refitting them on the RL states moved that policy by approx KL ~0.005 per update with no
+    gradient at all. Frozen, a training forward leaves them as loaded."""
+    import torch
+
+    from envs.crafter_env import crafter_codec
+    from learner.rank import LearnerRank
+    from rig.config import load_config
+    from rl.policy import RigPolicy
+
+    path = saved
+    if fitted:
+        policy = RigPolicy.load(saved, crafter_codec())
+        policy.train()
+        policy.value_head.norm(torch.randn(8, policy.value_head.norm.mean.shape[0]) + 3)  # fit
+        assert float(policy.value_head.norm.count) == 1
+        path = in_tmp / "fitted"
+        policy.save(path, extra={"config": {"env": {"id": "rig/Crafter-v0"}}})
+    overrides = [f"policy.init_from={path}", "policy.max_reasoning_tokens=0"]
+    if setting is not None:
+        overrides.append(f"learner.freeze_statistics={str(setting).lower()}")
+    rank = LearnerRank(load_config(DEBUG, [*FAST, *overrides]))
+    norm = rank.policy.value_head.norm
+    before = norm.mean.clone()
+    rank.policy.train()
+    norm(torch.randn(8, before.shape[0]))  # a training forward on other states
+    assert norm.frozen == frozen
+    assert torch.equal(norm.mean, before) == frozen
+
+
 def test_heads_of_another_hidden_width_are_refused_up_front(saved, in_tmp, capsys):
     """The saved heads are linear; a config asking for a hidden layer would not load them."""
     path = _copy(saved, in_tmp)
