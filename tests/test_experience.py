@@ -22,6 +22,16 @@ class _Act:
         self.values = torch.tensor(values, dtype=torch.float32)
 
 
+
+def _engine(policy, lr: float, **settings):
+    """A plain-torch learner of the tests' usual settings (fp32, ZeRO 0, no warmup) on CPU."""
+    from learner.engine import LearnerConfig, PlainTorchEngine
+
+    return PlainTorchEngine(policy, LearnerConfig(
+        zero_stage=0, precision="fp32", lr=lr, weight_decay=0.0, betas=(0.9, 0.95),
+        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu", **settings,
+    ))  # fmt: skip
+
 def slow_gae(rewards, values, next_value, terminated, gamma, lam):
     """One chunk, Python loop: the chunk's last step bootstraps from next_value unless
     terminated there."""
@@ -94,7 +104,6 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
     the reference policy (a frozen copy) does not."""
     import copy
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import PPOConfig, ppo_update
     from rl.imagine import frame_codes
     from rl.losses import LOSS_NAMES
@@ -123,10 +132,7 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
         normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
         loss_scales={n: 1.0 for n in LOSS_NAMES},
     )  # fmt: skip
-    engine = PlainTorchEngine(policy, LearnerConfig(
-        zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-    ))  # fmt: skip
+    engine = _engine(policy, 1e-3)
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     metrics = ppo_update(engine, policy, reference, exp, cfg, torch.Generator().manual_seed(0), 0)
     for name in LOSS_NAMES:
@@ -223,7 +229,6 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
     that do not belong to their inputs (an off-by-one in rows or chunks) keep it near 0."""
     import copy
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import PPOConfig, ppo_update
     from rl.imagine import frame_codes
     from rl.losses import LOSS_NAMES
@@ -241,10 +246,7 @@ def test_value_head_fits_known_returns_through_ppo_update(tiny_policy):
         reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
         normalize_advantages=True, max_policy_lag=0, sync_check_rows=0, loss_scales=scales,
     )  # fmt: skip
-    engine = PlainTorchEngine(policy, LearnerConfig(
-        zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-    ))  # fmt: skip
+    engine = _engine(policy, 1e-3)
     gen = torch.Generator().manual_seed(0)
     codes = frame_codes(policy, frames)
     for _ in range(300):
@@ -272,17 +274,13 @@ def test_target_kl_stops_the_update_before_the_step_that_would_pass_it(tiny_poli
     weights are those of a one-epoch update stopped alike. No target, or a huge one: every step."""
     import copy
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update
     from rl.heads import frozen_statistics
 
     def update(cfg):
         policy = copy.deepcopy(tiny_policy)
         policy.model.model.vqmodel.requires_grad_(False)
-        engine = PlainTorchEngine(policy, LearnerConfig(
-            zero_stage=0, precision="fp32", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95),
-            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-        ))  # fmt: skip
+        engine = _engine(policy, 1e-2)
         exp = _acted(tiny_policy, [0] * 8)
         with frozen_statistics(policy):  # the fixture's are unfit: the first forward resets them
             metrics = ppo_update(engine, policy, None, exp, cfg, torch.Generator().manual_seed(0),
@@ -335,17 +333,13 @@ def test_a_frozen_actor_update_fits_the_critic_and_leaves_the_action_head(tiny_p
     the same update moves the action head."""
     import copy
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update
     from rl.heads import frozen_statistics
     from rl.imagine import frame_codes
 
     policy = copy.deepcopy(tiny_policy)
     policy.model.model.vqmodel.requires_grad_(False)
-    engine = PlainTorchEngine(policy, LearnerConfig(
-        zero_stage=0, precision="fp32", lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95),
-        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-    ))  # fmt: skip
+    engine = _engine(policy, 1e-2)
     n = 8
     frames = np.random.default_rng(4).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
     with torch.no_grad():
@@ -439,7 +433,6 @@ def test_sync_check_changes_no_bit_of_the_update(tiny_policy):
     same weights and generator state: the same weights, losses and generator state after."""
     import copy
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update
 
     exp = _acted(tiny_policy, [5] * 6)
@@ -447,10 +440,7 @@ def test_sync_check_changes_no_bit_of_the_update(tiny_policy):
     for rows in (64, 0):
         policy = copy.deepcopy(tiny_policy)
         policy.model.model.vqmodel.requires_grad_(False)
-        engine = PlainTorchEngine(policy, LearnerConfig(
-            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-        ))  # fmt: skip
+        engine = _engine(policy, 1e-3)
         gen = torch.Generator().manual_seed(0)
         metrics = ppo_update(engine, policy, None, copy.copy(exp), _ppo(rows), gen, 5)
         runs.append((metrics, policy.state_dict(), gen.get_state()))
@@ -471,7 +461,6 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
 
     from policies import state_readouts
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update
     from rl.policy import RigPolicy
 
@@ -484,10 +473,7 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
     runs = []
     for cached in (True, False):
         policy = state_readouts(copy.deepcopy(tiny_policy))
-        engine = PlainTorchEngine(policy, LearnerConfig(
-            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu", freeze=["model"],
-        ))  # fmt: skip
+        engine = _engine(policy, 1e-3, freeze=["model"])
         assert policy.trunk_frozen
         gen = torch.Generator().manual_seed(0)
         forwards.clear()
@@ -517,7 +503,6 @@ def test_an_update_inside_the_trunk_delay_runs_the_trunk_once(tiny_policy, monke
 
     from policies import state_readouts
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update
     from rl.policy import RigPolicy
 
@@ -537,11 +522,8 @@ def test_an_update_inside_the_trunk_delay_runs_the_trunk_once(tiny_policy, monke
     for delay, cached in ((4, True), (3, False)):
         policy = state_readouts(copy.deepcopy(tiny_policy))
         policy.model.model.vqmodel.requires_grad_(False)
-        engine = PlainTorchEngine(policy, LearnerConfig(
-            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-            warmup_delay_steps=delay, warmup_skip=["value_head", "action_head", "world"],
-        ))  # fmt: skip
+        engine = _engine(policy, 1e-3, warmup_delay_steps=delay,
+                         warmup_skip=["value_head", "action_head", "world"])  # fmt: skip
         assert not policy.trunk_frozen
         forwards.clear()
         ppo_update(engine, policy, None, copy.copy(exp), cfg, torch.Generator().manual_seed(0), 5)
@@ -563,7 +545,6 @@ def test_decoupled_update_on_the_learners_own_rows_is_plain_ppo(tiny_policy, fro
 
     from policies import state_readouts
 
-    from learner.engine import LearnerConfig, PlainTorchEngine
     from learner.ppo import ppo_update, proximal_log_probs
 
     exp = _acted(state_readouts(copy.deepcopy(tiny_policy)), [5] * 6)
@@ -571,11 +552,7 @@ def test_decoupled_update_on_the_learners_own_rows_is_plain_ppo(tiny_policy, fro
     runs = []
     for decoupled in (False, True):
         policy = state_readouts(copy.deepcopy(tiny_policy))
-        engine = PlainTorchEngine(policy, LearnerConfig(
-            zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
-            grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
-            freeze=["model"] if frozen else [],
-        ))  # fmt: skip
+        engine = _engine(policy, 1e-3, freeze=["model"] if frozen else [])
         if decoupled:
             trunk = policy.trunk_states(exp.act, exp.next_codes) if frozen else None
             prox = proximal_log_probs(policy, dataclasses.replace(exp, trunk=trunk), 4)
