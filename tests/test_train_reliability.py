@@ -128,16 +128,22 @@ def test_replayed_steps_read_as_the_resumed_run_computed(in_tmp, capsys):
     assert mlrun.data.metrics["counters/env_steps"] == 24.0
 
 
+def _two_adaptive_kl_iterations(in_tmp, capsys, *flags: str) -> tuple[Path, dict]:
+    """A 2-iteration debug run with ppo.behaviour_kl_coeff 0.2 and a target no update reaches
+    (1e6, so the coefficient halves after every policy update); its folder and last counters."""
+    code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, "train.iterations=2",
+                           "ppo.behaviour_kl_coeff=0.2", "ppo.behaviour_kl_target=1000000.0",
+                           "train.export_at_end=false", *flags)  # fmt: skip
+    assert code == 0, err
+    run = only_run(in_tmp)
+    return run, json.loads((run / "checkpoints" / "iter_000002" / "counters.json").read_text())
+
+
 def test_the_adaptive_kl_coefficient_adapts_and_survives_a_resume(in_tmp, capsys):
     """ppo.behaviour_kl_coeff 0.2 with a target no update reaches (1e6): halved after every
     update, logged as learner/kl_coeff, kept in the checkpoint's counters, so the resumed
     iteration 3 uses 0.05, not the config's 0.2 again."""
-    kl = ["ppo.behaviour_kl_coeff=0.2", "ppo.behaviour_kl_target=1000000.0"]
-    code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, *kl, "train.iterations=2",
-                           "train.export_at_end=false")  # fmt: skip
-    assert code == 0, err
-    run = only_run(in_tmp)
-    counters = json.loads((run / "checkpoints" / "iter_000002" / "counters.json").read_text())
+    run, counters = _two_adaptive_kl_iterations(in_tmp, capsys)
     assert counters["kl_coeff"] == pytest.approx(0.05)
     code, _, err = run_cli(capsys, "train", "--resume", str(run), "train.iterations=3")
     assert code == 0, err
@@ -151,13 +157,7 @@ def test_frozen_actor_iterations_fit_the_critic_first_and_hold_the_kl_coefficien
     """ppo.freeze_actor_iterations 1: iteration 1's update has no policy term (policy/pg_loss
     weighted 0: learner/actor_frozen 1) and leaves the adaptive KL coefficient alone; iteration
     2 updates the policy and adapts it (0.2 -> 0.1)."""
-    flags = ["ppo.freeze_actor_iterations=1", "ppo.behaviour_kl_coeff=0.2",
-             "ppo.behaviour_kl_target=1000000.0"]  # fmt: skip
-    code, _, err = run_cli(capsys, "train", "--config", DEBUG, *FAST, *flags, "train.iterations=2",
-                           "train.export_at_end=false")  # fmt: skip
-    assert code == 0, err
-    run = only_run(in_tmp)
-    counters = json.loads((run / "checkpoints" / "iter_000002" / "counters.json").read_text())
+    run, counters = _two_adaptive_kl_iterations(in_tmp, capsys, "ppo.freeze_actor_iterations=1")
     assert counters["kl_coeff"] == pytest.approx(0.1)
     client, mlrun = mlflow_run(run)
     frozen = [m.value for m in client.get_metric_history(mlrun.info.run_id, "learner/actor_frozen")]
