@@ -32,8 +32,10 @@ point tensors to its own dtype on copy, as ``load_state_dict`` does on the objec
 bf16 learner, fp32 actors); any other difference is a layout mismatch.
 
 Never hangs: every collective, and the group's set-up, fails after ``timeout_s``; a receiver
-that died makes the sender's broadcast fail at once (gloo sees the closed connection) and the
-driver names the actor (:class:`ActorBroadcast`).
+that died makes the sender's broadcast fail at once (gloo sees the closed connection), an actor
+that dies or fails before it joins the group fails the set-up at once (the driver watches the
+join calls while it waits for the group), and the driver names the actor
+(:class:`ActorBroadcast`).
 
 Backend: nccl when the driver and every inference actor hold a CUDA device and no two share
 one (NCCL cannot put two ranks of a communicator on one GPU), gloo over TCP otherwise (GPU
@@ -317,8 +319,7 @@ class ActorBroadcast:
                                           self.bucket_bytes, self.backend, self.timeout_s)
                 for j, a in enumerate(self.actors)]  # fmt: skip
         try:
-            sender.connect()
-            ray.get(refs, timeout=self.timeout_s)
+            _connect_watching(sender, refs, self.timeout_s)
         except Exception as exc:  # noqa: BLE001
             raise self._failure(refs, exc, "the weight-sync group's set-up") from None
         self.sender = sender
@@ -353,6 +354,38 @@ class ActorBroadcast:
         return RuntimeError(f"the weight broadcast to the inference actors failed in {what} "
                             f"({type(exc).__name__}: {first}); resume the run from its last "
                             f"checkpoint (rig train --resume)")  # fmt: skip
+
+
+def _connect_watching(sender: WeightSender, refs: list, timeout_s: float) -> None:
+    """``sender.connect()`` (which blocks until every rank has joined) while watching the
+    actors' ``join_weight_sync`` calls: one that fails or whose actor dies raises at once
+    instead of after ``timeout_s``, the time the group would wait for the missing rank. The
+    connecting thread is left to time out on its own (a daemon; the run is failing anyway)."""
+    import threading
+
+    import ray
+
+    failed: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            sender.connect()
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
+            failed.append(exc)
+
+    thread = threading.Thread(target=connect, name="weight-sync-connect", daemon=True)
+    thread.start()
+    deadline, pending = time.monotonic() + timeout_s, list(refs)
+    while thread.is_alive() or pending:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the group was not complete after {timeout_s:.0f} s")
+        if pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            ray.get(ready)  # an actor that died or failed to join raises here
+        else:
+            thread.join(0.2)
+    if failed:
+        raise failed[0]
 
 
 def _gone(j: int, n: int, kind: str, what: str) -> RuntimeError:

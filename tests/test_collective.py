@@ -224,6 +224,43 @@ def test_a_layout_mismatch_through_ray_is_one_line(actor):
     assert "\n" not in str(info.value)
 
 
+def _joins_badly(how: str):
+    """A Ray actor with an inference actor's weight-sync surface that accepts the layout, then
+    dies (or raises) in ``join_weight_sync``, before it has joined the group. Defined in a
+    function so that Ray ships the class by value (workers cannot import this test module)."""
+    import ray
+
+    class JoinsBadly:
+        def check_weight_layout(self, layout: list) -> None:
+            return None
+
+        def join_weight_sync(self, *args) -> None:
+            if how == "dies":
+                import os
+
+                os._exit(1)
+            raise OSError("no route to the driver")
+
+    return ray.remote(num_cpus=0, max_restarts=0)(JoinsBadly).remote()
+
+
+@pytest.mark.timeout(120, method="thread")  # the group's own wait (timeout_s) is 600 s: this must not wait it
+@pytest.mark.parametrize("how, message", [
+    ("dies", r"inference actor 0 of 1 is gone \(.*\) in the weight-sync group's set-up"),
+    ("raises", r"inference actor 0 of 1 failed in the weight-sync group's set-up \(OSError: "
+               r"no route to the driver\)"),
+])  # fmt: skip
+def test_an_actor_lost_before_it_joins_fails_the_set_up_at_once(actor, how, message):
+    from envs.crafter_env import crafter_codec
+    from rl.policy import RigPolicy
+
+    bad = _joins_badly(how)
+    state = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).state_dict()
+    with pytest.raises(RuntimeError, match=message) as info:
+        ActorBroadcast([bad], bucket_mb=1, timeout_s=600).sync(state, 1)
+    assert "\n" not in str(info.value)
+
+
 def test_a_dead_receiver_fails_the_sync_naming_it_not_hanging(actor):
     """Runs last in this module: it kills the fixture's actor after a good sync."""
     import ray
