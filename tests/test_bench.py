@@ -530,6 +530,20 @@ def test_frame_signal_critic_probes():
     assert ridge <= 1.0 and -1.0 < exact <= 1.0
 
 
+def test_crafter_features_probe_labels_and_features():
+    """benchmarks/crafter_features.py: the 9 x 7 tile labels are crafter's semantic map around
+    the player in the frame's row-major layout (the centre tile is always the player), and the
+    frozen features are what the heads read (16 image columns x 256 of the tiny policy)."""
+    from benchmarks.crafter_features import VIEW_H, VIEW_W, collect, policy_features
+
+    frames, tiles, acts = collect(40, eps=0.5, seed=0)
+    assert frames.shape == (40, 64, 64, 3) and tiles.shape == (40, VIEW_W * VIEW_H)
+    assert (tiles[:, (VIEW_H // 2) * VIEW_W + VIEW_W // 2] == 13).all()  # crafter's Player id
+    assert ((0 <= acts) & (acts < 17)).all()
+    feats = policy_features("tiny", frames[:4])
+    assert feats.shape == (4, 16 * 256) and torch.isfinite(feats).all()
+
+
 def test_catch_bandit_rllib_peer_mode(capsys):
     """The bandit's peer mode: RLlib's PPO on the same one-step episodes, one train call."""
     import sys
