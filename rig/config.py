@@ -493,6 +493,17 @@ def _describe(err: ValidationError, sources: dict[tuple[str, ...], str]) -> str:
 
 
 def _source_of(loc: tuple[str, ...], sources: dict) -> str:
+    """Where the value at ``loc`` came from. A whole section (a check across its keys, such as
+    ``rollout``'s) names the last layer that set any key in it: the command line over a preset
+    file over configs/defaults.yaml, which sets every section first."""
+    if loc and _model_at(loc) is not None:
+        inside = [src for path, src in sources.items() if path[: len(loc)] == loc]
+        defaults = _display(DEFAULTS_FILE)
+        if COMMAND_LINE in inside:
+            return COMMAND_LINE
+        files = [src for src in inside if src != defaults]
+        if files:
+            return files[-1]
     for n in range(len(loc), 0, -1):
         if loc[:n] in sources:
             return sources[loc[:n]]

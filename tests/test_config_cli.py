@@ -110,6 +110,18 @@ def test_bad_file_values_name_the_file(tmp_path, capsys):
     assert code == 2 and "mine.yaml" in err and "not valid YAML" in err
 
 
+def test_a_check_across_a_sections_keys_names_the_layer_that_set_them(tmp_path, capsys):
+    """A section's own validator (rollout: collective sync needs inference actors) names the
+    command line or the preset that set the keys, not configs/defaults.yaml."""
+    bad = "rollout: weight_sync=collective broadcasts to inference actors"
+    code, _, err = run_cli(capsys, "config", "show", "-c", DEBUG, "rollout.weight_sync=collective")
+    assert code == 2 and err.startswith(f"error: command line: {bad}")
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(yaml.safe_dump({"rollout": {"weight_sync": "collective"}}))
+    code, _, err = run_cli(capsys, "config", "show", "-c", str(preset))
+    assert code == 2 and err.startswith("error: ") and f"mine.yaml: {bad}" in err
+
+
 def test_missing_config_file(capsys):
     code, _, err = run_cli(capsys, "config", "show", "-c", "no/such.yaml")
     assert code == 2 and err == "error: config file 'no/such.yaml' does not exist (presets live in " + str(ROOT / "configs") + ")\n"
