@@ -5,7 +5,8 @@ repeat samples the same tokens, i.e. does the same work):
 
 - ``act``: transitions/s at each batch size, and the batching gain (transitions/s at B over the
   smallest batch);
-- ``act(lookahead=n)`` at one batch: its cost against lookahead 0 at that batch;
+- ``act(lookahead=n)`` at one batch: its cost against lookahead 0 at that batch (``--lookahead
+  0`` leaves it out: with 576 codes per imagined frame it is most of a 1.3B preset's time);
 - ``imagine``: imagined frames/s (G codes sampled with the KV cache, decoded to pixels);
 - ``evaluate`` + backward: the learner's teacher-forced pass with the next-frame targets
   (``learner/ppo.py`` calls ``evaluate(act, next_codes=...)``), samples/s;
@@ -80,18 +81,19 @@ def bench_policy(
 
     Returns ``{"config": {...}, "act": [{"batch", "seconds", "per_s"}, ...],
     "act_speedup": [{"batch", "base", "ratio"}, ...], "lookahead": {"batch", "lookahead",
-    "seconds", "per_s", "base_seconds", "cost_ratio"}, "imagine": {"batch", "seconds",
-    "per_s"}, "evaluate": {...}, "kv_cache": {"batch", "tokens", "prompt_tokens",
-    "cached_seconds", "recompute_seconds", "ratio", "max_abs_diff"}, "samples": {variant:
+    "seconds", "per_s", "base_seconds", "cost_ratio"} (None for lookahead 0), "imagine":
+    {"batch", "seconds", "per_s"}, "evaluate": {...}, "kv_cache": {"batch", "tokens",
+    "prompt_tokens", "cached_seconds", "recompute_seconds", "ratio", "max_abs_diff"},
+    "samples": {variant:
     [seconds of each timed call]}}``; ``seconds`` are medians
     per call, ``per_s`` transitions (act), frames (imagine) or samples (evaluate) per second.
     """
     sizes = sorted(set(batch_sizes))
     if not sizes or sizes[0] < 1 or batch < 1:
         raise ValueError(f"batch sizes must be >= 1, got {list(batch_sizes)} and {batch}")
-    if repeats < 1 or warmup < 0 or reasoning_tokens < 0 or lookahead < 1 or kv_tokens < 1:
+    if repeats < 1 or warmup < 0 or reasoning_tokens < 0 or lookahead < 0 or kv_tokens < 1:
         raise ValueError(
-            f"need repeats >= 1, warmup >= 0, reasoning_tokens >= 0, lookahead >= 1 and "
+            f"need repeats >= 1, warmup >= 0, reasoning_tokens >= 0, lookahead >= 0 and "
             f"kv_tokens >= 1; got {repeats}, {warmup}, {reasoning_tokens}, {lookahead}, {kv_tokens}"
         )
     previous_threads = torch.get_num_threads()
@@ -130,7 +132,8 @@ def _measure(
     variants: dict[str, Callable[[], Any]] = {
         f"act_{b}": (lambda b=b: act(act_frames[b])) for b in act_batches
     }
-    variants["lookahead"] = lambda: act(act_frames[batch], lookahead)
+    if lookahead:
+        variants["lookahead"] = lambda: act(act_frames[batch], lookahead)
 
     act_out = act(act_frames[batch])
     next_codes = frame_codes(policy, frames(batch))
@@ -186,7 +189,9 @@ def _measure(
             "per_s": batch / times["lookahead"],
             "base_seconds": times[f"act_{batch}"],
             "cost_ratio": times["lookahead"] / times[f"act_{batch}"],
-        },
+        }
+        if lookahead
+        else None,
         "imagine": {
             "batch": batch,
             "seconds": times["imagine"],
@@ -270,9 +275,10 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows = [("act", str(r["batch"]), f"{r['seconds']:.4f}", f"{r['per_s']:.1f} transitions/s")
             for r in result["act"]]  # fmt: skip
     la, im, ev, kv = (result[k] for k in ("lookahead", "imagine", "evaluate", "kv_cache"))
+    if la is not None:
+        rows.append((f"act, lookahead {la['lookahead']}", str(la["batch"]), f"{la['seconds']:.4f}",
+                     f"{la['per_s']:.1f} transitions/s"))  # fmt: skip
     rows += [
-        (f"act, lookahead {la['lookahead']}", str(la["batch"]), f"{la['seconds']:.4f}",
-         f"{la['per_s']:.1f} transitions/s"),
         ("imagine (codes + pixels)", str(im["batch"]), f"{im['seconds']:.4f}",
          f"{im['per_s']:.1f} frames/s"),
         ("evaluate + backward", str(ev["batch"]), f"{ev['seconds']:.4f}",
@@ -290,10 +296,11 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"act batch {s['batch']} vs {s['base']}: {s['ratio']:.1f}x transitions/s"
              for s in result["act_speedup"]]  # fmt: skip
     la, kv = result["lookahead"], result["kv_cache"]
-    lines.append(
-        f"act lookahead {la['lookahead']} vs 0 (batch {la['batch']}): {la['cost_ratio']:.1f}x "
-        f"the time per call"
-    )
+    if la is not None:
+        lines.append(
+            f"act lookahead {la['lookahead']} vs 0 (batch {la['batch']}): {la['cost_ratio']:.1f}x "
+            f"the time per call"
+        )
     lines.append(
         f"KV cache vs recompute ({kv['prompt_tokens']}-token prompt + {kv['tokens']} tokens, "
         f"batch {kv['batch']}): {kv['ratio']:.1f}x faster"
@@ -319,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reasoning-tokens", type=int, default=16)
     parser.add_argument("--kv-tokens", type=int, default=32)
+    parser.add_argument("--lookahead", type=int, default=2, help="0: leave act(lookahead) out")
     parser.add_argument("--threads", type=int, default=None, help="default: every core")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
@@ -326,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     result = bench_policy(
         args.preset, args.batch_sizes, args.repeats, reasoning_tokens=args.reasoning_tokens,
-        batch=args.batch, kv_tokens=args.kv_tokens,
+        batch=args.batch, lookahead=args.lookahead, kv_tokens=args.kv_tokens,
         threads=args.threads, device=args.device, dtype=args.dtype,
     )  # fmt: skip
     print(header(result))

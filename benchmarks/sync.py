@@ -20,12 +20,33 @@ GPUs), ``result["inference"]``, with the collective-vs-store ratio.
 
     rig bench sync --presets tiny,small
     python -m benchmarks.sync --presets tiny small --repeats 5
+
+Without Ray (``--no-ray``, :func:`bench_sync_local`): one sync on one machine with a GPU, the
+part of ``rig train``'s publish that does not depend on Ray, for a preset too big for the actors
+of this machine (janus-1.3b). The learner's policy sits on ``--device`` in ``--dtype`` (bf16 on
+a GPU, as DeepSpeed holds it) and a second copy, the receiver, beside it on the same device.
+Each sync is timed in its steps, in order: ``host copy`` (the state dict to host memory, as
+``DeepSpeedEngine.published_state_dict`` copies it under ZeRO 0-2, where its gather is a no-op),
+``finite check`` (``rig train``'s ``_check_finite`` over it, before anything is published),
+``pack`` (``actors.weights.pack_state``: NumPy views), ``put copy`` (a stand-in for
+``ray.put``: one memcpy of the packed buffers into preallocated host arrays, which is what the
+put into the object store's shared memory costs at least) and ``load`` (``unpack_state``, then
+the receiver's ``load_state_dict``: the copy from host memory to the device, as an inference
+actor on that GPU does it). Left out: Ray itself (the object store's allocation and
+serialisation, the actor calls, a receiver on another node fetching the bytes over the
+network), more than one receiver (each loads its own copy), the collective path
+(``rollout.weight_sync: collective``, NCCL between two GPUs, which one GPU cannot show) and
+ZeRO-3's gather. The receiver starts from other weights (another seed); after the last sync its
+state must equal the learner's (``max_abs_diff`` 0).
+
+    python -m benchmarks.sync --no-ray --presets janus-1.3b --device cuda --dtype bf16
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -144,6 +165,126 @@ def bench_sync(
     return {"config": config, "presets": results, "inference": inference}
 
 
+def bench_sync_local(
+    presets: Sequence[str] = ("tiny",),
+    device: str = "cpu",
+    dtype: str = "fp32",
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, Any]:
+    """Seconds of each step of a sync without Ray (module docstring), per preset. Returns
+    ``{"config", "presets": [{"preset", "parameters", "megabytes", "steps": {step: median s},
+    "sync_s", "sync_min_s", "sync_max_s", "gb_per_s", "max_abs_diff"}, ...]}``; ``gb_per_s`` =
+    payload / median sync seconds."""
+    import torch
+
+    from benchmarks.policy import DTYPES, build_policy
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    results = []
+    for preset in presets:
+        learner = build_policy(preset, device, dtype, seed=0)
+        receiver = build_policy(preset, device, dtype, seed=1)
+        parameters = sum(p.numel() for p in learner.parameters())
+        sync = _LocalSync(learner, receiver)
+        times = interleaved({"sync": sync}, repeats, warmup)["sync"]
+        s = spread(times)
+        megabytes = sync.bytes / 1e6
+        results.append({
+            "preset": preset, "parameters": parameters, "megabytes": megabytes,
+            "steps": {k: spread(v)["median"] for k, v in sync.steps.items()},
+            "sync_s": s["median"], "sync_min_s": s["min"], "sync_max_s": s["max"],
+            "gb_per_s": megabytes / 1e3 / s["median"], "max_abs_diff": sync.max_abs_diff(),
+        })  # fmt: skip
+        del learner, receiver, sync
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    config = {"device": device, "dtype": dtype, "repeats": repeats, "warmup": warmup,
+              "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+              "torch_dtype": str(DTYPES[dtype])}  # fmt: skip
+    return {"config": config, "presets": results}
+
+
+class _LocalSync:
+    """One sync from ``learner`` to ``receiver`` per call, each step timed into ``steps``
+    (seconds of every call, warm-up included; :func:`bench_sync_local` takes the medians)."""
+
+    STEPS = ("host copy", "finite check", "pack", "put copy", "load")
+
+    def __init__(self, learner, receiver) -> None:
+        import numpy as np
+
+        from actors.weights import PACKED, pack_state
+
+        self.learner, self.receiver = learner, receiver
+        packed = pack_state(learner.state_dict())
+        self.store = {k: np.empty_like(a) for k, a in packed[PACKED].items()}  # the "object store"
+        self.bytes = sum(a.nbytes for a in self.store.values())
+        self.steps: dict[str, list[float]] = {name: [] for name in self.STEPS}
+
+    def __call__(self) -> None:
+        import numpy as np
+        import torch
+
+        from actors.weights import PACKED, pack_state, unpack_state
+
+        clock = _Clock(self.steps, self.learner.device)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in self.learner.state_dict().items()}
+        clock("host copy")
+        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise RuntimeError(f"non-finite weights: {bad[:3]}")
+        clock("finite check")
+        packed = pack_state(state)
+        clock("pack")
+        for name, array in packed[PACKED].items():
+            np.copyto(self.store[name], array)
+        clock("put copy")
+        stored = {PACKED: self.store, "dtypes": packed["dtypes"]}
+        self.receiver.load_state_dict(unpack_state(stored))
+        clock("load")
+
+    def max_abs_diff(self) -> float:
+        """Largest |learner - receiver| over the state dicts (0: the sync delivered them)."""
+        mine, theirs = self.learner.state_dict(), self.receiver.state_dict()
+        return max(float((mine[k].double() - theirs[k].double()).abs().max()) if mine[k].numel()
+                   else 0.0 for k in mine)  # fmt: skip
+
+
+class _Clock:
+    """Appends the seconds since the last call (the device's work finished) under each name."""
+
+    def __init__(self, into: dict[str, list[float]], device) -> None:
+        self.into, self.device = into, device
+        self.last = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.into[name].append(now - self.last)
+        self.last = now
+
+
+def local_lines(result: dict[str, Any]) -> list[str]:
+    """:func:`bench_sync_local`'s printout: a header, a line per preset, the steps' seconds."""
+    c = result["config"]
+    lines = [f"one sync without Ray on {c['gpu'] or c['device']}, {c['dtype']}: learner -> host "
+             f"-> a second copy on the same device; median of {c['repeats']} syncs"]  # fmt: skip
+    for r in result["presets"]:
+        steps = ", ".join(f"{k} {v:.3f}" for k, v in r["steps"].items())
+        lines.append(
+            f"{r['preset']} ({r['parameters'] / 1e6:,.1f}M parameters, {r['megabytes']:,.0f} MB): "
+            f"{r['sync_s']:.3f} s per sync, {r['gb_per_s']:.2f} GB/s (goal <= 1 s for 2.1B "
+            f"parameters on one node); steps (s): {steps}; max |learner - receiver| after: "
+            f"{r['max_abs_diff']:g}"
+        )
+    return lines
+
+
 def _inference_syncs(preset: str, state: dict, actors: int, repeats: int, warmup: int,
                      bucket_mb: float) -> dict[str, list[float]]:  # fmt: skip
     """Seconds of each sync to ``actors`` inference actors by either path, interleaved."""
@@ -240,8 +381,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--inference-actors", type=int, default=1, help="0: skip that part")
     parser.add_argument("--bucket-mb", type=float, default=256)
+    parser.add_argument("--no-ray", action="store_true", help="one sync without Ray (docstring)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="--no-ray")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="--no-ray")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
+    if args.no_ray:
+        result = bench_sync_local(args.presets, args.device, args.dtype, args.repeats)
+        print("\n".join(local_lines(result)))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     result = bench_sync(args.presets, args.runners, args.imagination_actors, args.repeats,
                         inference_actors=args.inference_actors, bucket_mb=args.bucket_mb)  # fmt: skip
     print_result(sys.modules[__name__], result, args.json)

@@ -108,6 +108,51 @@ def test_learner_benchmark_times_the_policy_update(rig_main, capsys, tmp_path):
     assert all(r["deepspeed_s"] > 0 and r["plain_s"] > 0 for r in result["rows"])
     # the VQ is frozen as in rig train: fewer trainable parameters than the whole policy
     assert 1e6 < result["config"]["parameters"] < 5.3e6
+    # tokens/s of the DeepSpeed update; no MFU on a CPU (no peak to measure it against)
+    assert "learner tokens/s, ZeRO 2 fp32:" in out and "MFU, ZeRO 2: none (no peak known" in out
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None for r in result["rows"])
+
+
+def test_learner_tokens_and_flops_follow_the_formula(monkeypatch):
+    """Tokens are the positions of the learner's forward, FLOPs PaLM's 6 N + 12 l d T per
+    position plus the KL reference's forward (benchmarks/learner_engine.py's docstring)."""
+    from benchmarks import learner_engine as le
+
+    case = le.policy_case("tiny", rows=3, reasoning_tokens=2)
+    work, exp, policy = case.work, case.batch, case.factory()
+    with torch.no_grad():
+        learner = policy.forward_sequence(exp.act, exp.next_codes)[0]  # (B, P + L + 1 + G, D)
+        reference = policy.forward_sequence(exp.act)[0]  # (B, P + L, D): reference.evaluate's
+    assert (work.rows, work.sequence, work.reference_sequence) == (
+        3, learner.shape[1], reference.shape[1])  # fmt: skip
+    assert work.tokens == 3 * learner.shape[1]
+    assert (work.layers, work.hidden) == (4, 256)  # configs/policy/tiny.yaml
+    layers = policy.model.model.language_model.layers
+    assert work.decoder_parameters == sum(p.numel() for p in layers.parameters())
+    n, t, r = 4_000_000, work.sequence, work.reference_sequence
+    flops = 3 * t * (6 * n + 12 * 4 * 256 * t) + 3 * r * (2 * n + 4 * 4 * 256 * r)
+    assert work.flops(n) == flops
+    # an update of 2 micro-steps in 0.5 s against a peak of 1 TFLOP/s
+    out = le.throughput({"deepspeed_s": 0.5, "parameters": n}, work, accum=2, peak=1.0)
+    assert out["tokens_per_s"] == pytest.approx(2 * 3 * t / 0.5)
+    assert out["mfu"] == pytest.approx(2 * flops / 0.5 / 1e12)
+    assert out["mfu_decoder"] == pytest.approx(2 * work.flops(work.decoder_parameters) / 0.5 / 1e12)
+    assert le.throughput({"deepspeed_s": None, "parameters": n}, work, 1, 1.0) == {}
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "peak"),
+    [("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0),
+     ("NVIDIA H200", "bf16", 989.0), ("NVIDIA H200 NVL", "bf16", 835.0),
+     ("Tesla T4", "bf16", None), ("NVIDIA H100 80GB HBM3", "fp32", None)],
+)  # fmt: skip
+def test_mfu_peak_by_gpu_name(monkeypatch, name, precision, peak):
+    from benchmarks.learner_engine import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_tflops("cuda", precision)[0] == peak
+    assert peak_tflops("cuda", precision, 500.0) == (500.0, "--peak-tflops")
+    assert peak_tflops("cpu", "bf16") == (None, "no peak known for cpu: give --peak-tflops")
 
 
 @pytest.mark.slow
@@ -149,6 +194,19 @@ def test_sync_benchmark_payload_and_encodings(rig_main, capsys, tmp_path):
     assert [r["path"] for r in result["inference"]] == ["object store", "collective"]
     assert all(r["sync_s"] > 0 and r["receivers"] == 1 for r in result["inference"])
     assert "tiny to 1 inference actor(s): collective" in out
+
+
+def test_sync_without_ray_times_each_step_and_delivers_the_weights(capsys, tmp_path):
+    from benchmarks import sync
+
+    out_file = tmp_path / "sync.json"
+    sync.main(["--no-ray", "--presets", "tiny", "--repeats", "2", "--json", str(out_file)])
+    assert "s per sync" in capsys.readouterr().out
+    (row,) = json.loads(out_file.read_text())["presets"]
+    assert list(row["steps"]) == ["host copy", "finite check", "pack", "put copy", "load"]
+    assert row["sync_s"] >= sum(row["steps"].values()) * 0.5 > 0
+    assert row["megabytes"] == pytest.approx(row["parameters"] * 4 / 1e6, rel=0.05)  # fp32
+    assert row["max_abs_diff"] == 0.0  # the receiver started from other weights
 
 
 def test_imagination_benchmark_ratio(rig_main, capsys, tmp_path):
@@ -539,7 +597,7 @@ def test_crafter_features_probe_labels_and_features():
     frames, tiles, acts = collect(40, eps=0.5, seed=0)
     assert frames.shape == (40, 64, 64, 3) and tiles.shape == (40, VIEW_W * VIEW_H)
     assert (tiles[:, (VIEW_H // 2) * VIEW_W + VIEW_W // 2] == 13).all()  # crafter's Player id
-    assert ((0 <= acts) & (acts < 17)).all()
+    assert ((acts >= 0) & (acts < 17)).all()
     feats = policy_features("tiny", frames[:4])
     assert feats.shape == (4, 16 * 256) and torch.isfinite(feats).all()
 
