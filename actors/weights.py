@@ -29,6 +29,13 @@ PACKED = "__rig_packed_state__"
 _VIEWS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.bool: torch.uint8}
 
 
+def non_finite(state: dict[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors of ``state`` with a NaN or an infinity: weights that
+    must not be published or saved."""
+    return [k for k, v in state.items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+
+
 def pack_state(state: dict[str, Tensor]) -> dict[str, Any]:
     """``{PACKED: {name: np.ndarray}, "dtypes": {name: torch dtype name}}`` on the CPU."""
     arrays, dtypes = {}, {}

@@ -225,14 +225,14 @@ class _LocalSync:
 
     def __call__(self) -> None:
         import numpy as np
-        import torch
 
-        from actors.weights import PACKED, pack_state, unpack_state
+        from actors.weights import PACKED, non_finite, pack_state, unpack_state
+        from learner.engine import cpu_state_dict
 
         clock = _Clock(self.steps, self.learner.device)
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.learner.state_dict().items()}
+        state = cpu_state_dict(self.learner)
         clock("host copy")
-        bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        bad = non_finite(state)
         if bad:
             raise RuntimeError(f"non-finite weights: {bad[:3]}")
         clock("finite check")

@@ -177,6 +177,12 @@ def freeze(model: nn.Module, prefixes: Sequence[str]) -> None:
             p.requires_grad_(False)
 
 
+def cpu_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as detached CPU copies in its own dtypes: what an engine publishes
+    (its parameters may live on a GPU and change in place at the next step)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
 class _Engine:
     """What both engines share: the optimiser over the trainable parameters, the schedule, the API.
 
@@ -297,7 +303,7 @@ class PlainTorchEngine(_Engine):
 
     def published_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's full state dict as detached CPU copies."""
-        return {k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()}
+        return cpu_state_dict(self._module)
 
     def save_checkpoint(
         self, directory: str | Path, tag: str, client_state: dict | None = None
@@ -386,9 +392,7 @@ class DeepSpeedEngine(_Engine):
         """
         params = list(self._module.parameters())
         with self._deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {
-                k: v.detach().to("cpu", copy=True) for k, v in self._module.state_dict().items()
-            }
+            return cpu_state_dict(self._module)
 
     @property
     def world_size(self) -> int:

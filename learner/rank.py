@@ -27,7 +27,7 @@ from learner.engine import DeepSpeedEngine, World
 from learner.ppo import DataParallel
 from rig.config import Config
 from rig.errors import UserError
-from rl.heads import freeze_statistics
+from rl.heads import fitted_statistics, freeze_statistics
 
 
 def build_policy(config: Config, codec):
@@ -53,8 +53,6 @@ def build_policy(config: Config, codec):
 def statistics_frozen(config: Config, policy) -> bool:
     """``learner.freeze_statistics``, its null resolved: frozen when the run starts from a
     checkpoint (``policy.init_from``) whose head statistics are fitted."""
-    from rl.heads import fitted_statistics
-
     frozen = config.learner.freeze_statistics
     if frozen is None:
         frozen = bool(config.policy.init_from) and fitted_statistics(policy)

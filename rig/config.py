@@ -497,13 +497,10 @@ def _source_of(loc: tuple[str, ...], sources: dict) -> str:
     ``rollout``'s) names the last layer that set any key in it: the command line over a preset
     file over configs/defaults.yaml, which sets every section first."""
     if loc and _model_at(loc) is not None:
-        inside = [src for path, src in sources.items() if path[: len(loc)] == loc]
-        defaults = _display(DEFAULTS_FILE)
-        if COMMAND_LINE in inside:
-            return COMMAND_LINE
-        files = [src for src in inside if src != defaults]
-        if files:
-            return files[-1]
+        inside = {src for path, src in sources.items() if path[: len(loc)] == loc}
+        inside.discard(_display(DEFAULTS_FILE))
+        if inside:  # the command line, the preset file (one at most), or both
+            return COMMAND_LINE if COMMAND_LINE in inside else inside.pop()
     for n in range(len(loc), 0, -1):
         if loc[:n] in sources:
             return sources[loc[:n]]

@@ -335,13 +335,13 @@ class Trainer:
 
     def _check_finite(self, metrics: dict[str, float], state=None) -> None:
         """Stop (DivergedError) before a non-finite loss or weights are published or saved."""
-        import torch
 
         bad = [k for k, v in metrics.items() if (k.startswith("loss/") or k == "learner/grad_norm")
                and v is not None and not np.isfinite(float(v))]  # fmt: skip
         if state is not None:
-            bad += [f"weights {k}" for k, v in state.items()
-                    if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+            from actors.weights import non_finite
+
+            bad += [f"weights {k}" for k in non_finite(state)]
         if not bad:
             return
         latest = self.checkpoints.latest()

@@ -91,7 +91,7 @@ def _global_moments(rows: Tensor, all_sum: Callable[[Tensor], Tensor]) -> tuple[
 def frozen_statistics(module: nn.Module) -> Iterator[None]:
     """Forwards of ``module`` inside leave every :class:`RunningStandardize` as it is (extra
     forwards for diagnostics must not count as data)."""
-    norms = [m for m in module.modules() if isinstance(m, RunningStandardize)]
+    norms = list(_standardizers(module))
     before = [m.frozen for m in norms]
     for m in norms:
         m.frozen = True
@@ -105,14 +105,17 @@ def frozen_statistics(module: nn.Module) -> Iterator[None]:
 def fitted_statistics(module: nn.Module) -> bool:
     """Whether any :class:`RunningStandardize` of ``module`` has seen data (a trained policy's
     heads read their state through them)."""
-    return any(float(m.count) > 0 for m in module.modules() if isinstance(m, RunningStandardize))
+    return any(float(m.count) > 0 for m in _standardizers(module))
 
 
 def freeze_statistics(module: nn.Module) -> None:
     """Every :class:`RunningStandardize` of ``module`` keeps its statistics from now on."""
-    for m in module.modules():
-        if isinstance(m, RunningStandardize):
-            m.frozen = True
+    for m in _standardizers(module):
+        m.frozen = True
+
+
+def _standardizers(module: nn.Module) -> Iterator[RunningStandardize]:
+    return (m for m in module.modules() if isinstance(m, RunningStandardize))
 
 
 class ValueHead(nn.Module):
