@@ -217,10 +217,12 @@ def test_two_ranks_match_one_rank_at_zero_1_and_3(local_ray, batches, stage):
 
 def test_a_killed_rank_stops_the_group_with_a_clear_message_not_a_hang(local_ray, batches):
     """Rank 1's process is killed 1 s into an update. The driver does not wait for rank 0 (which
-    sits in a collective with the dead rank): the call fails within seconds naming rank 1."""
+    sits in a collective with the dead rank): the call fails within seconds naming rank 1. The
+    update makes 100 epochs (200 optimiser steps, tens of seconds even on a fast machine) so the
+    kill always lands inside it; with 2 epochs a fast CI machine had finished it before 1 s."""
     from actors.learner import LearnerGroup, LearnerGroupError
 
-    group = LearnerGroup(config(2))
+    group = LearnerGroup(load_config(None, [*OVERRIDES, "learner.num_ranks=2", "ppo.epochs=100"]))
     try:
         victim = group.pids()[1]
         threading.Timer(1.0, os.kill, (victim, signal.SIGKILL)).start()
