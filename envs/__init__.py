@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 
 from envs.codecs import ActionCodec
 
@@ -122,26 +121,4 @@ def get_codec(env: gym.Env | gym.vector.VectorEnv) -> ActionCodec:
     return env.get_wrapper_attr("codec")
 
 
-def random_frames(
-    env_id: str, size: int, n: int, seed: int = 0, **kwargs: Any
-) -> tuple[np.ndarray, ActionCodec]:
-    """``n`` consecutive frames (n, size, size, 3) uint8 of a uniformly random agent in one
-    ``make(env_id, size, **kwargs)`` (reset with ``seed``, again whenever an episode ends), and
-    the env's codec: what a policy sees in its first steps from scratch."""
-    env = make(env_id, size, **kwargs)
-    try:
-        env.action_space.seed(seed)
-        obs, _ = env.reset(seed=seed)
-        frames = []
-        for _ in range(n):
-            frames.append(obs)
-            obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
-            if terminated or truncated:
-                obs, _ = env.reset()
-        return np.stack(frames).astype(np.uint8), get_codec(env)
-    finally:
-        env.close()
-
-
-__all__ = ["DEFAULT_ENV", "ENVS", "EnvInfo", "check_env_id", "env_kwargs", "get_codec", "make",
-           "random_frames"]
+__all__ = ["DEFAULT_ENV", "ENVS", "EnvInfo", "check_env_id", "env_kwargs", "get_codec", "make"]

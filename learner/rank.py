@@ -30,10 +30,9 @@ from rig.errors import UserError
 from rl.heads import fitted_statistics, freeze_statistics
 
 
-def build_policy(config: Config, codec, start: bool = True):
+def build_policy(config: Config, codec):
     """The run's policy: ``policy.init_from``'s checkpoint or the preset at ``run.seed``, with the
-    VQ tokenizer frozen (the next-frame targets stay fixed). ``start``: set up the run's first
-    policy (``policy.initial_actions``); False where other weights are loaded into it next."""
+    VQ tokenizer frozen (the next-frame targets stay fixed)."""
     from rl.policy import RigPolicy
 
     if config.policy.init_from:
@@ -48,28 +47,7 @@ def build_policy(config: Config, codec, start: bool = True):
             f"{config.env.size}; set env.size={policy.image_size}"
         )
     policy.model.model.vqmodel.requires_grad_(False)
-    if start and config.policy.initial_actions == "uniform" and not config.policy.init_from:
-        uniform_start(config, policy)
     return policy
-
-
-PRIOR_FRAMES = 32  # a random agent's first frames the uniform start is fitted on
-
-
-def uniform_start(config: Config, policy) -> None:
-    """``policy.initial_actions: uniform`` for a policy from scratch (an ``--init-from``
-    checkpoint keeps its own): the action head's biases fitted so that the policy starts
-    uniform over the env's actions on a random agent's first frames of this run's env and seed
-    (``rl.heads.uniform_action_prior``). Deterministic, so every learner rank fits the same
-    biases; a resumed run's checkpoint then replaces them."""
-    import torch
-
-    import envs
-    from rl.heads import uniform_action_prior
-
-    frames, _ = envs.random_frames(config.env.id, config.env.size, PRIOR_FRAMES,
-                                   config.run.seed, **config.env.kwargs)  # fmt: skip
-    uniform_action_prior(policy, torch.as_tensor(frames), config.policy.task)
 
 
 def statistics_frozen(config: Config, policy) -> bool:

@@ -117,11 +117,6 @@ class PolicyConfig(Section):
     head_hidden: int = Field(
         ge=0, le=65536, description="hidden ReLU units of the value and action heads; 0: linear"
     )
-    initial_actions: Literal["model", "uniform"] = Field(
-        default="model", description="the action distribution a policy from scratch starts "
-        "with: the model's own, or uniform over the env's actions (rl.heads.uniform_action_prior);"
-        " an --init-from checkpoint always keeps its own",
-    )  # fmt: skip
 
     @field_validator("preset")
     @classmethod

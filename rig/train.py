@@ -131,8 +131,7 @@ class Trainer:
                 # The driver's own copy, loaded with every published version: V(s_T), the next
                 # frames' codes, traces and the export read the weights the ranks publish.
                 self.codec = run_codec(config)
-                self.policy = build_policy(config, self.codec, start=False)
-                self.policy.eval().requires_grad_(False)
+                self.policy = build_policy(config, self.codec).eval().requires_grad_(False)
                 if config.learner.device != "cpu" and torch.cuda.is_available():
                     self.policy.to("cuda")  # the driver's forwards, on its GPU if it has one
             self.checkpoints = CheckpointManager(run_dir, config.train.keep_checkpoints)
@@ -628,7 +627,7 @@ def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     if saved is not None:
         config = config.model_copy(update={"learner": LearnerConfig.model_validate(saved["learner"])})
 
-    policy = build_policy(config, run_codec(config), start=False)  # training's optimiser layout
+    policy = build_policy(config, run_codec(config))  # as in training: same optimiser layout
     engine = DeepSpeedEngine(policy, config.learner)
     engine.load_checkpoint(checkpoint, ENGINE_TAG)
     bad = [k for k, v in engine.published_state_dict().items()

@@ -29,16 +29,11 @@ published version.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from rl.policy import RigPolicy
 
 
 class RunningStandardize(nn.Module):
@@ -164,10 +159,8 @@ class ActionHead(nn.Module):
     This head adds to each allowed token's logit ``w_e . z``, where ``z`` is the standardised
     decision state (the value head's :class:`RunningStandardize`, so one set of
     statistics), or that layer's output, and ``w_e`` a weight vector per choice edge ``e`` of the
-    trie (E of them: every child of every node with more than one child), plus a bias ``b_e``
-    per edge. Both are zero-initialised, so a checkpoint's policy is unchanged until RL moves
-    it; :func:`uniform_action_prior` sets ``b`` so that a policy starts uniform over the env's
-    actions instead (``policy.initial_actions: uniform``).
+    trie (E of them: every child of every node with more than one child). ``w`` is
+    zero-initialised, so a checkpoint's policy is unchanged until RL moves it.
 
     Why. From scratch or after SFT, the frame is a few percent of the decision state, so through
     the LM head alone the cheapest direction of a policy gradient is the action's marginal (one
@@ -188,7 +181,6 @@ class ActionHead(nn.Module):
         self.register_buffer("edges", edges.long(), persistent=False)
         self.inner = _inner_layer(hidden, inner)
         self.weight = nn.Parameter(torch.zeros(max(self.num_edges, 1), inner or hidden))
-        self.bias = nn.Parameter(torch.zeros(max(self.num_edges, 1)))
 
     def forward(self, z: Tensor, nodes: Tensor, vocab: int) -> Tensor:
         """(N, D) standardised states, (N,) trie nodes -> (N, V) float32 logit offsets: the
@@ -196,101 +188,11 @@ class ActionHead(nn.Module):
         edge = self.edges[nodes]  # (N, K)
         if self.inner is not None:
             z = self.inner(z.to(self.weight.dtype))
-        scores = z.float() @ self.weight.float().T + self.bias.float()  # (N, E)
+        scores = z.float() @ self.weight.float().T  # (N, E)
         picked = scores.gather(1, edge.clamp_min(0)) * (edge >= 0)  # (N, K), 0 off the choices
         out = torch.zeros(len(nodes), vocab, device=z.device, dtype=torch.float32)
         # scatter_add: padding slots repeat the first child's token and add 0 to it
         return out.scatter_add(1, self.child_tokens[nodes], picked)
 
 
-def action_log_probs(policy: RigPolicy, frames: Tensor, task: str) -> Tensor:
-    """(B, H, W, 3) uint8 frames -> (B, A) float32 log-prob of each of the A actions at each
-    frame, with no reasoning (``max_reasoning_tokens`` 0), as act samples them (action head
-    included). One teacher-forced forward of B x A rows."""
-    return torch.stack([t.sum(1) for t in _path_log_probs(policy, frames, task)], 1)
-
-
-def _path_log_probs(policy: RigPolicy, frames: Tensor, task: str) -> list[Tensor]:
-    """Per action a, (B, len(trie.sequence(a))) float32: the log-prob of each of its tokens
-    (END included) at each frame, every action teacher-forced through ``RigPolicy.evaluate``
-    after act's own prompt and forced columns (``<end>``, ``<action>`` at no reasoning)."""
-    from dataclasses import replace
-
-    from rl.policy import ActOutput
-
-    trie = policy.trie
-    with torch.no_grad(), frozen_statistics(policy):
-        out = policy.act(frames, task, 0, generator=torch.Generator().manual_seed(0))
-        first = int(out.action_mask[0].float().argmax())  # act's forced columns before the action
-        prefix = out.tokens[:, :first]
-        rows = []
-        for a in range(len(trie)):
-            seq = torch.tensor(trie.sequence(a), device=prefix.device).expand(len(prefix), -1)
-            tokens = torch.cat([prefix, seq], 1)
-            chosen = torch.cat([torch.zeros_like(prefix, dtype=torch.bool),
-                                torch.ones_like(seq, dtype=torch.bool)], 1)  # fmt: skip
-            rows.append(replace(
-                out, actions=torch.full_like(out.actions, a), action_texts=[""] * len(prefix),
-                tokens=tokens, attention_mask=torch.ones_like(chosen),
-                log_probs=torch.zeros(tokens.shape, device=prefix.device),
-                reasoning_mask=torch.zeros_like(chosen), action_mask=chosen,
-            ))  # fmt: skip
-        logp = policy.evaluate(ActOutput.collate(rows, policy.ids.pad))["log_probs"].float().cpu()
-    batch = len(prefix)
-    return [logp[a * batch : (a + 1) * batch, first : first + len(trie.sequence(a))]
-            for a in range(len(trie))]  # fmt: skip
-
-
-def uniform_action_prior(policy: RigPolicy, frames: Tensor, task: str, rounds: int = 3) -> Tensor:
-    """Set the action head's edge biases so that ``policy`` starts uniform over its actions on
-    ``frames``: at each trie node, each choice's log-prob averaged over the frames becomes
-    log(actions under that choice / actions under the node). Returns the (B, A) action log-probs
-    after the last round (:func:`action_log_probs`).
-
-    Why. From scratch, the action is text under a random LM: its logits favour some tokens,
-    and the trie favours actions with a first token of their own (on Crafter, ``do``,
-    ``noop`` and ``sleep`` each sit at the root beside ``make_*``'s six, so the tiny policy
-    starts at 14-22% ``sleep`` and 2-3% ``place_table``, where a uniform start gives 5.9%).
-    A CNN policy starts uniform by design (a small last layer; Andrychowicz et al. 2021, "What
-    matters in on-policy RL"), so exploration starts from every action alike. The biases are
-    trained by RL afterwards like any other weight. The per-frame spread of the random LM's
-    logits remains (one bias per edge cannot remove it); each round removes what the log-mean
-    over frames leaves, so a few rounds converge."""
-    head, trie = policy.action_head, policy.trie
-    child_tokens, edges = head.child_tokens.cpu(), head.edges.cpu()
-    # per action, (token position, node, edge) at each of its tokens that is a choice
-    choices: list[list[tuple[int, int, int]]] = []
-    for a in range(len(trie)):
-        path = torch.tensor([trie.sequence(a)])
-        nodes = trie.path_nodes(path, torch.ones_like(path, dtype=torch.bool))[0].tolist()
-        taken = []
-        for j, (node, tok) in enumerate(zip(nodes, path[0].tolist(), strict=True)):
-            edge = int(edges[node, (child_tokens[node] == tok).nonzero()[0, 0]])
-            if edge >= 0:
-                taken.append((j, node, edge))
-        choices.append(taken)
-    under_edge = torch.zeros(head.bias.shape[0])  # actions whose path takes each edge
-    under_node: dict[int, int] = {}  # and passes each node with a choice
-    for taken in choices:
-        for _, node, edge in taken:
-            under_edge[edge] += 1
-            under_node[node] = under_node.get(node, 0) + 1
-    target = torch.zeros_like(under_edge)
-    for taken in choices:
-        for _, node, edge in taken:
-            target[edge] = math.log(under_edge[edge] / under_node[node])
-    for _ in range(rounds):
-        paths = _path_log_probs(policy, frames, task)
-        total, count = torch.zeros_like(target), torch.zeros_like(target)
-        for logp, taken in zip(paths, choices, strict=True):
-            for j, _, edge in taken:
-                total[edge] += logp[:, j].sum()
-                count[edge] += len(logp)
-        mean = total / count.clamp_min(1)
-        with torch.no_grad():
-            head.bias.add_(torch.where(count > 0, target - mean, 0.0).to(head.bias))
-    return action_log_probs(policy, frames, task)
-
-
-__all__ = ["ActionHead", "RunningStandardize", "ValueHead", "action_log_probs",
-           "frozen_statistics", "uniform_action_prior"]
+__all__ = ["ActionHead", "RunningStandardize", "ValueHead", "frozen_statistics"]

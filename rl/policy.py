@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 
 LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
-ACTION_HEAD_KEYS = {"action_head.weight", "action_head.bias"}  # filled fresh when missing
+ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
 """The value, action and world heads inside a checkpoint directory (``value_head.*``,
 ``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that
@@ -491,7 +491,7 @@ class RigPolicy(nn.Module):
                 state.update({k: v for k, v in heads.items() if k.startswith("value_head.")})
                 warnings.warn(f"{file} holds the old MLP value head: the value head starts "
                               "fresh (the world heads are loaded)", stacklevel=2)  # fmt: skip
-            for key in ACTION_HEAD_KEYS - set(state):  # saved before the action head (its bias):
+            for key in ACTION_HEAD_KEYS - set(state):  # saved before rl.heads.ActionHead:
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
             read = state.get("value_head.out.weight")
             if read is not None and HEAD_INNER_KEY not in state \

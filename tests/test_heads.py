@@ -140,87 +140,15 @@ def test_action_head_adds_each_choice_score_at_its_token_and_nothing_else():
     assert torch.equal(head(z, nodes, 12), torch.zeros(5, 12))
     with torch.no_grad():
         head.weight.normal_()
-        head.bias.normal_()
     out = head(z, nodes, 12)
     want = torch.zeros(5, 12)
     for row, node in enumerate(nodes.tolist()):
         for k in range(int(trie.num_choices(torch.tensor([node]))[0])):
             e = int(edges[node, k])
             if e >= 0:
-                want[row, int(tokens[node, k])] = head.weight[e] @ z[row] + head.bias[e]
+                want[row, int(tokens[node, k])] = head.weight[e] @ z[row]
     torch.testing.assert_close(out, want)
     assert torch.equal(out[3], torch.zeros(12))  # a forced token gets no score
     logp = trie.log_softmax(out, nodes)
     assert float(logp[3, 9]) == 0.0
     torch.testing.assert_close(logp[0, [1, 4, 5]].exp().sum(), torch.tensor(1.0))
-
-
-@pytest.fixture(scope="module")
-def crafter_start():
-    """A fresh tiny policy on Crafter's codec and a random agent's first 16 frames."""
-    import envs
-    from rl.policy import RigPolicy
-
-    frames, codec = envs.random_frames("rig/Crafter-v0", 64, 16, seed=0)
-    return RigPolicy.from_preset("tiny", codec, seed=1).eval(), torch.as_tensor(frames)
-
-
-def test_action_log_probs_are_the_ones_act_samples_with(crafter_start):
-    """Every action teacher-forced after act's prompt: a distribution per frame, and at the
-    action act sampled, the log-prob act recorded for it."""
-    from rl.heads import action_log_probs
-
-    policy, frames = crafter_start
-    logp = action_log_probs(policy, frames, "survive")
-    assert logp.shape == (16, 17)
-    torch.testing.assert_close(logp.exp().sum(1), torch.ones(16))
-    out = policy.act(frames, "survive", 0, generator=torch.Generator().manual_seed(4))
-    recorded = (out.log_probs * out.action_mask).sum(1)
-    torch.testing.assert_close(logp.gather(1, out.actions[:, None]).squeeze(1), recorded,
-                               atol=1e-5, rtol=0)  # fmt: skip
-
-
-def test_uniform_action_prior_starts_the_policy_uniform_over_the_actions(crafter_start):
-    """From scratch the tiny policy favours the trie's short actions (do, noop, sleep each a
-    root choice beside make_*'s six) and its random LM's tokens; after the fit every action's
-    mean probability is 1/17, only the per-frame spread of the random LM is left, and act
-    samples from the fitted distribution."""
-    from copy import deepcopy
-
-    from rl.heads import action_log_probs, uniform_action_prior
-
-    start, frames = crafter_start
-    policy = deepcopy(start)
-    before = action_log_probs(policy, frames, "survive").exp().mean(0)
-    assert float(before.max() / before.min()) > 3  # far from uniform
-    after = uniform_action_prior(policy, frames, "survive").exp()
-    torch.testing.assert_close(after.mean(0), torch.full((17,), 1 / 17), atol=2e-3, rtol=0)
-    assert float((after - 1 / 17).abs().max()) < 0.03  # per frame, the LM's spread only
-    torch.testing.assert_close(after.log(), action_log_probs(policy, frames, "survive"))
-    assert float(policy.action_head.weight.abs().sum()) == 0  # only the biases moved
-    counts = torch.zeros(17)
-    with torch.no_grad():
-        for seed in range(8):
-            out = policy.act(frames, "survive", 0, generator=torch.Generator().manual_seed(seed))
-            counts += torch.bincount(out.actions, minlength=17)
-    assert float(counts.max() / counts.sum()) < 0.12  # before: up to 0.21 (sleep)
-
-
-def test_the_runs_uniform_start_is_the_same_on_every_rank_and_only_from_scratch(tmp_path):
-    """``policy.initial_actions: uniform`` through ``learner.rank.build_policy``: two builds (two
-    learner ranks) fit the same biases from the run's env and seed; a build whose weights are
-    loaded next (``start=False``: export, the driver's copy) fits nothing, nor does one from an
-    ``--init-from`` checkpoint (its own policy); the default keeps the model's own."""
-    from learner.rank import build_policy, run_codec
-    from rig.config import load_config
-
-    config = load_config(None, ["policy.initial_actions=uniform", "env.kwargs.length=50"])
-    codec = run_codec(config)
-    a, b = (build_policy(config, codec).action_head.bias for _ in range(2))
-    assert float(a.abs().max()) > 0.1 and torch.equal(a, b)
-    assert float(build_policy(config, codec, start=False).action_head.bias.abs().max()) == 0
-    checkpoint = config.model_copy(update={"policy": config.policy.model_copy(
-        update={"init_from": str(tmp_path)})})  # fmt: skip
-    build_policy(config, codec, start=False).save(tmp_path, overwrite=True)
-    assert float(build_policy(checkpoint, codec).action_head.bias.abs().max()) == 0  # its own
-    assert load_config(None, []).policy.initial_actions == "model"
