@@ -37,7 +37,10 @@ next to it in results.json.
 On an env that reports ``info["achievements"]`` (Crafter) every side also records, per
 iteration, how many of its finished episodes unlocked each achievement (rig's from the success
 rates rig train logs to MLflow), and the summary gives each run's Crafter score (``envs.stats``)
-over the episodes of its final return's window.
+two ways: over the episodes of its final return's window (the policy at the end, about 100
+episodes), and over every episode of the run (Crafter's own definition: the success rates of
+all episodes within the agent's budget, about 1,000 episodes at 100k steps, so the rare
+achievements that weigh most in the score are counted over ten times as many episodes).
 
 The curve maths are pure functions (unit tested). An iteration's smoothed return is the
 episode-weighted mean of the newest iterations that hold at least ``WINDOW`` (100) episodes
@@ -165,9 +168,10 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def window_score(unlocks: Sequence[Unlocks], window: int = WINDOW) -> list[float] | None:
+def window_score(unlocks: Sequence[Unlocks], window: float = WINDOW) -> list[float] | None:
     """``[Crafter score in percent, episodes]`` over the newest iterations that hold at least
-    ``window`` episodes together (the episodes of the final return's window; all, if fewer):
+    ``window`` episodes together (the episodes of the final return's window; all, if fewer or
+    ``window`` is ``math.inf``: the run's score by Crafter's definition):
     each achievement's success rate is the share of those episodes that unlocked it
     (``envs.stats``). None without any episode."""
     from envs.crafter_env import ACHIEVEMENTS
@@ -674,9 +678,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
             run["final_return"] = None if final is None else final[1]
             score = window_score(run.get("unlocks") or [])
             run["final_score"] = None if score is None else score[0]
+            score = window_score(run.get("unlocks") or [], window=math.inf)
+            run["run_score"] = None if score is None else score[0]
         ok = [r for r in method_runs if r["ok"]]
         finals = [r["final_return"] for r in ok if r["final_return"] is not None]
         scores = [r["final_score"] for r in ok if r["final_score"] is not None]
+        run_scores = [r["run_score"] for r in ok if r["run_score"] is not None]
         methods[method] = {
             "runs": method_runs,
             "median": {
@@ -684,6 +691,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
                 "steps_to_threshold": median_steps([r["steps_to_threshold"] for r in ok]),
                 "final_return": statistics.median(finals) if finals else None,
                 "final_score": statistics.median(scores) if scores else None,
+                "run_score": statistics.median(run_scores) if run_scores else None,
                 "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
             },
         }
@@ -792,6 +800,8 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     if any(methods[m]["median"].get("final_score") is not None for m in methods):
         lines.append(f"Crafter score (%) of the final return's episodes (>= {c['window']}):")
         lines += [f"  {per_seed(m, 'final_score', '{:.2f}', '-')}" for m in methods]
+        lines.append("Crafter score (%) over every episode of the run (Crafter's definition):")
+        lines += [f"  {per_seed(m, 'run_score', '{:.2f}', '-')}" for m in methods]
     lines.append("wall-clock seconds per run:")
     lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in compared]
     if set(COMPARED) <= set(methods):

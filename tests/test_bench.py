@@ -4,6 +4,7 @@ their size: timings depend on the machine's load) and its input errors."""
 from __future__ import annotations
 
 import json
+import math
 import types
 
 import pytest
@@ -334,6 +335,9 @@ def test_window_score_is_the_crafter_score_of_the_final_windows_episodes():
     assert learning.window_score(unlocks, window=10)[1] == 40  # the last iteration alone
     assert learning.window_score(unlocks[:2], window=1000)[1] == 50  # all there is
     assert learning.window_score([], window=10) is None
+    everything = dict.fromkeys(ACHIEVEMENTS, 0.0) | {"collect_wood": 60.0, "place_table": 400 / 150}
+    assert learning.window_score(unlocks, window=math.inf) == [
+        pytest.approx(crafter_score(everything)), 150]  # Crafter's own: every episode of the run
 
 
 def test_random_agent_records_returns_and_crafter_unlocks_per_iteration():
@@ -460,6 +464,7 @@ def test_learning_merge_keeps_one_random_baseline_per_seed_and_scores_crafter(ri
     assert random["median"]["final_return"] == pytest.approx(-0.75)
     # wood in 10% of the episodes, nothing else: exp(ln(11) / 22) - 1
     assert random["median"]["final_score"] == pytest.approx(11 ** (1 / 22) - 1)
+    assert random["median"]["run_score"] == pytest.approx(11 ** (1 / 22) - 1)  # one iteration
     assert result["methods"]["rig"]["median"]["final_score"] is None  # Catch: no achievements
     assert result["ratios"]["steps"] is None and result["config"]["only"] == "both"
 
