@@ -335,7 +335,6 @@ class Trainer:
 
     def _check_finite(self, metrics: dict[str, float], state=None) -> None:
         """Stop (DivergedError) before a non-finite loss or weights are published or saved."""
-
         bad = [k for k, v in metrics.items() if (k.startswith("loss/") or k == "learner/grad_norm")
                and v is not None and not np.isfinite(float(v))]  # fmt: skip
         if state is not None:
@@ -616,8 +615,7 @@ def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     init_from), the DeepSpeed checkpoint's weights, ``RigPolicy.save``. The learner settings
     are the checkpoint's own (meta.json), so a resume that changed them does not matter; a
     checkpoint with non-finite weights is refused."""
-    import torch
-
+    from actors.weights import non_finite
     from learner import DeepSpeedEngine
     from learner.checkpoints import CheckpointError, read_meta
     from learner.rank import build_policy, run_codec
@@ -630,8 +628,7 @@ def export_checkpoint(config: Config, checkpoint: Path, out_dir: Path) -> Path:
     policy = build_policy(config, run_codec(config))  # as in training: same optimiser layout
     engine = DeepSpeedEngine(policy, config.learner)
     engine.load_checkpoint(checkpoint, ENGINE_TAG)
-    bad = [k for k, v in engine.published_state_dict().items()
-           if v.is_floating_point() and not bool(torch.isfinite(v).all())]  # fmt: skip
+    bad = non_finite(engine.published_state_dict())
     if bad:
         raise CheckpointError(f"checkpoint {checkpoint} holds non-finite weights ({len(bad)} "
                               f"tensors, e.g. {bad[0]}); delete that folder to export the one before it")  # fmt: skip
