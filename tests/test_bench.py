@@ -595,13 +595,17 @@ def test_frame_signal_critic_probes():
 
 def test_crafter_features_probe_labels_and_features():
     """benchmarks/crafter_features.py: the 9 x 7 tile labels are crafter's semantic map around
-    the player in the frame's row-major layout (the centre tile is always the player), and the
-    frozen features are what the heads read (16 image columns x 256 of the tiny policy)."""
-    from benchmarks.crafter_features import VIEW_H, VIEW_W, collect, policy_features
+    the player in the frame's row-major layout (the centre tile is always the player), the
+    inventory labels are the player's counts (a new world starts at 9 health, food, drink and
+    energy and nothing else), and the frozen features are what the heads read (16 image
+    columns x 256 of the tiny policy)."""
+    from benchmarks.crafter_features import ITEMS, VIEW_H, VIEW_W, collect, policy_features
 
-    frames, tiles, acts = collect(40, eps=0.5, seed=0)
+    frames, tiles, inventory, acts = collect(40, eps=0.5, seed=0)
     assert frames.shape == (40, 64, 64, 3) and tiles.shape == (40, VIEW_W * VIEW_H)
     assert (tiles[:, (VIEW_H // 2) * VIEW_W + VIEW_W // 2] == 13).all()  # crafter's Player id
+    assert inventory.shape == (40, len(ITEMS)) and ((inventory >= 0) & (inventory <= 9)).all()
+    assert inventory[0].tolist() == [9, 9, 9, 9] + [0] * (len(ITEMS) - 4)
     assert ((acts >= 0) & (acts < 17)).all()
     feats = policy_features("tiny", frames[:4])
     assert feats.shape == (4, 16 * 256) and torch.isfinite(feats).all()
