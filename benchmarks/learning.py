@@ -571,6 +571,7 @@ def bench_learning(
         "seeds": list(seeds), "config": str(config), "overrides": list(overrides),
         "threshold": threshold, "window": WINDOW, "threads": threads, "only": only,
         "out": str(out), "plans": {m: plans[m] for m in methods}, "ray": _version("ray"),
+        "rig_variant": rig_variant(cfg.model_dump(mode="json")) if "rig" in methods else None,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
@@ -589,7 +590,49 @@ def _fresh_out(out: str | Path) -> Path:
 
 
 MERGE_SAME = ("env", "size", "env_kwargs", "steps", "threshold", "window")  # across all folders
-MERGE_SAME_RIG = ("config", "overrides")  # across the folders that hold rig runs
+MERGE_SAME_RIG = ("config", "overrides")  # across rig folders, where a resolved config is missing
+PER_RUN = ("run.seed", "run.name", "run.output_dir", "train.iterations", "train.export_at_end",
+           "tracking.tracking_uri")  # fmt: skip
+"""Keys of a resolved ``rig train`` config that the benchmark sets per run (or that only name
+it): left out of the variant two folders are compared on."""
+
+
+def rig_variant(config: dict[str, Any]) -> dict[str, Any]:
+    """A resolved ``rig train`` config (``Config.model_dump(mode="json")``) as flat dotted keys,
+    less :data:`PER_RUN`: what makes two rig runs the same variant. A preset edited to what an
+    override set (``configs/crafter.yaml`` with ``--set learner.lr_scales.action_head=0.1``
+    and the preset that later says 0.1) gives the same variant."""
+
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(node, dict) or not node:
+            return {prefix: node}
+        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+
+    return {key.rstrip("."): value for key, value in flat(config, "").items()
+            if key.rstrip(".") not in PER_RUN}  # fmt: skip
+
+
+def _folder_variant(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The rig variant of a results folder: as recorded (``config["rig_variant"]``), else from
+    the ``config.yaml`` its rig runs saved (folders from before it was recorded), else None."""
+    import yaml
+
+    if config.get("rig_variant") is not None:
+        return config["rig_variant"]
+    for saved in sorted(folder.glob("rig-seed*/*/config.yaml")):
+        try:
+            return rig_variant(yaml.safe_load(saved.read_text()))
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return None
+
+
+def _variant_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """The first key (sorted) on which two variants differ, as ``key a!r / b!r``; None if equal."""
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            return f"{key} {a.get(key)!r} / {b.get(key)!r}"
+    return None
 
 
 def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
@@ -621,12 +664,20 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
                                 f"{first_folder} {first.get(key)!r}; merge runs of one "
                                 "benchmark setting only")  # fmt: skip
     with_rig = [(folder, config) for folder, config, methods in loaded if "rig" in methods]
-    for folder, config in with_rig[1:]:
-        for key in MERGE_SAME_RIG:
-            if config.get(key) != with_rig[0][1].get(key):
-                raise UserError(f"--merge: {folder} ran rig with {key} {config.get(key)!r}, "
-                                f"{with_rig[0][0]} with {with_rig[0][1].get(key)!r}; those are "
-                                "different variants")  # fmt: skip
+    variants = [_folder_variant(folder, config) for folder, config in with_rig]
+    if all(v is not None for v in variants):  # resolved configs: a preset edit = an override
+        for (folder, _), variant in zip(with_rig[1:], variants[1:], strict=True):
+            differs = _variant_difference(variants[0], variant)
+            if differs:
+                raise UserError(f"--merge: {with_rig[0][0]} and {folder} ran different rig "
+                                f"variants ({differs}); merge runs of one variant only")  # fmt: skip
+    else:  # a folder without its resolved config: compare the command lines
+        for folder, config in with_rig[1:]:
+            for key in MERGE_SAME_RIG:
+                if config.get(key) != with_rig[0][1].get(key):
+                    raise UserError(f"--merge: {folder} ran rig with {key} {config.get(key)!r}, "
+                                    f"{with_rig[0][0]} with {with_rig[0][1].get(key)!r}; those "
+                                    "are different variants")  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {}
     plans: dict[str, Any] = {}
     for folder, config, methods in loaded:
@@ -658,6 +709,7 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
         "threads": first.get("threads"),
         "only": "both" if set(COMPARED) <= set(runs) else next(iter(runs)),
         "out": str(out), "plans": plans, "ray": first.get("ray"),
+        "rig_variant": variants[0] if variants else None,
         "merged_from": [str(folder) for folder, _, _ in loaded],
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

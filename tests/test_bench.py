@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,7 +404,8 @@ def test_learning_refuses_a_used_out_folder(rig_main, capsys, tmp_path):
     assert "exists and is not empty" in capsys.readouterr().err
 
 
-def _finished(folder, method, seeds, steps=1024, config="configs/catch.yaml", overrides=()):
+def _finished(folder, method, seeds, steps=1024, config="configs/catch.yaml", overrides=(),
+              variant=None):  # fmt: skip
     """A results folder as ``bench_learning`` writes it, from made-up curves: seed s's return
     goes from -0.5 to 0.1 * s, 100 episodes per 512-step iteration."""
     runs = {method: [learning._run(s, 0, 10.0 + s, folder / f"{method}-seed{s}.log",
@@ -416,6 +418,8 @@ def _finished(folder, method, seeds, steps=1024, config="configs/catch.yaml", ov
                         "seeds": list(seeds), "config": config, "overrides": list(overrides),
                         "threshold": 0.8, "window": 100, "threads": 1, "only": method,
                         "out": str(folder), "plans": {method: plan}, "ray": "2.x"}  # fmt: skip
+    if variant is not None:
+        result["config"]["rig_variant"] = variant
     folder.mkdir()
     (folder / "results.json").write_text(json.dumps(result))
     return folder
@@ -494,6 +498,55 @@ def test_learning_merge_refuses_runs_that_do_not_belong_together(rig_main, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+CATCH_PRESET = Path(__file__).resolve().parents[1] / "configs" / "catch.yaml"
+
+
+def test_learning_merge_compares_rig_runs_by_their_resolved_config(rig_main, capsys, tmp_path):
+    """Two folders are one rig variant when their resolved configs agree (less the keys each
+    run sets for itself), whatever their command lines: a preset later edited to what an
+    override set merges with the runs of that override. A real difference is refused, naming
+    the key. Folders from before the variant was recorded get it from their runs' saved
+    config.yaml; without either, the command lines are compared as before."""
+    import yaml
+
+    from rig.config import load_config
+
+    def variant(*overrides):
+        return learning.rig_variant(load_config(CATCH_PRESET, list(overrides))
+                                    .model_dump(mode="json"))  # fmt: skip
+
+    same = variant("learner.lr_scales.action_head=0.1")
+    assert same == variant("learner.lr_scales.action_head=0.1", "run.seed=3", "run.name=x",
+                           "train.iterations=7")  # per-run keys are left out  # fmt: skip
+    a = _finished(tmp_path / "a", "rig", [0], overrides=["learner.lr_scales.action_head=0.1"],
+                  variant=same)  # fmt: skip
+    b = _finished(tmp_path / "b", "rig", [1], variant=same)  # the preset says 0.1 by itself
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(b),
+                     "--out", str(tmp_path / "m1")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "m1" / "results.json").read_text())["config"][
+        "rig_variant"] == same
+
+    c = _finished(tmp_path / "c", "rig", [2], variant=variant("learner.lr_scales.action_head=0.2"))
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(c),
+                     "--out", str(tmp_path / "m2")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "different rig variants (learner.lr_scales.action_head 0.1 / 0.2)" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "m2").exists()
+
+    old = _finished(tmp_path / "old", "rig", [3])  # no rig_variant: its run's config.yaml
+    saved = old / "rig-seed3" / "catch-train-1"
+    saved.mkdir(parents=True)
+    resolved = load_config(CATCH_PRESET, ["learner.lr_scales.action_head=0.1", "run.seed=3"])
+    (saved / "config.yaml").write_text(yaml.safe_dump(resolved.model_dump(mode="json")))
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(old),
+                     "--out", str(tmp_path / "m3")]) == 0  # fmt: skip
+
+    bare = _finished(tmp_path / "bare", "rig", [4])  # neither: the command lines differ
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(bare),
+                     "--out", str(tmp_path / "m4")]) == 2  # fmt: skip
+    assert "different variants" in capsys.readouterr().err
 
 
 def test_learning_merge_needs_two_folders_and_an_out(rig_main, capsys, tmp_path):
