@@ -98,6 +98,20 @@ Point = Sequence[float]  # (env steps, mean return, episodes): one iteration, or
 Unlocks = Sequence[Any]  # (env steps, episodes, {achievement: episodes that unlocked it}), likewise
 
 
+PEER_DIAGNOSTICS = {
+    "policy/action_entropy": "entropy", "policy/approx_kl": "mean_kl_loss",
+    "value/explained_variance": "vf_explained_var", "learner/kl_coeff": "curr_kl_coeff",
+}  # fmt: skip
+"""rig train's metric name -> RLlib PPO's learner metric of the same quantity, recorded per
+iteration on both sides: the action distribution's entropy in nats, the KL of the updated
+policy from the sampling one (rig: the mean approx KL over the update's minibatches; RLlib: its
+last minibatch's KL term), the value's explained variance, the adaptive KL coefficient
+(``ppo.behaviour_kl_coeff``; RLlib's ``kl_coeff``)."""
+DIAGNOSTIC_LABELS = {"policy/action_entropy": "action entropy (nats)",
+                     "policy/approx_kl": "approx KL", "value/explained_variance": "value EV",
+                     "learner/kl_coeff": "KL coefficient"}  # fmt: skip
+
+
 # -- curve maths ---------------------------------------------------------------------------------
 
 
@@ -117,6 +131,17 @@ def windowed(points: Sequence[Point], window: int = WINDOW) -> list[list[float]]
                     break
         out.append([steps, total / episodes, episodes])
     return out
+
+
+def late_means(diagnostics: Sequence[Any], budget: int, share: float = 0.1) -> dict[str, float]:
+    """Mean of each diagnostic (``[[env steps, {name: value}]]``) over the iterations in the
+    last ``share`` of the ``budget`` (how the policy ends, where one iteration is noisy)."""
+    late: dict[str, list[float]] = {}
+    for steps, values in diagnostics:
+        if steps > budget * (1.0 - share):
+            for name, value in values.items():
+                late.setdefault(name, []).append(value)
+    return {name: statistics.fmean(values) for name, values in late.items()}
 
 
 def marks(budget: int, n: int) -> list[int]:
@@ -227,20 +252,32 @@ def rig_command(
 # -- the rig side --------------------------------------------------------------------------------
 
 
-def read_rig_curve(run_out: Path) -> list[list[float]]:
-    """``[env steps, mean return, episodes]`` per iteration of the ``rig train`` run in
-    ``run_out``, from its MLflow store (iterations without finished episodes log none)."""
+def _rig_history(run_out: Path, keys: Sequence[str] = (),
+                 prefix: str | None = None) -> dict[str, dict[int, float]] | None:  # fmt: skip
+    """``{metric: {iteration: value}}`` of the ``rig train`` run in ``run_out`` from its MLflow
+    store, for ``keys`` and every metric starting with ``prefix``; None without a run."""
     ids = sorted(run_out.glob("*/mlflow_run_id"))
     if not ids or not (run_out / "mlflow.db").is_file():
-        return []
+        return None
     import mlflow
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     client = mlflow.MlflowClient(f"sqlite:///{run_out.resolve()}/mlflow.db")
     run_id = ids[-1].read_text().strip()
-    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
-               for key in (RIG_RETURN, RIG_COUNT, RIG_STEPS)}  # fmt: skip
+    names = list(keys)
+    if prefix is not None:
+        names += sorted(k for k in client.get_run(run_id).data.metrics if k.startswith(prefix))
+    return {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
+            for key in names}  # fmt: skip
+
+
+def read_rig_curve(run_out: Path) -> list[list[float]]:
+    """``[env steps, mean return, episodes]`` per iteration of the ``rig train`` run in
+    ``run_out``, from its MLflow store (iterations without finished episodes log none)."""
+    history = _rig_history(run_out, (RIG_RETURN, RIG_COUNT, RIG_STEPS))
+    if history is None:
+        return []
     returns, counts, env_steps = history[RIG_RETURN], history[RIG_COUNT], history[RIG_STEPS]
     return [[env_steps[s], returns[s], counts[s]]
             for s in sorted(counts) if s in returns and s in env_steps]  # fmt: skip
@@ -252,20 +289,10 @@ def read_rig_unlocks(run_out: Path) -> list[list[Any]]:
     without achievements. rig train logs each achievement's success rate over every episode so
     far (``crafter/success/<name>``), so an iteration's counts are the differences of rate x
     episodes so far (whole numbers, rounded from float)."""
-    ids = sorted(run_out.glob("*/mlflow_run_id"))
-    if not ids or not (run_out / "mlflow.db").is_file():
-        return []
-    import mlflow
-
-    client = mlflow.MlflowClient(f"sqlite:///{run_out.resolve()}/mlflow.db")
-    run_id = ids[-1].read_text().strip()
-    names = sorted(key.removeprefix(RIG_SUCCESS) for key in client.get_run(run_id).data.metrics
-                   if key.startswith(RIG_SUCCESS))  # fmt: skip
+    history = _rig_history(run_out, (RIG_COUNT, RIG_STEPS), prefix=RIG_SUCCESS)
+    names = [k.removeprefix(RIG_SUCCESS) for k in history or {} if k.startswith(RIG_SUCCESS)]
     if not names:
         return []
-    keys = (RIG_COUNT, RIG_STEPS, *(RIG_SUCCESS + name for name in names))
-    history = {key: {m.step: m.value for m in client.get_metric_history(run_id, key)}
-               for key in keys}  # fmt: skip
     out, episodes, before = [], 0, dict.fromkeys(names, 0)
     for step in sorted(history[RIG_COUNT]):
         n = round(history[RIG_COUNT][step])
@@ -280,6 +307,18 @@ def read_rig_unlocks(run_out: Path) -> list[list[Any]]:
     return out
 
 
+def read_rig_diagnostics(run_out: Path) -> list[list[Any]]:
+    """``[env steps, {name: value}]`` per iteration of the ``rig train`` run in ``run_out``: its
+    PPO diagnostics that the peer also reports (:data:`PEER_DIAGNOSTICS`' names)."""
+    history = _rig_history(run_out, (RIG_STEPS, *PEER_DIAGNOSTICS))
+    if history is None:
+        return []
+    rows = [[history[RIG_STEPS][step], {k: history[k][step] for k in PEER_DIAGNOSTICS
+                                        if step in history[k]}]
+            for step in sorted(history[RIG_STEPS])]  # fmt: skip
+    return [row for row in rows if row[1]]
+
+
 def run_rig(config: Path, overrides: Sequence[str], env: str, seed: int, iterations: int,
             out: Path, threads: int) -> dict[str, Any]:  # fmt: skip
     run_out = (out / f"rig-seed{seed}").resolve()
@@ -287,7 +326,7 @@ def run_rig(config: Path, overrides: Sequence[str], env: str, seed: int, iterati
     command = rig_command(config.resolve(), overrides, env, seed, iterations, run_out)
     code, seconds = _subprocess(command, log, threads)
     return {**_run(seed, code, seconds, log, read_rig_curve(run_out)),
-            "unlocks": read_rig_unlocks(run_out)}  # fmt: skip
+            "unlocks": read_rig_unlocks(run_out), "diagnostics": read_rig_diagnostics(run_out)}  # fmt: skip
 
 
 # -- the peer side -------------------------------------------------------------------------------
@@ -366,12 +405,16 @@ def run_peer_here(
 ) -> dict[str, Any]:  # fmt: skip
     """RLlib's PPO in this process until ``steps`` env steps are sampled (module doc); returns
     ``{"points": [[env steps, mean return, episodes]], "unlocks": [[env steps, episodes,
-    {achievement: count}]] (Crafter), "rllib_return_mean": [[env steps, v]]}``."""
+    {achievement: count}]] (Crafter), "rllib_return_mean": [[env steps, v]], "diagnostics":
+    [[env steps, {name: v}]]}``: the diagnostics are RLlib's learner metrics of the iteration
+    (:data:`PEER_DIAGNOSTICS`), beside which rig train's own are read."""
     import ray
     import torch
+    from ray.rllib.core import DEFAULT_MODULE_ID
     from ray.rllib.utils.metrics import (
         ENV_RUNNER_RESULTS,
         EPISODE_RETURN_MEAN,
+        LEARNER_RESULTS,
         NUM_ENV_STEPS_SAMPLED_LIFETIME,
     )
     from ray.tune.registry import register_env
@@ -380,7 +423,7 @@ def run_peer_here(
     plan = peer_plan(steps)
     register_env(PEER_ENV, _peer_env)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    points, unlocks, rllib_means, sampled = [], [], [], 0
+    points, unlocks, rllib_means, diagnostics, sampled = [], [], [], [], 0
     try:
         config = peer_config(PEER_ENV, {"id": env, "size": size, "kwargs": kwargs},
                              plan["batch"], plan["minibatch"], epochs, seed)  # fmt: skip
@@ -395,12 +438,18 @@ def run_peer_here(
             rllib = result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN)
             if rllib is not None and math.isfinite(rllib):
                 rllib_means.append([sampled, float(rllib)])
+            learner = result.get(LEARNER_RESULTS, {}).get(DEFAULT_MODULE_ID, {})
+            found = {ours: float(learner[theirs]) for ours, theirs in PEER_DIAGNOSTICS.items()
+                     if theirs in learner}  # fmt: skip
+            if found:
+                diagnostics.append([sampled, found])
             mean = f"{points[-1][1]:+.3f} over {len(returns)} episodes" if returns else "-"
             print(f"peer seed {seed}: {sampled} env steps, return {mean}", flush=True)
         algo.stop()
     finally:
         ray.shutdown()
-    return {"points": points, "unlocks": unlocks, "rllib_return_mean": rllib_means}
+    return {"points": points, "unlocks": unlocks, "rllib_return_mean": rllib_means,
+            "diagnostics": diagnostics}  # fmt: skip
 
 
 def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int, out: Path,
@@ -415,6 +464,7 @@ def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
     run = _run(seed, code, seconds, log, found.get("points", []))
     run["unlocks"] = found.get("unlocks", [])
     run["rllib_return_mean"] = found.get("rllib_return_mean", [])
+    run["diagnostics"] = found.get("diagnostics", [])
     return run
 
 
@@ -689,7 +739,7 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
                 if run["seed"] in seen:
                     raise UserError(f"--merge: {method} seed {run['seed']} is in more than "
                                     f"one folder ({folder} and another); keep one")  # fmt: skip
-                keep = ("seed", "ok", "error", "wall_s", "log", "points", "unlocks")
+                keep = ("seed", "ok", "error", "wall_s", "log", "points", "unlocks", "diagnostics")
                 runs.setdefault(method, []).append({key: run.get(key, []) for key in keep})
             plan = plans.setdefault(method, config["plans"][method])
             if plan != config["plans"][method]:
@@ -732,6 +782,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
             run["final_score"] = None if score is None else score[0]
             score = window_score(run.get("unlocks") or [], window=math.inf)
             run["run_score"] = None if score is None else score[0]
+            run["late_diagnostics"] = late_means(run.get("diagnostics") or [], steps)
         ok = [r for r in method_runs if r["ok"]]
         finals = [r["final_return"] for r in ok if r["final_return"] is not None]
         scores = [r["final_score"] for r in ok if r["final_score"] is not None]
@@ -745,6 +796,12 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
                 "final_score": statistics.median(scores) if scores else None,
                 "run_score": statistics.median(run_scores) if run_scores else None,
                 "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
+                "late_diagnostics": {
+                    name: statistics.median(values)
+                    for name in PEER_DIAGNOSTICS
+                    if (values := [r["late_diagnostics"][name] for r in ok
+                                   if name in r.get("late_diagnostics", {})])
+                },  # fmt: skip
             },
         }
     ratios = {"steps": None, "wall": None}
@@ -854,6 +911,13 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
         lines += [f"  {per_seed(m, 'final_score', '{:.2f}', '-')}" for m in methods]
         lines.append("Crafter score (%) over every episode of the run (Crafter's definition):")
         lines += [f"  {per_seed(m, 'run_score', '{:.2f}', '-')}" for m in methods]
+    late = {m: methods[m]["median"].get("late_diagnostics") for m in compared}
+    if any(late.values()):
+        lines.append("PPO diagnostics, mean over each run's last tenth (median over seeds):")
+        for m in compared:
+            lines.append(f"  {m}: " + ", ".join(
+                f"{label} {_num(late[m].get(name), '{:.3f}')}"
+                for name, label in DIAGNOSTIC_LABELS.items() if name in (late[m] or {})) or "-")
     lines.append("wall-clock seconds per run:")
     lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in compared]
     if set(COMPARED) <= set(methods):

@@ -324,6 +324,32 @@ def test_read_rig_curve_from_what_rig_train_logs(tmp_path, monkeypatch):
     assert learning.read_rig_curve(tmp_path / "nothing-here") == []
 
 
+def test_read_rig_diagnostics_and_their_late_means(tmp_path, monkeypatch):
+    """rig's side of the PPO diagnostics the peer also reports, per iteration at its env steps,
+    and their mean over a run's last tenth (what the report prints per side)."""
+    from rig.config import load_config
+    from rig.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = load_config(None, []).tracking.model_copy(update={"system_metrics": False})
+    run_out = tmp_path / "rig-seed0"
+    with Tracker(tracking, run_out / "rig-train-x", {}) as tracker:
+        tracker.log_metrics({"counters/env_steps": 500.0, "policy/action_entropy": 1.0,
+                             "policy/approx_kl": 0.02, "loss/value": 3.0}, step=1)  # fmt: skip
+        tracker.log_metrics({"counters/env_steps": 950.0, "policy/action_entropy": 0.5,
+                             "value/explained_variance": 0.8}, step=2)  # fmt: skip
+        tracker.log_metrics({"counters/env_steps": 1000.0, "policy/action_entropy": 0.3},
+                            step=3)  # fmt: skip
+    diagnostics = learning.read_rig_diagnostics(run_out)
+    assert diagnostics == [
+        [500.0, {"policy/action_entropy": 1.0, "policy/approx_kl": 0.02}],
+        [950.0, {"policy/action_entropy": 0.5, "value/explained_variance": 0.8}],
+        [1000.0, {"policy/action_entropy": 0.3}]]  # fmt: skip
+    assert learning.late_means(diagnostics, 1000) == {
+        "policy/action_entropy": pytest.approx(0.4), "value/explained_variance": 0.8}
+    assert learning.read_rig_diagnostics(tmp_path / "nothing-here") == []
+
+
 def test_window_score_is_the_crafter_score_of_the_final_windows_episodes():
     from envs.crafter_env import ACHIEVEMENTS
     from envs.stats import crafter_score
@@ -575,6 +601,10 @@ def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_p
     assert result["methods"]["peer"]["median"]["returns"][-1] == pytest.approx(mean)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "peer-seed0.log").is_file()
+    ((at, diagnostics),) = run["diagnostics"]  # RLlib's learner metrics, under rig's names
+    assert at == 1024 and 0.0 < diagnostics["policy/action_entropy"] <= math.log(3) + 1e-6
+    assert {"policy/approx_kl", "value/explained_variance"} <= set(diagnostics)
+    assert "PPO diagnostics" in printed and "peer: action entropy (nats)" in printed
     (baseline,) = result["methods"]["random"]["runs"]  # the random agent, always beside
     assert baseline["ok"] and baseline["points"][-1][0] == 1024 and "random return" in printed
     assert -1.0 <= result["methods"]["random"]["median"]["final_return"] <= -0.3
