@@ -710,3 +710,27 @@ def test_catch_bandit_rllib_peer_mode(capsys):
     (mode, seed, curve), = catch_bandit.main(["--iterations", "1", "--batch", "16",
                                               "--held-out", "8", "--modes", "rllib"])  # fmt: skip
     assert (mode, seed, len(curve)) == ("rllib", 0, 2) and all(0.0 <= a <= 1.0 for a in curve)
+
+
+def test_eval_spread_difference_interval():
+    """benchmarks/eval_spread.py: the bootstrap interval of one report's difference from
+    another holds the difference and excludes 0 for clearly different policies, includes it for
+    the same episodes drawn apart."""
+    import numpy as np
+
+    from benchmarks.eval_spread import difference, spread
+
+    def report(returns, wood):
+        episodes = [{"return": r, "unlocked": ["collect_wood"] if w else []}
+                    for r, w in zip(returns, wood, strict=True)]  # fmt: skip
+        return {"episodes": episodes, "summary": {"success_rates": {"collect_wood": 0.0}}}
+
+    rng = np.random.default_rng(0)
+    low = report(rng.normal(1.0, 0.5, 128), rng.random(128) < 0.2)
+    high = report(rng.normal(2.0, 0.5, 128), rng.random(128) < 0.8)
+    d = difference(spread(low, seed=1), spread(high, seed=2))
+    assert d["return_lo"] > 0 and d["return_lo"] < d["return"] < d["return_hi"]
+    assert d["score_lo"] > 0 and d["score_lo"] < d["score"] < d["score_hi"]
+    same = difference(spread(low, seed=1), spread(low, seed=2))
+    assert same["return"] == 0 and same["return_lo"] < 0 < same["return_hi"]
+    assert same["score_lo"] < 0 < same["score_hi"]
