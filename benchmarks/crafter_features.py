@@ -18,8 +18,9 @@ expert's action, and fits, on frames of other worlds than it tests on:
 It prints held-out accuracy per tile (mean over the 63 tiles; the majority-class baseline beside
 it), on the tiles that are not grass/sand/water/path (what a policy must see to act), of the
 inventory counts (mean over items; the count of wood alone, which decides whether a table or a
-wood pickaxe can be made), and of the expert's action. Equal steps and batch for every reader. A probe, not a test: it says which
-representation a 100k-step run could use, not how a run goes.
+wood pickaxe can be made), and of the expert's action. Equal steps and batch for every reader.
+A probe, not a test: it says which representation a 100k-step run could use, not how a run
+goes.
 
     python -m benchmarks.crafter_features --frames 8000 --preset tiny --preset my-preset.yaml
 """

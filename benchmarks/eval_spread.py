@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from envs.stats import crafter_score
 
 
-def spread(report: dict, samples: int = 2000, seed: int = 0) -> dict[str, float]:
+def spread(report: dict, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Mean return and Crafter score of ``report``'s episodes, their bootstrap 95% intervals
+    (``*_lo``, ``*_hi``), and the bootstrap draws themselves (``*_draws``, for
+    :func:`difference`)."""
     episodes = report["episodes"]
     names = sorted(report["summary"]["success_rates"])
     unlocked = np.array([[n in e["unlocked"] for n in names] for e in episodes], float)
@@ -62,10 +66,14 @@ def main() -> None:
         print(f"{path}: {s['episodes']} episodes, return {s['return']:.2f} "
               f"[{s['return_lo']:.2f}, {s['return_hi']:.2f}], Crafter score {s['score']:.2f}% "
               f"[{s['score_lo']:.2f}, {s['score_hi']:.2f}]")  # fmt: skip
-    # the differences from draws of their own per report (the intervals above share seed 0)
-    independent = [spread(report, seed=1 + i) for i, report in enumerate(reports)]
-    for path, s in zip(paths[1:], independent[1:], strict=True):
-        d = difference(independent[0], s)
+    if len(reports) < 2:
+        return
+    # the differences from draws of their own (the intervals above share seed 0): the first
+    # report's with seed 1, every other's with seed 2, so a figure does not depend on where in
+    # the list its report stands
+    base = spread(reports[0], seed=1)
+    for path, report in zip(paths[1:], reports[1:], strict=True):
+        d = difference(base, spread(report, seed=2))
         print(f"{path} - {paths[0]}: return {d['return']:+.2f} [{d['return_lo']:+.2f}, "
               f"{d['return_hi']:+.2f}], Crafter score {d['score']:+.2f} points "
               f"[{d['score_lo']:+.2f}, {d['score_hi']:+.2f}]")  # fmt: skip

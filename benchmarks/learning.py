@@ -653,13 +653,13 @@ def rig_variant(config: dict[str, Any]) -> dict[str, Any]:
     override set (``configs/crafter.yaml`` with ``--set learner.lr_scales.action_head=0.1``
     and the preset that later says 0.1) gives the same variant."""
 
-    def flat(node: Any, prefix: str) -> dict[str, Any]:
+    def flat(node: Any, key: str) -> dict[str, Any]:
         if not isinstance(node, dict) or not node:
-            return {prefix: node}
-        return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+            return {key: node}
+        return {k: v for name, child in node.items()
+                for k, v in flat(child, f"{key}.{name}" if key else name).items()}  # fmt: skip
 
-    return {key.rstrip("."): value for key, value in flat(config, "").items()
-            if key.rstrip(".") not in PER_RUN}  # fmt: skip
+    return {key: value for key, value in flat(config, "").items() if key not in PER_RUN}
 
 
 def _folder_variant(folder: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -671,9 +671,11 @@ def _folder_variant(folder: Path, config: dict[str, Any]) -> dict[str, Any] | No
         return config["rig_variant"]
     for saved in sorted(folder.glob("rig-seed*/*/config.yaml")):
         try:
-            return rig_variant(yaml.safe_load(saved.read_text()))
-        except (OSError, yaml.YAMLError, AttributeError):
+            data = yaml.safe_load(saved.read_text())
+        except (OSError, yaml.YAMLError):
             continue
+        if isinstance(data, dict):
+            return rig_variant(data)
     return None
 
 
@@ -800,7 +802,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
                     name: statistics.median(values)
                     for name in PEER_DIAGNOSTICS
                     if (values := [r["late_diagnostics"][name] for r in ok
-                                   if name in r.get("late_diagnostics", {})])
+                                   if name in r["late_diagnostics"]])
                 },  # fmt: skip
             },
         }
@@ -915,9 +917,9 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     if any(late.values()):
         lines.append("PPO diagnostics, mean over each run's last tenth (median over seeds):")
         for m in compared:
-            lines.append(f"  {m}: " + ", ".join(
-                f"{label} {_num(late[m].get(name), '{:.3f}')}"
-                for name, label in DIAGNOSTIC_LABELS.items() if name in (late[m] or {})) or "-")
+            found = ", ".join(f"{label} {late[m][name]:.3f}"
+                              for name, label in DIAGNOSTIC_LABELS.items() if name in late[m])  # fmt: skip
+            lines.append(f"  {m}: {found or '-'}")
     lines.append("wall-clock seconds per run:")
     lines += [f"  {per_seed(m, 'wall_s', '{:.0f}', '-')}" for m in compared]
     if set(COMPARED) <= set(methods):
