@@ -121,7 +121,9 @@ def minibatch_terms(
     the metrics. Policy, entropy and KL average over the tokens that had a choice
     (``evaluate``'s ``choice_mask``): a token the trie forces has log-prob 0 under any policy.
     The entropy is weighted and reduced as the policy's log pi (``rl.losses.entropy_bonus``):
-    per decision with ``reduction: sequence``, so reasoning does not dilute the action's.
+    per decision with ``reduction: sequence``, so reasoning does not dilute the action's; its
+    gradient is that of the whole action distribution's entropy (every leaf of the trie), not
+    only of the sampled path's choices.
 
     With ``dp``, ``mb`` is this rank's shard and each term is scaled to its share of the
     global minibatch's mean (module docstring); ``loss/*`` averaged over ranks then read as
@@ -163,7 +165,7 @@ def minibatch_terms(
         rows = real.nonzero().squeeze(1)
         terms["entropy"], m = losses.entropy_bonus(
             res["entropies"][rows], scored[rows], act.reasoning_mask[rows],
-            cfg.reasoning_weight, cfg.reduction,
+            cfg.reasoning_weight, cfg.reduction, res["log_probs"][rows], act.log_probs[rows],
         )  # fmt: skip
         terms["entropy"] = share("policy", terms["entropy"])  # weighted as the policy's units
         metrics.update(m)

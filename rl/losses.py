@@ -310,6 +310,8 @@ def entropy_bonus(
     reasoning_mask: Tensor | None = None,
     reasoning_weight: float = 1.0,
     reduction: str = "token",
+    logprobs: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """Minus the policy's entropy, weighted as :func:`policy_loss` weights log pi.
 
@@ -328,6 +330,18 @@ def entropy_bonus(
     The loss is minus that: with a positive scale, minimising it RAISES entropy (a bonus).
     ``entropy/mean`` reports the plain mean entropy per counted token (>= 0), whatever the
     weighting.
+
+    ``logprobs`` (with grad) and ``old_logprobs`` (the behaviour policy's), both ``(B, L)``, of
+    the sampled tokens: the gradient becomes that of the entropy of the whole distribution over
+    sequences (over every action of a trie, not only the sampled path's choices). The sum of
+    entropies along a sampled path estimates that entropy (chain rule), but its gradient misses
+    how an earlier choice moves the entropy of what follows it: ``d/dθ sum_x p(x) H(rest | x)``.
+    Its score-function estimate is added, ``ratio_l * sum_{l' > l} w_l' H_l'`` at each counted
+    token (the later entropies detached; ``ratio_l = exp(logprobs - old_logprobs)``, 1 in value
+    at the behaviour policy, as PPO's surrogate), with value 0: the loss's value is unchanged.
+    Without it, a trie choice that opens many actions (Crafter's ``make`` opens six) gets no
+    credit for them: the flat softmax over actions a peer uses sees their entropy, the path
+    sum does not.
     """
     require_tensor("entropies", entropies, 2, "(B, L)")
     require_tensor("token_mask", token_mask, 2, "(B, L)")
@@ -340,6 +354,16 @@ def entropy_bonus(
     require_same_shape("(B, L)", "entropies", entropies, reasoning_mask=reasoning_mask)
     w = token_weights(mask, _as_mask("reasoning_mask", reasoning_mask), reasoning_weight)
     weighted = torch.where(mask, entropies, torch.zeros_like(entropies)) * w
+    if (logprobs is None) != (old_logprobs is None):
+        raise ValueError("give logprobs and old_logprobs together, or neither")
+    if logprobs is not None:
+        require_same_shape("(B, L)", "entropies", entropies, logprobs=logprobs,
+                           old_logprobs=old_logprobs)  # fmt: skip
+        later = weighted.detach().flip(1).cumsum(1).flip(1) - weighted.detach()  # (B, L)
+        log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
+        ratio = log_ratio.exp()
+        # value 0, gradient ratio_l * d log pi_l * (entropy after l): added to each token's own
+        weighted = weighted + torch.where(mask, (ratio - ratio.detach()) * later, 0.0)
     if reduction == "sequence":
         rows = mask.any(1)
         bonus = weighted.sum(1)[rows].sum() / rows.sum().clamp_min(1)

@@ -408,6 +408,57 @@ def test_entropy_bonus_is_weighted_as_the_policys_log_pi():
         entropy_bonus(entropies, mask, reasoning, 0.5, "mean")
 
 
+def test_entropy_bonus_gradient_is_the_whole_distributions_with_logprobs():
+    """A two-level trie (Crafter's ``make`` is such a choice): the root picks a leaf or a node
+    with three leaves. With the sampled tokens' log-probs, the expected gradient of the bonus
+    over every path, weighted by its probability, is the exact gradient of the entropy of the
+    distribution over the four actions (autograd on the closed form, the slow reference);
+    the path sum alone misses how the root's choice moves the entropy below it."""
+    torch.manual_seed(0)
+    root_logits = torch.randn(2, requires_grad=True)
+    child_logits = torch.randn(3, requires_grad=True)
+
+    def dists():
+        return torch.log_softmax(root_logits, 0), torch.log_softmax(child_logits, 0)
+
+    def entropy(lp):
+        return -(lp.exp() * lp).sum()
+
+    root, child = dists()
+    p_actions = torch.cat([root[:1].exp(), root[1].exp() * child.exp()])  # the four leaves
+    exact = -(p_actions * p_actions.log()).sum()
+    exact_grad = torch.autograd.grad(exact, (root_logits, child_logits))
+
+    def expected_grad(with_logprobs: bool):
+        total = [torch.zeros(2), torch.zeros(3)]
+        paths = [(0, None)] + [(1, c) for c in range(3)]
+        for first, second in paths:
+            root, child = dists()
+            h = torch.stack([entropy(root), entropy(child)])[None]  # (1, 2)
+            lp = torch.stack([root[first], child[second or 0]])[None]
+            mask = torch.tensor([[True, second is not None]])
+            args = (lp, lp.detach()) if with_logprobs else (None, None)
+            loss, _ = entropy_bonus(h, mask, None, 1.0, "sequence", *args)
+            grads = torch.autograd.grad(-loss, (root_logits, child_logits))
+            weight = float((root[first] + (0.0 if second is None else child[second])).exp())
+            total = [t + weight * g for t, g in zip(total, grads, strict=True)]
+        return total
+
+    for got, want in zip(expected_grad(True), exact_grad, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    path_only = expected_grad(False)
+    assert not torch.allclose(path_only[0], exact_grad[0], atol=1e-3)  # the root's part is off
+    # the value is unchanged: the added term is 0 at the behaviour policy
+    h = torch.rand(3, 4)
+    mask = torch.rand(3, 4) > 0.3
+    lp = -torch.rand(3, 4)
+    plain = entropy_bonus(h, mask, None, 1.0, "token")[0]
+    assert entropy_bonus(h, mask, None, 1.0, "token", lp, lp)[0].item() == pytest.approx(
+        plain.item())
+    with pytest.raises(ValueError, match="together"):
+        entropy_bonus(h, mask, None, 1.0, "token", lp)
+
+
 # ----------------------------------------------------------------------------- KL
 
 
