@@ -440,7 +440,7 @@ def test_entropy_bonus_gradient_is_the_whole_distributions_with_logprobs():
             args = (lp, lp.detach()) if with_logprobs else (None, None)
             loss, _ = entropy_bonus(h, mask, None, 1.0, "sequence", *args)
             grads = torch.autograd.grad(-loss, (root_logits, child_logits))
-            weight = float((root[first] + (0.0 if second is None else child[second])).exp())
+            weight = float((root[first] + (0.0 if second is None else child[second])).detach().exp())
             total = [t + weight * g for t, g in zip(total, grads, strict=True)]
         return total
 
