@@ -232,6 +232,27 @@ def resolve_resume(arg: str, output_dir: str | Path, name: str | None = None) ->
     return found
 
 
+def checkpoint_at(run: str | Path, iteration: int) -> Path:
+    """The complete checkpoint of iteration ``iteration`` in run folder ``run`` (every file's
+    sha256 checked against its meta.json), for exporting or evaluating an older one than the
+    newest. CheckpointError names the iterations the run keeps when it has not that one."""
+    run = Path(run)
+    if not run.is_dir():
+        raise CheckpointError(f"no run folder {run}")
+    named = _named(run / CHECKPOINTS)
+    path = run / CHECKPOINTS / checkpoint_name(iteration)
+    if path not in named:
+        kept = ", ".join(str(_iteration(p)) for p in named) or "none"
+        raise CheckpointError(
+            f"run {run} has no checkpoint of iteration {iteration} (it keeps: {kept}; "
+            f"train.keep_checkpoints sets how many are kept)"
+        )
+    problem = _problem(path, digests=True)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is not complete: {problem}")
+    return path
+
+
 # -- RNG state --------------------------------------------------------------------------------------
 
 

@@ -240,14 +240,18 @@ def train(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a run folder of `rig train` (its newest checkpoint is exported)")],
     out_dir: Annotated[Path, typer.Argument(help="new HF checkpoint directory to write")],
+    iteration: Annotated[int | None, typer.Option(min=0, help="export this iteration's checkpoint instead of the newest")] = None,
 ) -> None:
     """A training checkpoint as an HF directory that RigPolicy.load and transformers' Janus load."""
-    from learner.checkpoints import resolve_resume
+    from learner.checkpoints import checkpoint_at, resolve_resume
     from rig.config import load_config
 
     if out_dir.exists():
         raise UserError(f"{out_dir} exists; give a new directory (nothing is overwritten)")
-    checkpoint = resolve_resume(str(run_dir), run_dir.parent)
+    if iteration is None:
+        checkpoint = resolve_resume(str(run_dir), run_dir.parent)
+    else:
+        checkpoint = checkpoint_at(run_dir, iteration)
     cfg = load_config(run_dir / "config.yaml", [])
     from rig.train import export_checkpoint
 

@@ -124,6 +124,28 @@ def test_export_command_writes_a_loadable_directory(trained, capsys, tmp_path):
     assert code == 2 and "exists" in err and err.count("\n") == 1
 
 
+def test_export_command_exports_an_older_iteration(trained, capsys, tmp_path):
+    """`--iteration N` exports iteration N's checkpoint (its weights, not the newest's); one the
+    run does not keep is a one-line error naming those it keeps."""
+    import torch
+    from safetensors.torch import load_file
+
+    kept = sorted(int(p.name[5:]) for p in (trained / "checkpoints").glob("iter_*"))
+    assert len(kept) >= 2, kept
+    outs = {}
+    for it in (kept[0], kept[-1]):
+        outs[it] = tmp_path / f"it{it}"
+        code, stdout, err = run_cli(capsys, "export", str(trained), str(outs[it]),
+                                    "--iteration", str(it))  # fmt: skip
+        assert code == 0, err
+        assert f"iter_{it:06d}" in stdout
+    old, new = (load_file(str(outs[it] / "rig_heads.safetensors")) for it in (kept[0], kept[-1]))
+    assert any(not torch.equal(old[k], new[k]) for k in old)  # two different checkpoints
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "x"), "--iteration", "999")
+    assert code == 2 and err.count("\n") == 1
+    assert "no checkpoint of iteration 999" in err and f"keeps: {', '.join(map(str, kept))}" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
