@@ -574,9 +574,12 @@ def bench_learning(
     threads: int = 1,
     peer_epochs: int = PEER_EPOCHS,
     say: Callable[[str], None] | None = None,
+    random_baseline: bool = True,
 ) -> dict[str, Any]:
-    """Run both sides (or ``only`` one) for every seed; write ``results.json`` and
-    ``curves.png`` to ``out``; returns the results. Bad input is a ``UserError``."""
+    """Run both sides (or ``only`` one) for every seed, and the random agent unless
+    ``random_baseline`` is False (it is deterministic per seed: a folder that has it can be
+    merged in); write ``results.json`` and ``curves.png`` to ``out``; returns the results. Bad
+    input is a ``UserError``."""
     from envs import check_env_id
     from rig.config import load_config
 
@@ -597,7 +600,8 @@ def bench_learning(
     cfg = load_config(config, [*overrides, f"env.id={env}"])
     out = _fresh_out(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
 
-    methods = (*(COMPARED if only == "both" else (only,)), "random")  # the baseline always
+    baseline = ("random",) if random_baseline else ()
+    methods = (*(COMPARED if only == "both" else (only,)), *baseline)
     plans = {"rig": rig_plan(cfg, steps), "peer": {**peer_plan(steps), "epochs": peer_epochs},
              "random": {"steps_per_iteration": RANDOM_ITERATION}}  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
@@ -950,6 +954,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--out", default=None, help="default runs/bench-learning-<time>")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--peer-epochs", type=int, default=PEER_EPOCHS)
+    parser.add_argument("--no-random", action="store_false", dest="random_baseline",
+                        help="skip the random agent (merge in a folder that has it)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="pool the results.json of finished runs into --out (runs nothing)")
@@ -967,6 +973,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             result = bench_learning(
                 args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
                 args.threshold, args.only, args.out, args.threads, args.peer_epochs,
+                random_baseline=args.random_baseline,
             )  # fmt: skip
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -386,6 +386,10 @@ def learning(
     ] = 1,
     peer_epochs: Annotated[int | None, typer.Option(
         "--peer-epochs", min=1, help="PPO epochs per batch of the peer [default: 10]")] = None,
+    random: Annotated[bool | None, typer.Option(
+        "--random/--no-random", help="also run the uniformly random agent, the baseline "
+        "(deterministic per seed: a folder that has it can be merged in) [default: --random]")
+    ] = None,
     merge: Annotated[
         list[Path] | None,
         typer.Option("--merge", help="a finished results folder to pool into --out (repeat; "
@@ -398,7 +402,7 @@ def learning(
     bench = _benchmark("learning")  # each run is a subprocess with its own Ray
     given = {"--env": env, "--steps": steps, "--seeds": seeds, "--config": config,
              "--set": overrides or None, "--threshold": threshold, "--only": only,
-             "--peer-epochs": peer_epochs}  # fmt: skip
+             "--peer-epochs": peer_epochs, "--random/--no-random": random}  # fmt: skip
     if merge:
         if used := [name for name, value in given.items() if value is not None]:
             raise UserError(f"--merge pools finished runs and takes their settings; drop "
@@ -415,5 +419,6 @@ def learning(
             d["threshold"] if threshold is None else threshold,
             d["only"] if only is None else only, out, threads,
             d["peer_epochs"] if peer_epochs is None else peer_epochs,
+            random_baseline=random is not False,
         )  # fmt: skip
     _report(bench, result, json_path)

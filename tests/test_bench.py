@@ -508,6 +508,7 @@ def test_learning_merge_keeps_one_random_baseline_per_seed_and_scores_crafter(ri
         (None, [], "no results.json"),
         ({"seeds": [1]}, ["--steps", "2048"], "--merge pools finished runs"),
         ({"seeds": [1]}, ["--steps", "15000"], "drop --steps"),  # given at its default, too
+        ({"seeds": [1]}, ["--no-random"], "drop --random/--no-random"),
     ],
 )
 def test_learning_merge_refuses_runs_that_do_not_belong_together(rig_main, capsys, tmp_path,
@@ -573,6 +574,38 @@ def test_learning_merge_compares_rig_runs_by_their_resolved_config(rig_main, cap
     assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(bare),
                      "--out", str(tmp_path / "m4")]) == 2  # fmt: skip
     assert "different variants" in capsys.readouterr().err
+
+
+def test_learning_no_random_skips_the_baseline_and_merges_with_a_folder_that_has_it(
+        rig_main, capsys, tmp_path, monkeypatch):  # fmt: skip
+    """``--no-random`` runs the side(s) without the random agent (not called, not in the
+    results); merged with a folder of the same seed that has it, the pool has the baseline."""
+    ran = []
+
+    def fake_rig(config, overrides, env, seed, iterations, out, threads):
+        ran.append(("rig", seed))
+        return learning._run(seed, 0, 1.0, out / f"rig-seed{seed}.log",
+                             [[512, -0.5, 100], [1024, 0.2, 100]])  # fmt: skip
+
+    def fake_random(*args, **kwargs):
+        ran.append(("random",))
+        raise AssertionError("the random agent ran under --no-random")
+
+    monkeypatch.setattr(learning, "run_rig", fake_rig)
+    monkeypatch.setattr(learning, "run_random", fake_random)
+    out = tmp_path / "no-random"
+    args = ["bench", "learning", "--only", "rig", "--steps", "1024", "--seeds", "1",
+            "--config", *DEBUG_CATCH, "--no-random", "--out", str(out)]  # fmt: skip
+    assert rig_main(args) == 0, capsys.readouterr().err
+    assert ran == [("rig", 1)]
+    result = json.loads((out / "results.json").read_text())
+    assert set(result["methods"]) == {"rig"} and "random" not in result["config"]["plans"]
+    baseline = _finished(tmp_path / "random", "random", [1])
+    merged = tmp_path / "merged"
+    assert rig_main(["bench", "learning", "--merge", str(out), "--merge", str(baseline),
+                     "--out", str(merged)]) == 0  # fmt: skip
+    pooled = json.loads((merged / "results.json").read_text())["methods"]
+    assert set(pooled) == {"rig", "random"}
 
 
 def test_learning_merge_needs_two_folders_and_an_out(rig_main, capsys, tmp_path):
