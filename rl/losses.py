@@ -19,7 +19,8 @@ Conventions shared by all of them:
   whatever they hold (nan and -inf included): they are selected away with ``torch.where``,
   never multiplied by zero.
 * Targets and behaviour-policy quantities (old log-probs, advantages, returns, reference
-  log-probs, token ids) are detached inside; only the first argument carries gradient.
+  log-probs, token ids) are detached inside; only the first argument carries gradient (and
+  ``entropy_bonus``'s ``logprobs``, for its score-function term).
 * A masked mean over zero positions is 0, not nan.
 * Metrics are detached 0-d tensors keyed ``"<loss name>/<metric>"`` so that the dicts of all
   terms can be merged; call ``float()`` on them only when logging (one sync, not one per metric).
