@@ -457,6 +457,13 @@ def test_entropy_bonus_gradient_is_the_whole_distributions_with_logprobs():
         plain.item())
     with pytest.raises(ValueError, match="together"):
         entropy_bonus(h, mask, None, 1.0, "token", lp)
+    # masked positions may hold -inf / nan log-probs: no effect, finite gradients
+    lp_bad = lp.masked_fill(~mask, float("-inf")).requires_grad_()
+    old_bad = lp.masked_fill(~mask, float("nan"))
+    loss = entropy_bonus(h, mask, None, 1.0, "sequence", lp_bad, old_bad)[0]
+    assert loss.item() == pytest.approx(entropy_bonus(h, mask, None, 1.0, "sequence")[0].item())
+    loss.backward()
+    assert torch.isfinite(lp_bad.grad).all() and (lp_bad.grad[~mask] == 0).all()
 
 
 # ----------------------------------------------------------------------------- KL
