@@ -767,3 +767,31 @@ def test_eval_spread_difference_interval():
     same = difference(spread(low, seed=1), spread(low, seed=2))
     assert same["return"] == 0 and same["return_lo"] < 0 < same["return_hi"]
     assert same["score_lo"] < 0 < same["score_hi"]
+
+
+def test_crafter_actions_probe_distributions_and_the_crafting_rule():
+    """benchmarks/crafter_actions.py: every sampled distribution sums to 1 over the 17 actions;
+    a state counts as 'wood pickaxe possible' exactly when Crafter would allow the craft (a
+    table within reach and one wood)."""
+    import numpy as np
+
+    from benchmarks.crafter_actions import can_make_wood_pickaxe, entropy, load_policy, probe
+    from envs.crafter_env import CrafterEnv
+
+    policy = load_policy("fresh")
+    found = probe(policy, steps=2, envs=2, every=1, samples=8, reasoning=0)
+    assert len(found["all states"]) == 4
+    for d in found["all states"]:
+        assert d.shape == (17,) and abs(d.sum() - 1.0) < 1e-9
+    assert entropy(np.full(17, 1 / 17)) == pytest.approx(np.log(17))
+
+    env = CrafterEnv(length=10)
+    env.reset(seed=0)
+    player, world = env._env._player, env._env._world
+    assert not can_make_wood_pickaxe(env)  # a new world: no wood
+    player.inventory["wood"] = 1
+    world[player.pos + player.facing] = "table"
+    assert can_make_wood_pickaxe(env)
+    _, reward, *_ = env.step(env.codec.vocab.index("make_wood_pickaxe"))
+    assert env._env._player.inventory["wood_pickaxe"] == 1  # Crafter agrees
+    env.close()
