@@ -6,7 +6,7 @@ of an action is a product of trie choices: the six ``make_*`` actions share one 
 ``--steps`` steps in ``--envs`` Crafter worlds with the policy, and every ``--every`` steps
 per world samples ``--samples`` actions from the policy for that frame (Monte Carlo over
 ``RigPolicy.act``: the exact sampler, reasoning included, no second implementation of the
-trie's arithmetic). It prints the mean distribution and its mean per-state entropy over all
+trie's arithmetic), with the task and reasoning cap the checkpoint was trained with. It prints the mean distribution and its mean per-state entropy over all
 sampled states, and over the states where ``make_wood_pickaxe`` would succeed (a table within
 reach, wood >= 1).
 
@@ -22,30 +22,40 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-TASK = "survive and unlock as many achievements as you can"  # configs/crafter.yaml's
+CRAFTER_PRESET = Path(__file__).resolve().parents[1] / "configs" / "crafter.yaml"
 
 
-def load_policy(path: str, head_hidden: int = 256):
-    """``fresh``: the untrained tiny policy (configs/crafter.yaml's heads); else a checkpoint
-    directory (``rig export``'s, or ``rig train``'s ``export/``)."""
+def load_policy(path: str, head_hidden: int = 256) -> tuple[Any, str, int]:
+    """``(policy, task, max_reasoning_tokens)``. ``fresh``: the untrained tiny policy with
+    configs/crafter.yaml's heads, task and cap; else a checkpoint directory (``rig export``'s,
+    or ``rig train``'s ``export/``) with the settings it was trained with, read as ``rig eval``
+    reads them."""
     from envs.crafter_env import crafter_codec
+    from rig.config import load_config
+    from rig.sft_cli import _checkpoint_record, _trained_settings
     from rl.policy import RigPolicy
 
-    codec = crafter_codec()
+    preset = load_config(CRAFTER_PRESET, []).policy
     if path == "fresh":
-        return RigPolicy.from_preset("tiny", codec, 0, head_hidden)
-    return RigPolicy.load(path, codec)
+        policy = RigPolicy.from_preset("tiny", crafter_codec(), 0, head_hidden)
+        return policy, preset.task, preset.max_reasoning_tokens
+    trained = _trained_settings(_checkpoint_record(Path(path), "checkpoint"))
+    policy = RigPolicy.load(path, crafter_codec())
+    return (policy, trained.get("task", preset.task),
+            int(trained.get("max_reasoning_tokens", preset.max_reasoning_tokens)))  # fmt: skip
 
 
-def distribution(policy, frame: np.ndarray, samples: int, reasoning: int) -> np.ndarray:
+def distribution(policy, frame: np.ndarray, samples: int, task: str,
+                 reasoning: int) -> np.ndarray:  # fmt: skip
     """(A,) share of each action among ``samples`` draws of the policy on one frame."""
-    out = policy.act(np.repeat(frame[None], samples, 0), TASK, max_reasoning_tokens=reasoning)
+    out = policy.act(np.repeat(frame[None], samples, 0), task, max_reasoning_tokens=reasoning)
     return np.bincount(out.actions.numpy(), minlength=len(policy.codec.vocab)) / samples
 
 
@@ -56,7 +66,7 @@ def can_make_wood_pickaxe(env) -> bool:
     return "table" in materials and player.inventory["wood"] >= 1
 
 
-def probe(policy, steps: int, envs: int, every: int, samples: int, reasoning: int,
+def probe(policy, steps: int, envs: int, every: int, samples: int, task: str, reasoning: int,
           seed: int = 100) -> dict[str, list[np.ndarray]]:  # fmt: skip
     """Play ``steps`` steps in ``envs`` worlds; the sampled distributions by kind of state."""
     from envs.crafter_env import CrafterEnv
@@ -64,17 +74,16 @@ def probe(policy, steps: int, envs: int, every: int, samples: int, reasoning: in
     worlds = [CrafterEnv(length=1000) for _ in range(envs)]
     frames = [w.reset(seed=seed + i)[0] for i, w in enumerate(worlds)]
     found: dict[str, list[np.ndarray]] = {"all states": [], "wood pickaxe possible": []}
-    with torch.no_grad():
-        for t in range(steps):
-            out = policy.act(np.stack(frames), TASK, max_reasoning_tokens=reasoning)
-            for i, world in enumerate(worlds):
-                if (t + i) % every == 0:
-                    d = distribution(policy, frames[i], samples, reasoning)
-                    found["all states"].append(d)
-                    if can_make_wood_pickaxe(world):
-                        found["wood pickaxe possible"].append(d)
-                frame, _, terminated, truncated, _ = world.step(int(out.actions[i]))
-                frames[i] = world.reset()[0] if terminated or truncated else frame
+    for t in range(steps):  # act is no_grad itself
+        out = policy.act(np.stack(frames), task, max_reasoning_tokens=reasoning)
+        for i, world in enumerate(worlds):
+            if (t + i) % every == 0:
+                d = distribution(policy, frames[i], samples, task, reasoning)
+                found["all states"].append(d)
+                if can_make_wood_pickaxe(world):
+                    found["wood pickaxe possible"].append(d)
+            frame, _, terminated, truncated, _ = world.step(int(out.actions[i]))
+            frames[i] = world.reset()[0] if terminated or truncated else frame
     for world in worlds:
         world.close()
     return found
@@ -106,13 +115,15 @@ def main(argv: list[str] | None = None) -> dict[str, list[np.ndarray]]:
     parser.add_argument("--envs", type=int, default=8, help="worlds played at once")
     parser.add_argument("--every", type=int, default=10, help="sample a world's state every N steps")
     parser.add_argument("--samples", type=int, default=256, help="actions drawn per sampled state")
-    parser.add_argument("--reasoning", type=int, default=0, help="max_reasoning_tokens of act")
+    parser.add_argument("--reasoning", type=int, default=None,
+                        help="max_reasoning_tokens of act (default: the checkpoint's own)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    policy = load_policy(args.checkpoint)
+    policy, task, reasoning = load_policy(args.checkpoint)
     policy.eval()
-    found = probe(policy, args.steps, args.envs, args.every, args.samples, args.reasoning)
+    reasoning = reasoning if args.reasoning is None else args.reasoning
+    found = probe(policy, args.steps, args.envs, args.every, args.samples, task, reasoning)
     print("\n".join(report(list(policy.codec.vocab), found)))
     return found
 

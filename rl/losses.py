@@ -360,7 +360,8 @@ def entropy_bonus(
     if logprobs is not None:
         require_same_shape("(B, L)", "entropies", entropies, logprobs=logprobs,
                            old_logprobs=old_logprobs)  # fmt: skip
-        later = weighted.detach().flip(1).cumsum(1).flip(1) - weighted.detach()  # (B, L)
+        own = weighted.detach()
+        later = own.flip(1).cumsum(1).flip(1) - own  # (B, L) entropy after each token
         log_ratio = torch.where(mask, logprobs - old_logprobs.detach(), torch.zeros_like(logprobs))
         ratio = log_ratio.exp()
         # value 0, gradient ratio_l * d log pi_l * (entropy after l): added to each token's own

@@ -778,8 +778,9 @@ def test_crafter_actions_probe_distributions_and_the_crafting_rule():
     from benchmarks.crafter_actions import can_make_wood_pickaxe, entropy, load_policy, probe
     from envs.crafter_env import CrafterEnv
 
-    policy = load_policy("fresh")
-    found = probe(policy, steps=2, envs=2, every=1, samples=8, reasoning=0)
+    policy, task, reasoning = load_policy("fresh")
+    assert task.startswith("survive") and reasoning == 0  # configs/crafter.yaml's
+    found = probe(policy, steps=2, envs=2, every=1, samples=8, task=task, reasoning=reasoning)
     assert len(found["all states"]) == 4
     for d in found["all states"]:
         assert d.shape == (17,) and abs(d.sum() - 1.0) < 1e-9
