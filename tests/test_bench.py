@@ -793,6 +793,6 @@ def test_crafter_actions_probe_distributions_and_the_crafting_rule():
     player.inventory["wood"] = 1
     world[player.pos + player.facing] = "table"
     assert can_make_wood_pickaxe(env)
-    _, reward, *_ = env.step(env.codec.vocab.index("make_wood_pickaxe"))
+    env.step(env.codec.vocab.index("make_wood_pickaxe"))
     assert env._env._player.inventory["wood_pickaxe"] == 1  # Crafter agrees
     env.close()
