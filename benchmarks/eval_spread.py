@@ -25,35 +25,63 @@ from envs.stats import crafter_score
 def spread(report: dict, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Mean return and Crafter score of ``report``'s episodes, their bootstrap 95% intervals
     (``*_lo``, ``*_hi``), and the bootstrap draws themselves (``*_draws``, for
-    :func:`difference`)."""
+    :func:`difference`). An env without achievements (no ``success_rates`` in the summary, e.g.
+    Catch) has no score: its ``score*`` entries are None."""
     episodes = report["episodes"]
-    names = sorted(report["summary"]["success_rates"])
+    names = sorted(report["summary"].get("success_rates") or {})
     unlocked = np.array([[n in e["unlocked"] for n in names] for e in episodes], float)
     returns = np.array([e["return"] for e in episodes], float)
 
-    def score(rows: np.ndarray) -> float:
+    def score(rows: np.ndarray) -> float | None:
+        if not names:
+            return None
         return crafter_score(dict(zip(names, 100.0 * unlocked[rows].mean(0), strict=True)))
 
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(episodes), len(episodes)) for _ in range(samples)]
     every = np.arange(len(episodes))
-    scores = np.array([score(d) for d in draws])
     means = np.array([returns[d].mean() for d in draws])
-    s_lo, s_hi = np.percentile(scores, [2.5, 97.5])
     r_lo, r_hi = np.percentile(means, [2.5, 97.5])
-    return {"episodes": len(episodes), "return": float(returns.mean()), "return_lo": r_lo,
-            "return_hi": r_hi, "score": score(every), "score_lo": s_lo, "score_hi": s_hi,
+    scores, s_lo, s_hi = None, None, None
+    if names:
+        scores = np.array([score(d) for d in draws])
+        s_lo, s_hi = (float(v) for v in np.percentile(scores, [2.5, 97.5]))
+    return {"episodes": len(episodes), "return": float(returns.mean()), "return_lo": float(r_lo),
+            "return_hi": float(r_hi), "score": score(every), "score_lo": s_lo, "score_hi": s_hi,
             "return_draws": means, "score_draws": scores}  # fmt: skip
 
 
 def difference(base: dict, other: dict) -> dict[str, float]:
     """``other - base`` for the return and the score (two :func:`spread` results of the same
-    number of draws), with the bootstrap 95% interval of each difference."""
-    out = {}
+    number of draws), with the bootstrap 95% interval of each difference (the score's entries
+    None where either has no score)."""
+    out: dict[str, float | None] = {}
     for key in ("return", "score"):
+        if base[f"{key}_draws"] is None or other[f"{key}_draws"] is None:
+            out.update({key: None, f"{key}_lo": None, f"{key}_hi": None})
+            continue
         lo, hi = np.percentile(other[f"{key}_draws"] - base[f"{key}_draws"], [2.5, 97.5])
         out.update({key: other[key] - base[key], f"{key}_lo": float(lo), f"{key}_hi": float(hi)})
     return out
+
+
+def describe(s: dict) -> str:
+    """One :func:`spread` as text: episodes, return and (where there is one) score, with their
+    intervals."""
+    text = (f"{s['episodes']} episodes, return {s['return']:.2f} "
+            f"[{s['return_lo']:.2f}, {s['return_hi']:.2f}]")  # fmt: skip
+    if s["score"] is not None:
+        text += f", Crafter score {s['score']:.2f}% [{s['score_lo']:.2f}, {s['score_hi']:.2f}]"
+    return text
+
+
+def describe_difference(d: dict) -> str:
+    """One :func:`difference` as text."""
+    text = f"return {d['return']:+.2f} [{d['return_lo']:+.2f}, {d['return_hi']:+.2f}]"
+    if d["score"] is not None:
+        text += (f", Crafter score {d['score']:+.2f} points "
+                 f"[{d['score_lo']:+.2f}, {d['score_hi']:+.2f}]")  # fmt: skip
+    return text
 
 
 def main() -> None:
@@ -62,10 +90,7 @@ def main() -> None:
     paths = parser.parse_args().reports
     reports = [json.loads(path.read_text()) for path in paths]
     for path, report in zip(paths, reports, strict=True):
-        s = spread(report)
-        print(f"{path}: {s['episodes']} episodes, return {s['return']:.2f} "
-              f"[{s['return_lo']:.2f}, {s['return_hi']:.2f}], Crafter score {s['score']:.2f}% "
-              f"[{s['score_lo']:.2f}, {s['score_hi']:.2f}]")  # fmt: skip
+        print(f"{path}: {describe(spread(report))}")
     if len(reports) < 2:
         return
     # the differences from draws of their own (the intervals above share seed 0): the first
@@ -73,10 +98,7 @@ def main() -> None:
     # the list its report stands
     base = spread(reports[0], seed=1)
     for path, report in zip(paths[1:], reports[1:], strict=True):
-        d = difference(base, spread(report, seed=2))
-        print(f"{path} - {paths[0]}: return {d['return']:+.2f} [{d['return_lo']:+.2f}, "
-              f"{d['return_hi']:+.2f}], Crafter score {d['score']:+.2f} points "
-              f"[{d['score_lo']:+.2f}, {d['score_hi']:+.2f}]")  # fmt: skip
+        print(f"{path} - {paths[0]}: {describe_difference(difference(base, spread(report, seed=2)))}")
 
 
 if __name__ == "__main__":

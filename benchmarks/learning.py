@@ -42,6 +42,26 @@ episodes), and over every episode of the run (Crafter's own definition: the succ
 all episodes within the agent's budget, about 1,000 episodes at 100k steps, so the rare
 achievements that weigh most in the score are counted over ten times as many episodes).
 
+Training curves mix the policies of a whole run and a window of ~100 episodes; with
+``--eval-episodes N`` each side's final policy is also played on held-out worlds by one
+protocol, ``rig eval``'s: ``EVAL_ENVS`` (8) envs in a vector env reset with ``--eval-seed``
+(11, the worlds of the SFT comparisons in docs/sft.md), actions sampled from the policy, until
+N episodes have finished (the first N are kept)::
+
+    rig-seed<S>-final/, -eval/      rig export of the run's newest checkpoint, then rig eval of
+                                      it (-c CONFIG and --set as trained, lookahead 0, no
+                                      imagined frames): its report.json
+    peer-seed<S>-module/            the peer's final RLModule (RLModule.save_to_path, always)
+    peer-seed<S>-eval/report.json   that module played so (play_peer): frames through the same
+                                      NormalizedImageEnv transform, its logits sampled
+
+Each run's figures (episodes, mean return, Crafter score) and, per side, every seed's episodes
+pooled with bootstrap 95% intervals and the rig - peer difference (benchmarks/eval_spread.py)
+are in results.json and the printed report. ``--merge --eval-episodes N`` evaluates, into the
+new folder, every run of the merged folders not yet evaluated with those settings, from the
+policy it kept (runs from before this existed included, on the rig side; a peer run needs its
+saved module).
+
 The curve maths are pure functions (unit tested). An iteration's smoothed return is the
 episode-weighted mean of the newest iterations that hold at least ``WINDOW`` (100) episodes
 between them (all so far, before there are that many). A seed's value at a mark is that of its
@@ -54,6 +74,7 @@ sample-efficient) and wall-clock seconds of a whole run (process start to exit).
 
     rig bench learning --steps 15000 --seeds 0,1,2
     python benchmarks/learning.py --only peer --steps 15000 --seeds 0
+    rig bench learning --merge RIG_DIR --merge PEER_DIR --out POOLED --eval-episodes 256
 """
 
 from __future__ import annotations
@@ -93,6 +114,9 @@ PEER_EPOCHS = 10
 PEER_LR = 3e-4
 RIG_SUCCESS = "crafter/success/"  # rig train's per-achievement success rates (all episodes so far)
 RANDOM_ITERATION = PEER_BATCH  # env steps per recorded iteration of the random agent
+EVAL_SEED = 11  # the worlds of rig eval --seed 11, as the SFT comparisons (docs/sft.md)
+EVAL_ENVS = 8
+EVAL_NO_IMAGINE = 10**9  # rig eval --psnr-every: imagine on the first step only, not measured
 
 Point = Sequence[float]  # (env steps, mean return, episodes): one iteration, or its window
 Unlocks = Sequence[Any]  # (env steps, episodes, {achievement: episodes that unlocked it}), likewise
@@ -401,13 +425,16 @@ def peer_config(
 
 def run_peer_here(
     env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
-    epochs: int = PEER_EPOCHS, threads: int = 1,
+    epochs: int = PEER_EPOCHS, threads: int = 1, out: str | None = None,
+    eval_episodes: int = 0, eval_seed: int = EVAL_SEED,
 ) -> dict[str, Any]:  # fmt: skip
     """RLlib's PPO in this process until ``steps`` env steps are sampled (module doc); returns
     ``{"points": [[env steps, mean return, episodes]], "unlocks": [[env steps, episodes,
     {achievement: count}]] (Crafter), "rllib_return_mean": [[env steps, v]], "diagnostics":
     [[env steps, {name: v}]]}``: the diagnostics are RLlib's learner metrics of the iteration
-    (:data:`PEER_DIAGNOSTICS`), beside which rig train's own are read."""
+    (:data:`PEER_DIAGNOSTICS`), beside which rig train's own are read. With ``out`` the final
+    RLModule is saved to :func:`peer_module_dir` and, with ``eval_episodes``, played on held-out
+    worlds (:func:`eval_peer`, under ``"eval"``)."""
     import ray
     import torch
     from ray.rllib.core import DEFAULT_MODULE_ID
@@ -445,19 +472,30 @@ def run_peer_here(
                 diagnostics.append([sampled, found])
             mean = f"{points[-1][1]:+.3f} over {len(returns)} episodes" if returns else "-"
             print(f"peer seed {seed}: {sampled} env steps, return {mean}", flush=True)
+        evaluated = None
+        if out is not None:
+            module, folder = algo.get_module(), peer_module_dir(Path(out), seed)
+            module.save_to_path(str(folder.resolve()))
+            if eval_episodes:
+                evaluated = eval_peer(folder, Path(out), seed, env, size, kwargs, eval_episodes,
+                                      eval_seed, module=module)  # fmt: skip
+                print(f"peer seed {seed}: held-out {evaluated}", flush=True)
         algo.stop()
     finally:
         ray.shutdown()
     return {"points": points, "unlocks": unlocks, "rllib_return_mean": rllib_means,
-            "diagnostics": diagnostics}  # fmt: skip
+            "diagnostics": diagnostics, "eval": evaluated}  # fmt: skip
 
 
 def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int, out: Path,
-             epochs: int, threads: int) -> dict[str, Any]:  # fmt: skip
+             epochs: int, threads: int, eval_episodes: int = 0,
+             eval_seed: int = EVAL_SEED) -> dict[str, Any]:  # fmt: skip
     """``run_peer_here`` in a subprocess (this file with ``--peer-worker``)."""
     log, answer = out / f"peer-seed{seed}.log", out / f"peer-seed{seed}.json"
     spec = {"env": env, "size": size, "kwargs": kwargs, "seed": seed, "steps": steps,
-            "epochs": epochs, "threads": threads, "answer": str(answer.resolve())}  # fmt: skip
+            "epochs": epochs, "threads": threads, "out": str(out.resolve()),
+            "eval_episodes": eval_episodes, "eval_seed": eval_seed,
+            "answer": str(answer.resolve())}  # fmt: skip
     command = [sys.executable, str(Path(__file__).resolve()), "--peer-worker", json.dumps(spec)]
     code, seconds = _subprocess(command, log, threads)
     found = json.loads(answer.read_text()) if answer.is_file() else {}
@@ -465,6 +503,8 @@ def run_peer(env: str, size: int, kwargs: dict[str, Any], seed: int, steps: int,
     run["unlocks"] = found.get("unlocks", [])
     run["rllib_return_mean"] = found.get("rllib_return_mean", [])
     run["diagnostics"] = found.get("diagnostics", [])
+    if eval_episodes and run["ok"]:
+        run["eval"] = found.get("eval") or {"error": f"no held-out evaluation (log {log})"}
     return run
 
 
@@ -528,6 +568,124 @@ def _peer_worker(spec_json: str) -> None:
     answer.write_text(json.dumps(run(**spec)) + "\n")
 
 
+# -- held-out evaluation of the final policies ---------------------------------------------------
+
+
+def _peer_frames(obs):
+    """The peer's view of a batch of uint8 frames: RLlib's ``NormalizedImageEnv`` (x / 128 - 1,
+    float32), as it saw them in training (``_peer_env``)."""
+    import numpy as np
+
+    return (obs.astype(np.float32) / 128.0) - 1.0
+
+
+def play_peer(module: Any, env: str, size: int, kwargs: dict[str, Any], episodes: int,
+              num_envs: int = EVAL_ENVS, seed: int = EVAL_SEED) -> dict[str, Any]:  # fmt: skip
+    """``rig eval``'s protocol (``supervised.evaluate``) for the peer's RLModule: ``num_envs``
+    envs of ``envs.make`` in a vector env reset with ``seed``, actions sampled from the module's
+    distribution (a generator seeded with ``seed``), until ``episodes`` episodes have finished;
+    the first ``episodes`` of them are reported. A report of the shape ``rig eval`` writes
+    (``episodes``, ``unfinished``, ``summary``, ``steps``, ``seconds``, ``settings``), so
+    ``benchmarks/eval_spread.py`` reads both."""
+    import torch
+
+    from envs.crafter_env import ACHIEVEMENTS
+    from envs.stats import summarize
+    from envs.vector import EpisodeTracker, make_vector
+    from rig.play import _unfinished
+
+    venv = make_vector(env, num_envs, size=size, **kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    tracker = EpisodeTracker(num_envs)
+    steps, start = 0, time.perf_counter()
+    try:
+        obs, infos = venv.reset(seed=seed)
+        crafter_like = "achievements" in infos
+        while len(tracker.finished) < episodes:
+            with torch.no_grad():
+                out = module.forward_inference({"obs": torch.from_numpy(_peer_frames(obs))})
+            probs = torch.softmax(out["action_dist_inputs"].float(), dim=-1)
+            actions = torch.multinomial(probs, 1, generator=generator)[:, 0].numpy()
+            obs, rewards, terminated, truncated, infos = venv.step(actions)
+            tracker.step(rewards, terminated, truncated, infos)
+            steps += 1
+        unfinished = _unfinished(tracker, infos, crafter_like)
+    finally:
+        venv.close()
+    finished = tracker.finished[:episodes]
+    summary = summarize(finished, ACHIEVEMENTS if crafter_like else None)
+    settings = {"episodes": episodes, "num_envs": num_envs, "seed": seed, "sampling": "stochastic"}
+    return {"episodes": finished, "unfinished": unfinished, "summary": summary,
+            "steps": steps * num_envs, "seconds": time.perf_counter() - start,
+            "settings": settings}  # fmt: skip
+
+
+def eval_digest(report_path: Path) -> dict[str, Any]:
+    """A run's held-out evaluation as results.json keeps it: episodes, mean return, Crafter
+    score (None without achievements) and the report's path."""
+    summary = json.loads(report_path.read_text())["summary"]
+    return {"episodes": summary["episodes"], "return": summary.get("return_mean"),
+            "score": summary.get("score"), "report": str(report_path.resolve())}  # fmt: skip
+
+
+def _eval_failed(log: Path, code: int) -> dict[str, Any]:
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return {"error": f"exit code {code}: {lines[-1].strip() if lines else 'no output'} "
+                     f"(log {log})"}  # fmt: skip
+
+
+def eval_rig(run_out: Path, out: Path, seed: int, config: Path, overrides: Sequence[str],
+             episodes: int, eval_seed: int = EVAL_SEED, threads: int = 1) -> dict[str, Any]:  # fmt: skip
+    """The final policy of the ``rig train`` run in ``run_out`` on held-out worlds: ``rig export``
+    of its newest checkpoint to ``out/rig-seed<S>-final``, then ``rig eval`` of that (``-c
+    config`` and ``overrides`` as trained, lookahead 0, no imagined frames) with ``episodes``
+    episodes on ``EVAL_ENVS`` envs reset with ``eval_seed``, to ``out/rig-seed<S>-eval``.
+    :func:`eval_digest` of its report, or ``{"error": ...}``."""
+    found = sorted(path.parent for path in run_out.glob("*/mlflow_run_id"))
+    if not found:
+        return {"error": f"no rig train run in {run_out}"}
+    final, folder = out / f"rig-seed{seed}-final", out / f"rig-seed{seed}-eval"
+    rig = [sys.executable, "-m", "rig.cli"]
+    log = out / f"rig-seed{seed}-export.log"
+    code, _ = _subprocess([*rig, "export", str(found[-1]), str(final)], log, threads)
+    if code != 0:
+        return _eval_failed(log, code)
+    log = out / f"rig-seed{seed}-eval.log"
+    code, _ = _subprocess([*rig, "eval", "--checkpoint", str(final), "--episodes", str(episodes),
+                           "--num-envs", str(EVAL_ENVS), "--lookahead", "0", "--psnr-every",
+                           str(EVAL_NO_IMAGINE), "--seed", str(eval_seed), "--threads",
+                           str(threads), "--out", str(folder), "-c", str(config.resolve()),
+                           *overrides], log, threads)  # fmt: skip
+    if code != 0:
+        return _eval_failed(log, code)
+    return eval_digest(folder / "report.json")
+
+
+def peer_module_dir(out: Path, seed: int) -> Path:
+    """Where a peer run keeps its final RLModule (``RLModule.save_to_path``)."""
+    return out / f"peer-seed{seed}-module"
+
+
+def eval_peer(module_dir: Path, out: Path, seed: int, env: str, size: int,
+              kwargs: dict[str, Any], episodes: int, eval_seed: int = EVAL_SEED,
+              module: Any = None) -> dict[str, Any]:  # fmt: skip
+    """:func:`play_peer` of the peer's final module (``module``, else loaded from
+    ``module_dir``), its report to ``out/peer-seed<S>-eval/report.json``; the digest, or
+    ``{"error": ...}`` where there is no module."""
+    if module is None:
+        if not module_dir.is_dir():
+            return {"error": f"no saved peer module at {module_dir}"}
+        from ray.rllib.core.rl_module.rl_module import RLModule
+
+        module = RLModule.from_checkpoint(str(module_dir.resolve()))
+    report = play_peer(module, env, size, kwargs, episodes, seed=eval_seed)
+    folder = out / f"peer-seed{seed}-eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "report.json"
+    path.write_text(json.dumps({"module": str(module_dir), **report}, indent=2) + "\n")
+    return eval_digest(path)
+
+
 # -- running both --------------------------------------------------------------------------------
 
 
@@ -575,11 +733,15 @@ def bench_learning(
     peer_epochs: int = PEER_EPOCHS,
     say: Callable[[str], None] | None = None,
     random_baseline: bool = True,
+    eval_episodes: int = 0,
+    eval_seed: int = EVAL_SEED,
 ) -> dict[str, Any]:
     """Run both sides (or ``only`` one) for every seed, and the random agent unless
     ``random_baseline`` is False (it is deterministic per seed: a folder that has it can be
-    merged in); write ``results.json`` and ``curves.png`` to ``out``; returns the results. Bad
-    input is a ``UserError``."""
+    merged in); with ``eval_episodes``, play each side's final policy for that many episodes on
+    the held-out worlds of ``eval_seed`` (:func:`eval_rig`, :func:`eval_peer`); write
+    ``results.json`` and ``curves.png`` to ``out``; returns the results. Bad input is a
+    ``UserError``."""
     from envs import check_env_id
     from rig.config import load_config
 
@@ -590,6 +752,7 @@ def bench_learning(
         raise UserError(f"--only must be rig, peer or both, got {only!r}")
     if not seeds or min(seeds) < 0:
         raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
+    _check_eval(eval_episodes, eval_seed)
     try:
         check_env_id(env)
     except ValueError as err:
@@ -611,9 +774,13 @@ def bench_learning(
             if method == "rig":
                 run = run_rig(config, overrides, env, seed, plans["rig"]["iterations"], out,
                               threads)  # fmt: skip
+                if eval_episodes and run["ok"]:
+                    say(f"rig seed {seed}: held-out evaluation, log {out / f'rig-seed{seed}-eval.log'}")
+                    run["eval"] = eval_rig((out / f"rig-seed{seed}").resolve(), out, seed,
+                                           config, overrides, eval_episodes, eval_seed, threads)  # fmt: skip
             elif method == "peer":
                 run = run_peer(env, cfg.env.size, dict(cfg.env.kwargs), seed, steps, out,
-                               peer_epochs, threads)  # fmt: skip
+                               peer_epochs, threads, eval_episodes, eval_seed)  # fmt: skip
             else:
                 run = run_random(env, cfg.env.size, dict(cfg.env.kwargs), seed, steps, out)
             say(f"{method} seed {seed}: {'done' if run['ok'] else run['error']} "
@@ -626,10 +793,22 @@ def bench_learning(
         "threshold": threshold, "window": WINDOW, "threads": threads, "only": only,
         "out": str(out), "plans": {m: plans[m] for m in methods}, "ray": _version("ray"),
         "rig_variant": rig_variant(cfg.model_dump(mode="json")) if "rig" in methods else None,
+        "eval": _eval_config(eval_episodes, eval_seed),
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
     return result
+
+
+def _check_eval(episodes: int, seed: int) -> None:
+    if episodes < 0:
+        raise UserError(f"--eval-episodes must be >= 0 (0: no held-out evaluation), got {episodes}")
+    if seed < 0:
+        raise UserError(f"--eval-seed must be >= 0, got {seed}")
+
+
+def _eval_config(episodes: int, seed: int) -> dict[str, Any] | None:
+    return {"episodes": episodes, "seed": seed, "envs": EVAL_ENVS} if episodes else None
 
 
 def _fresh_out(out: str | Path) -> Path:
@@ -691,15 +870,20 @@ def _variant_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
-def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes: int = 0,
+                  eval_seed: int = EVAL_SEED) -> dict[str, Any]:  # fmt: skip
     """One result from the ``results.json`` of several finished benchmark folders (seeds or
     sides run as separate processes, e.g. two at once on two cores): their runs pooled by
     side, summarised afresh, written with its plot to ``out``. The folders must agree on env,
     budget and threshold, and those holding rig runs on the preset and overrides; a seed may
     appear once per side (the random agent's, the same in every folder for a seed, is kept
-    from the first folder that has it). Bad input is a ``UserError``."""
+    from the first folder that has it). Held-out evaluations are kept where the folders ran them
+    with one setting; with ``eval_episodes``, every rig and peer run whose folder evaluated
+    otherwise (or not at all) is evaluated now from the final policy it kept (rig: its run's
+    newest checkpoint; peer: its saved module), into ``out``. Bad input is a ``UserError``."""
     if len(folders) < 2:
         raise UserError(f"--merge needs at least two result folders, got {len(folders)}")
+    _check_eval(eval_episodes, eval_seed)
     loaded = []
     for folder in map(Path, folders):
         path = folder / "results.json"
@@ -734,8 +918,17 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
                     raise UserError(f"--merge: {folder} ran rig with {key} {config.get(key)!r}, "
                                     f"{with_rig[0][0]} with {with_rig[0][1].get(key)!r}; those "
                                     "are different variants")  # fmt: skip
+    wanted = _eval_config(eval_episodes, eval_seed)
+    if wanted is None:
+        settings = {json.dumps(c.get("eval"), sort_keys=True) for _, c, _ in loaded if c.get("eval")}
+        if len(settings) > 1:
+            raise UserError("--merge: the folders ran held-out evaluations with different "
+                            "settings; give --eval-episodes (and --eval-seed) to evaluate every "
+                            "run alike")  # fmt: skip
+        wanted = json.loads(settings.pop()) if settings else None
     runs: dict[str, list[dict[str, Any]]] = {}
     plans: dict[str, Any] = {}
+    sources: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}  # (side, seed) -> folder
     for folder, config, methods in loaded:
         for method, data in methods.items():
             seen = {run["seed"] for run in runs.get(method, [])}
@@ -746,13 +939,24 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
                     raise UserError(f"--merge: {method} seed {run['seed']} is in more than "
                                     f"one folder ({folder} and another); keep one")  # fmt: skip
                 keep = ("seed", "ok", "error", "wall_s", "log", "points", "unlocks", "diagnostics")
-                runs.setdefault(method, []).append({key: run.get(key, []) for key in keep})
+                kept = {key: run.get(key, []) for key in keep}
+                if run.get("eval") and config.get("eval") == wanted:
+                    kept["eval"] = run["eval"]
+                runs.setdefault(method, []).append(kept)
+                sources[method, run["seed"]] = (folder, config)
             plan = plans.setdefault(method, config["plans"][method])
             if plan != config["plans"][method]:
                 raise UserError(f"--merge: {folder} ran {method} with plan "
                                 f"{config['plans'][method]}, another folder with {plan}; those "
                                 "are different variants")  # fmt: skip
     out = _fresh_out(out)
+    if eval_episodes:
+        for method in COMPARED:
+            for run in runs.get(method, []):
+                if run["ok"] and "eval" not in run:
+                    folder, config = sources[method, run["seed"]]
+                    run["eval"] = _evaluate_kept(method, run["seed"], folder, config, out,
+                                                 eval_episodes, eval_seed)  # fmt: skip
     for method_runs in runs.values():
         method_runs.sort(key=lambda run: run["seed"])
     runs = {method: runs[method] for method in METHODS if method in runs}
@@ -766,11 +970,23 @@ def merge_results(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
         "only": "both" if set(COMPARED) <= set(runs) else next(iter(runs)),
         "out": str(out), "plans": plans, "ray": first.get("ray"),
         "rig_variant": variants[0] if variants else None,
-        "merged_from": [str(folder) for folder, _, _ in loaded],
+        "merged_from": [str(folder) for folder, _, _ in loaded], "eval": wanted,
     }  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
     return result
+
+
+def _evaluate_kept(method: str, seed: int, folder: Path, config: dict[str, Any], out: Path,
+                   episodes: int, eval_seed: int) -> dict[str, Any]:  # fmt: skip
+    """The held-out evaluation of a finished run of ``folder`` from the policy it kept."""
+    print(f"{method} seed {seed}: held-out evaluation of {folder}'s final policy",
+          file=sys.stderr, flush=True)  # fmt: skip
+    if method == "rig":
+        return eval_rig((folder / f"rig-seed{seed}").resolve(), out, seed, Path(config["config"]),
+                        config["overrides"], episodes, eval_seed, config.get("threads") or 1)  # fmt: skip
+    return eval_peer(peer_module_dir(folder, seed), out, seed, config["env"], config["size"],
+                     config["env_kwargs"], episodes, eval_seed)  # fmt: skip
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: float) -> dict:
@@ -790,6 +1006,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
             run["run_score"] = None if score is None else score[0]
             run["late_diagnostics"] = late_means(run.get("diagnostics") or [], steps)
         ok = [r for r in method_runs if r["ok"]]
+        evaluated = [r["eval"] for r in ok if r.get("eval") and "error" not in r["eval"]]
         finals = [r["final_return"] for r in ok if r["final_return"] is not None]
         scores = [r["final_score"] for r in ok if r["final_score"] is not None]
         run_scores = [r["run_score"] for r in ok if r["run_score"] is not None]
@@ -802,6 +1019,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
                 "final_score": statistics.median(scores) if scores else None,
                 "run_score": statistics.median(run_scores) if run_scores else None,
                 "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
+                "eval_return": _median([e["return"] for e in evaluated]),
+                "eval_score": _median([e["score"] for e in evaluated]),
                 "late_diagnostics": {
                     name: statistics.median(values)
                     for name in PEER_DIAGNOSTICS
@@ -815,7 +1034,42 @@ def summarize(runs: dict[str, list[dict[str, Any]]], steps: int, threshold: floa
         rig, peer = methods["rig"]["median"], methods["peer"]["median"]
         ratios["steps"] = ratio(rig["steps_to_threshold"], peer["steps_to_threshold"])
         ratios["wall"] = ratio(rig["wall_s"], peer["wall_s"])
-    return {"marks": table, "threshold_marks": fine, "methods": methods, "ratios": ratios}
+    return {"marks": table, "threshold_marks": fine, "methods": methods, "ratios": ratios,
+            "eval": pooled_eval(methods)}  # fmt: skip
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.median(found) if found else None
+
+
+def pooled_eval(methods: dict[str, Any]) -> dict[str, Any] | None:
+    """Each side's held-out episodes pooled over its seeds (every seed's report read back):
+    mean return and Crafter score with bootstrap 95% intervals (``benchmarks/eval_spread``),
+    and rig - peer with the interval of the difference; None where no side was evaluated. The
+    intervals are over episodes of these trained policies: the spread between seeds is in each
+    run's own figures, beside."""
+    from benchmarks.eval_spread import difference, spread
+
+    pooled: dict[str, Any] = {}
+    for method in COMPARED:
+        reports = [json.loads(Path(r["eval"]["report"]).read_text())
+                   for r in methods.get(method, {}).get("runs", [])
+                   if r["ok"] and r.get("eval") and "error" not in r["eval"]]  # fmt: skip
+        if reports:
+            pooled[method] = {"episodes": [e for rep in reports for e in rep["episodes"]],
+                              "summary": reports[0]["summary"], "seeds": len(reports)}  # fmt: skip
+    if not pooled:
+        return None
+    spreads = {m: spread(data, seed=1 if m == "rig" else 2) for m, data in pooled.items()}
+    found: dict[str, Any] = {
+        m: {"seeds": pooled[m]["seeds"],
+            **{k: v for k, v in s.items() if not k.endswith("_draws")}}
+        for m, s in spreads.items()
+    }  # fmt: skip
+    if set(COMPARED) <= set(spreads):
+        found["rig_minus_peer"] = difference(spreads["peer"], spreads["rig"])
+    return found
 
 
 def _version(package: str) -> str | None:
@@ -917,6 +1171,7 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
         lines += [f"  {per_seed(m, 'final_score', '{:.2f}', '-')}" for m in methods]
         lines.append("Crafter score (%) over every episode of the run (Crafter's definition):")
         lines += [f"  {per_seed(m, 'run_score', '{:.2f}', '-')}" for m in methods]
+    lines += eval_lines(result)
     late = {m: methods[m]["median"].get("late_diagnostics") for m in compared}
     if any(late.values()):
         lines.append("PPO diagnostics, mean over each run's last tenth (median over seeds):")
@@ -941,6 +1196,43 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def eval_lines(result: dict[str, Any]) -> list[str]:
+    """The held-out evaluation's lines of the report (none where there was none)."""
+    from benchmarks.eval_spread import describe, describe_difference
+
+    settings, methods = result["config"].get("eval"), result["methods"]
+    evaluated = {m: [r for r in methods[m]["runs"] if r.get("eval")]
+                 for m in COMPARED if m in methods}  # fmt: skip
+    if not settings or not any(evaluated.values()):
+        return []
+    lines = [f"final policies on held-out worlds ({settings['episodes']} episodes per run, "
+             f"{settings['envs']} envs reset with seed {settings['seed']}, actions sampled):"]  # fmt: skip
+    for method, runs in evaluated.items():
+        parts = []
+        for run in runs:
+            e = run["eval"]
+            if "error" in e:
+                parts.append(f"seed {run['seed']} failed ({e['error']})")
+                continue
+            score = "" if e["score"] is None else f", score {e['score']:.2f}%"
+            parts.append(f"seed {run['seed']} return {e['return']:+.3f}{score}")
+        median = methods[method]["median"]
+        score = median.get("eval_score")
+        lines.append(f"  {method}: {'; '.join(parts)}; median return "
+                     f"{_num(median.get('eval_return'), '{:+.3f}')}"
+                     + ("" if score is None else f", score {score:.2f}%"))  # fmt: skip
+    pooled = result.get("eval") or {}
+    for method in COMPARED:
+        if method in pooled:
+            lines.append(f"  {method}, {pooled[method]['seeds']} seeds pooled: "
+                         f"{describe(pooled[method])} (bootstrap 95%)")  # fmt: skip
+    if "rig_minus_peer" in pooled:
+        lines.append(f"  rig - peer, pooled: {describe_difference(pooled['rig_minus_peer'])} "
+                     "(bootstrap 95%; an interval that excludes 0 is a difference the episodes "
+                     "support)")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--env", default="rig/Catch-v0")
@@ -959,6 +1251,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                         help="pool the results.json of finished runs into --out (runs nothing)")
+    parser.add_argument("--eval-episodes", type=int, default=0,
+                        help="play each final policy this many episodes on held-out worlds")
+    parser.add_argument("--eval-seed", type=int, default=EVAL_SEED,
+                        help="the held-out worlds' reset seed")
     parser.add_argument("--peer-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.peer_worker is not None:  # one peer run, started by run_peer
@@ -968,12 +1264,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         if args.merge is not None:
             if args.out is None:
                 raise UserError("--merge needs --out, the folder for the pooled results")
-            result = merge_results(args.merge, args.out)
+            result = merge_results(args.merge, args.out, args.eval_episodes, args.eval_seed)
         else:
             result = bench_learning(
                 args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
                 args.threshold, args.only, args.out, args.threads, args.peer_epochs,
-                random_baseline=args.random_baseline,
+                random_baseline=args.random_baseline, eval_episodes=args.eval_episodes,
+                eval_seed=args.eval_seed,
             )  # fmt: skip
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -395,6 +395,12 @@ def learning(
         typer.Option("--merge", help="a finished results folder to pool into --out (repeat; "
                      "runs nothing: seeds or sides run as separate processes, then merged)"),
     ] = None,
+    eval_episodes: Annotated[int, typer.Option(
+        "--eval-episodes", min=0, help="play each side's final policy this many episodes on "
+        "held-out worlds (rig eval's protocol; with --merge: every run not yet evaluated so)")
+    ] = 0,
+    eval_seed: Annotated[int, typer.Option(
+        "--eval-seed", min=0, help="reset seed of the held-out worlds")] = 11,
     json_path: JsonOpt = None,
 ) -> None:
     """rig train vs RLlib's PPO: return vs env steps on one env, budget and seeds; a plot."""
@@ -409,7 +415,7 @@ def learning(
                             f"{', '.join(used)}")  # fmt: skip
         if out is None:
             raise UserError("--merge needs --out, the folder for the pooled results")
-        result = bench.merge_results(merge, out)
+        result = bench.merge_results(merge, out, eval_episodes, eval_seed)
     else:
         d = LEARNING_DEFAULTS
         result = bench.bench_learning(
@@ -419,6 +425,7 @@ def learning(
             d["threshold"] if threshold is None else threshold,
             d["only"] if only is None else only, out, threads,
             d["peer_epochs"] if peer_epochs is None else peer_epochs,
-            random_baseline=random is not False,
+            random_baseline=random is not False, eval_episodes=eval_episodes,
+            eval_seed=eval_seed,
         )  # fmt: skip
     _report(bench, result, json_path)

@@ -8,6 +8,7 @@ import math
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import typer
@@ -616,11 +617,162 @@ def test_learning_merge_needs_two_folders_and_an_out(rig_main, capsys, tmp_path)
     assert "--merge needs --out" in capsys.readouterr().err
 
 
+# -- held-out evaluation of the final policies ----------------------------------------------------
+
+
+def test_peer_frames_are_what_rllibs_normalized_image_env_gives():
+    from ray.rllib.env.wrappers.atari_wrappers import NormalizedImageEnv
+
+    frames = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    ours = learning._peer_frames(frames)
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, NormalizedImageEnv.observation(None, frames))
+
+
+class _FixedModule:
+    """A stand-in for the peer's RLModule: logits that put (almost) all mass on ``action``;
+    it keeps the frames it was shown."""
+
+    def __init__(self, action: int, actions: int = 3):
+        self.action, self.actions, self.seen = action, actions, []
+
+    def forward_inference(self, batch):
+        self.seen.append(batch["obs"])
+        logits = torch.full((len(batch["obs"]), self.actions), -30.0)
+        logits[:, self.action] = 30.0
+        return {"action_dist_inputs": logits}
+
+
+def test_play_peer_plays_rig_evals_worlds_and_reports_its_shape():
+    """play_peer: the first N finished episodes of a vector env reset with the eval seed, the
+    module fed the peer's normalised frames; the same seed gives the same episodes, and the
+    report has what eval_spread reads (Crafter: unlocked achievements and success rates)."""
+    module = _FixedModule(action=1)  # Catch's "stay"
+    report = learning.play_peer(module, "rig/Catch-v0", 64, {}, episodes=12, num_envs=4, seed=5)
+    assert len(report["episodes"]) == 12 and report["summary"]["episodes"] == 12
+    assert report["settings"] == {"episodes": 12, "num_envs": 4, "seed": 5,
+                                  "sampling": "stochastic"}  # fmt: skip
+    first = module.seen[0]
+    assert first.dtype == torch.float32 and first.shape == (4, 64, 64, 3)
+    assert float(first.min()) >= -1.0 and float(first.max()) < 1.0
+    again = learning.play_peer(_FixedModule(action=1), "rig/Catch-v0", 64, {}, 12, 4, seed=5)
+    assert [e["return"] for e in again["episodes"]] == [e["return"] for e in report["episodes"]]
+    crafter = learning.play_peer(_FixedModule(action=0, actions=17), "rig/Crafter-v0", 64,
+                                 {"length": 8}, episodes=4, num_envs=2, seed=0)  # fmt: skip
+    assert all("unlocked" in e for e in crafter["episodes"])
+    assert "score" in crafter["summary"] and "success_rates" in crafter["summary"]
+
+
+def _eval_report(path: Path, returns, unlocked=None) -> dict:
+    """A report as rig eval writes it, of episodes with ``returns`` (and ``unlocked``)."""
+    from envs.crafter_env import ACHIEVEMENTS
+    from envs.stats import summarize
+
+    episodes = [{"return": r, "length": 10} for r in returns]
+    if unlocked is not None:
+        for episode, names in zip(episodes, unlocked, strict=True):
+            episode["unlocked"] = names
+    path.mkdir(parents=True)
+    summary = summarize(episodes, ACHIEVEMENTS if unlocked is not None else None)
+    (path / "report.json").write_text(json.dumps({"episodes": episodes, "summary": summary}))
+    return learning.eval_digest(path / "report.json")
+
+
+def test_eval_spread_has_no_score_without_achievements(tmp_path):
+    from benchmarks.eval_spread import describe, describe_difference, difference, spread
+
+    _eval_report(tmp_path / "a", [1.0, -1.0, 1.0, 1.0])
+    _eval_report(tmp_path / "b", [1.0, 1.0, 1.0, 1.0])
+    a, b = (spread(json.loads((tmp_path / n / "report.json").read_text())) for n in "ab")
+    assert a["return"] == pytest.approx(0.5) and a["score"] is None and a["score_lo"] is None
+    d = difference(a, b)
+    assert d["return"] == pytest.approx(0.5) and d["score"] is None
+    assert "score" not in describe(a) and "score" not in describe_difference(d)
+
+
+def test_summary_pools_each_sides_held_out_episodes_and_compares_them(tmp_path):
+    """summarize: per-seed held-out figures, their medians, each side's episodes pooled over
+    seeds with bootstrap intervals, and rig - peer; the report prints them."""
+    rig_evals = [_eval_report(tmp_path / f"rig{s}", [2.0] * 20, [["collect_wood"]] * 20)
+                 for s in range(2)]  # fmt: skip
+    peer_eval = _eval_report(tmp_path / "peer0", [1.0] * 20,
+                             [["collect_wood"]] * 10 + [[]] * 10)  # fmt: skip
+    runs = {"rig": [learning._run(s, 0, 1.0, tmp_path / "log", [[1024, 0.0, 100]])
+                    for s in range(2)],
+            "peer": [learning._run(0, 0, 1.0, tmp_path / "log", [[1024, 0.0, 100]])]}  # fmt: skip
+    for run, found in zip(runs["rig"], rig_evals, strict=True):
+        run["eval"] = found
+    runs["peer"][0]["eval"] = peer_eval
+    result = learning.summarize(runs, 1024, 0.8)
+    assert result["methods"]["rig"]["median"]["eval_return"] == pytest.approx(2.0)
+    assert result["methods"]["peer"]["median"]["eval_score"] == pytest.approx(peer_eval["score"])
+    pooled = result["eval"]
+    assert pooled["rig"]["episodes"] == 40 and pooled["rig"]["seeds"] == 2
+    assert pooled["peer"]["episodes"] == 20
+    d = pooled["rig_minus_peer"]
+    assert d["return"] == pytest.approx(1.0) and d["score"] > 0 and d["score_lo"] > 0
+    result["config"] = {"eval": {"episodes": 20, "seed": 11, "envs": 8}}
+    lines = "\n".join(learning.eval_lines(result))
+    assert "20 episodes per run" in lines and "rig, 2 seeds pooled: 40 episodes" in lines
+    assert "rig - peer, pooled: return +1.00" in lines
+    result["config"]["eval"] = None
+    assert learning.eval_lines(result) == []
+
+
+def test_learning_merge_evaluates_the_runs_not_yet_evaluated_alike(rig_main, capsys, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    """--merge --eval-episodes: every rig and peer run whose folder did not evaluate it with
+    those settings is evaluated from the policy it kept (rig: its run folder, with its preset
+    and overrides; peer: its saved module); a run evaluated alike keeps its figures. Without
+    --eval-episodes, folders evaluated differently are refused."""
+    called = []
+
+    def fake_rig(run_out, out, seed, config, overrides, episodes, eval_seed, threads):
+        called.append(("rig", seed, run_out.name, str(config), list(overrides), episodes,
+                       eval_seed))  # fmt: skip
+        return _eval_report(out / f"rig-seed{seed}-eval", [1.0] * episodes)
+
+    def fake_peer(module_dir, out, seed, env, size, kwargs, episodes, eval_seed, module=None):
+        called.append(("peer", seed, module_dir.name, env, episodes, eval_seed))
+        return _eval_report(out / f"peer-seed{seed}-eval", [0.0] * episodes)
+
+    monkeypatch.setattr(learning, "eval_rig", fake_rig)
+    monkeypatch.setattr(learning, "eval_peer", fake_peer)
+    a = _finished(tmp_path / "a", "rig", [0], overrides=["ppo.epochs=2"])
+    b = _finished(tmp_path / "b", "peer", [0])
+    done = _finished(tmp_path / "done", "rig", [1], overrides=["ppo.epochs=2"])
+    result = json.loads((done / "results.json").read_text())  # seed 1 was evaluated alike
+    result["config"]["eval"] = {"episodes": 4, "seed": 3, "envs": learning.EVAL_ENVS}
+    result["methods"]["rig"]["runs"][0]["eval"] = _eval_report(tmp_path / "kept", [5.0] * 4)
+    (done / "results.json").write_text(json.dumps(result))
+    out = tmp_path / "merged"
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(b), "--merge",
+                     str(done), "--out", str(out), "--eval-episodes", "4", "--eval-seed",
+                     "3"]) == 0, capsys.readouterr().err  # fmt: skip
+    assert sorted(called) == [
+        ("peer", 0, "peer-seed0-module", "rig/Catch-v0", 4, 3),
+        ("rig", 0, "rig-seed0", "configs/catch.yaml", ["ppo.epochs=2"], 4, 3),
+    ]
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["config"]["eval"] == {"episodes": 4, "seed": 3, "envs": learning.EVAL_ENVS}
+    assert [r["eval"]["return"] for r in merged["methods"]["rig"]["runs"]] == [1.0, 5.0]
+    assert merged["eval"]["rig_minus_peer"]["return"] == pytest.approx(3.0)
+    assert "final policies on held-out worlds (4 episodes per run" in capsys.readouterr().out
+    other = _finished(tmp_path / "other", "peer", [2])
+    result = json.loads((other / "results.json").read_text())
+    result["config"]["eval"] = {"episodes": 8, "seed": 3, "envs": learning.EVAL_ENVS}
+    (other / "results.json").write_text(json.dumps(result))
+    assert rig_main(["bench", "learning", "--merge", str(done), "--merge", str(other),
+                     "--out", str(tmp_path / "refused")]) == 2  # fmt: skip
+    assert "held-out evaluations with different settings" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_path):
     out = tmp_path / "out"
     args = ["bench", "learning", "--only", "peer", "--steps", "1024", "--seeds", "0",
-            "--peer-epochs", "1", "--config", *DEBUG_CATCH, "--out", str(out)]  # fmt: skip
+            "--peer-epochs", "1", "--config", *DEBUG_CATCH, "--out", str(out),
+            "--eval-episodes", "16"]  # fmt: skip
     assert rig_main(args) == 0
     printed = capsys.readouterr().out
     assert "peer return" in printed and "1 iterations x 1024 env steps" in printed
@@ -641,6 +793,12 @@ def test_learning_peer_smoke_run_writes_results_and_plot(rig_main, capsys, tmp_p
     (baseline,) = result["methods"]["random"]["runs"]  # the random agent, always beside
     assert baseline["ok"] and baseline["points"][-1][0] == 1024 and "random return" in printed
     assert -1.0 <= result["methods"]["random"]["median"]["final_return"] <= -0.3
+    # the final module, saved and played on held-out worlds; loaded back, it plays the same
+    assert run["eval"]["episodes"] == 16 and -1.0 <= run["eval"]["return"] <= 1.0
+    assert "peer: seed 0 return" in printed
+    again = learning.eval_peer(out / "peer-seed0-module", tmp_path / "again", 0, "rig/Catch-v0",
+                               64, {}, 16)  # fmt: skip
+    assert again["return"] == pytest.approx(run["eval"]["return"])
 
 
 def test_catch_bandit_runs_the_real_update_in_both_modes(capsys):

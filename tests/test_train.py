@@ -146,6 +146,24 @@ def test_export_command_exports_an_older_iteration(trained, capsys, tmp_path):
     assert "no checkpoint of iteration 999" in err and f"keeps: {', '.join(map(str, kept))}" in err
 
 
+def test_learning_benchmark_evaluates_a_runs_final_policy_on_held_out_worlds(trained, tmp_path):
+    """benchmarks/learning.eval_rig on a real run folder: `rig export` of its newest checkpoint,
+    then `rig eval` of that on the held-out worlds (lookahead 0), read back as a digest; a
+    folder without a run is an error entry, not an exception."""
+    from rig import bench
+
+    learning = bench._benchmark("learning")
+    found = learning.eval_rig(trained.parent, tmp_path, 7, Path(DEBUG), FAST, episodes=2)
+    assert found.get("error") is None, found
+    assert found["episodes"] == 2 and found["score"] is not None
+    report = json.loads(Path(found["report"]).read_text())
+    assert report["settings"]["seed"] == learning.EVAL_SEED
+    assert report["settings"]["lookahead"] == 0 and len(report["episodes"]) == 2
+    assert (tmp_path / "rig-seed7-final" / "config.json").is_file()
+    assert "no rig train run" in learning.eval_rig(tmp_path / "none", tmp_path, 8, Path(DEBUG),
+                                                   FAST, episodes=2)["error"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
