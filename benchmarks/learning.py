@@ -878,9 +878,10 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
     budget and threshold, and those holding rig runs on the preset and overrides; a seed may
     appear once per side (the random agent's, the same in every folder for a seed, is kept
     from the first folder that has it). Held-out evaluations are kept where the folders ran them
-    with one setting; with ``eval_episodes``, every rig and peer run whose folder evaluated
-    otherwise (or not at all) is evaluated now from the final policy it kept (rig: its run's
-    newest checkpoint; peer: its saved module), into ``out``. Bad input is a ``UserError``."""
+    with one setting (and their reports are still there); with ``eval_episodes``, every rig and
+    peer run whose folder evaluated otherwise, failed to, or did not is evaluated now from the
+    final policy it kept (rig: its run's newest checkpoint; peer: its saved module), into
+    ``out``. Bad input is a ``UserError``."""
     if len(folders) < 2:
         raise UserError(f"--merge needs at least two result folders, got {len(folders)}")
     _check_eval(eval_episodes, eval_seed)
@@ -940,8 +941,8 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
                                     f"one folder ({folder} and another); keep one")  # fmt: skip
                 keep = ("seed", "ok", "error", "wall_s", "log", "points", "unlocks", "diagnostics")
                 kept = {key: run.get(key, []) for key in keep}
-                if run.get("eval") and config.get("eval") == wanted:
-                    kept["eval"] = run["eval"]
+                if config.get("eval") == wanted and _report_kept(run.get("eval")):
+                    kept["eval"] = run["eval"]  # failed or moved ones are evaluated anew
                 runs.setdefault(method, []).append(kept)
                 sources[method, run["seed"]] = (folder, config)
             plan = plans.setdefault(method, config["plans"][method])
@@ -975,6 +976,10 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
     return result
+
+
+def _report_kept(found: dict[str, Any] | None) -> bool:
+    return bool(found) and "error" not in found and Path(found["report"]).is_file()
 
 
 def _evaluate_kept(method: str, seed: int, folder: Path, config: dict[str, Any], out: Path,

@@ -758,6 +758,11 @@ def test_learning_merge_evaluates_the_runs_not_yet_evaluated_alike(rig_main, cap
     assert [r["eval"]["return"] for r in merged["methods"]["rig"]["runs"]] == [1.0, 5.0]
     assert merged["eval"]["rig_minus_peer"]["return"] == pytest.approx(3.0)
     assert "final policies on held-out worlds (4 episodes per run" in capsys.readouterr().out
+    (tmp_path / "kept" / "report.json").unlink()  # a kept report gone: that run is played anew
+    called.clear()
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(done), "--out",
+                     str(tmp_path / "again"), "--eval-episodes", "4", "--eval-seed", "3"]) == 0
+    assert sorted(c[:2] for c in called) == [("rig", 0), ("rig", 1)]
     other = _finished(tmp_path / "other", "peer", [2])
     result = json.loads((other / "results.json").read_text())
     result["config"]["eval"] = {"episodes": 8, "seed": 3, "envs": learning.EVAL_ENVS}
