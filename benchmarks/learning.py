@@ -629,9 +629,7 @@ def eval_digest(report_path: Path) -> dict[str, Any]:
 
 
 def _eval_failed(log: Path, code: int) -> dict[str, Any]:
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return {"error": f"exit code {code}: {lines[-1].strip() if lines else 'no output'} "
-                     f"(log {log})"}  # fmt: skip
+    return {"error": f"{_log_error(log, code)} (log {log})"}
 
 
 def eval_rig(run_out: Path, out: Path, seed: int, config: Path, overrides: Sequence[str],
@@ -700,12 +698,15 @@ def _subprocess(command: list[str], log: Path, threads: int) -> tuple[int, float
 
 
 def _run(seed: int, code: int, seconds: float, log: Path, points: list) -> dict[str, Any]:
-    error = None
-    if code != 0:
-        lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
-        error = f"exit code {code}: {lines[-1].strip() if lines else 'no output'}"
+    error = None if code == 0 else _log_error(log, code)
     return {"seed": seed, "ok": code == 0, "error": error, "wall_s": seconds, "log": str(log),
             "points": points}  # fmt: skip
+
+
+def _log_error(log: Path, code: int) -> str:
+    """A failed subprocess as one line: its exit code and the last line of its log."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return f"exit code {code}: {lines[-1].strip() if lines else 'no output'}"
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -921,12 +922,12 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
                                     "are different variants")  # fmt: skip
     wanted = _eval_config(eval_episodes, eval_seed)
     if wanted is None:
-        settings = {json.dumps(c.get("eval"), sort_keys=True) for _, c, _ in loaded if c.get("eval")}
-        if len(settings) > 1:
+        settings = [c["eval"] for _, c, _ in loaded if c.get("eval")]
+        if any(other != settings[0] for other in settings):
             raise UserError("--merge: the folders ran held-out evaluations with different "
                             "settings; give --eval-episodes (and --eval-seed) to evaluate every "
                             "run alike")  # fmt: skip
-        wanted = json.loads(settings.pop()) if settings else None
+        wanted = settings[0] if settings else None
     runs: dict[str, list[dict[str, Any]]] = {}
     plans: dict[str, Any] = {}
     sources: dict[tuple[str, int], tuple[Path, dict[str, Any]]] = {}  # (side, seed) -> folder
