@@ -93,6 +93,7 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))  # run as a script from anywhere
@@ -574,8 +575,6 @@ def _peer_worker(spec_json: str) -> None:
 def _peer_frames(obs):
     """The peer's view of a batch of uint8 frames: RLlib's ``NormalizedImageEnv`` (x / 128 - 1,
     float32), as it saw them in training (``_peer_env``)."""
-    import numpy as np
-
     return (obs.astype(np.float32) / 128.0) - 1.0
 
 
@@ -591,32 +590,26 @@ def play_peer(module: Any, env: str, size: int, kwargs: dict[str, Any], episodes
 
     from envs.crafter_env import ACHIEVEMENTS
     from envs.stats import summarize
-    from envs.vector import EpisodeTracker, make_vector
-    from rig.play import _unfinished
+    from envs.vector import make_vector, play_episodes
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
+        with torch.no_grad():
+            out = module.forward_inference({"obs": torch.from_numpy(_peer_frames(obs))})
+        probs = torch.softmax(out["action_dist_inputs"].float(), dim=-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0].numpy()
 
     venv = make_vector(env, num_envs, size=size, **kwargs)
-    generator = torch.Generator().manual_seed(seed)
-    tracker = EpisodeTracker(num_envs)
-    steps, start = 0, time.perf_counter()
     try:
-        obs, infos = venv.reset(seed=seed)
-        crafter_like = "achievements" in infos
-        while len(tracker.finished) < episodes:
-            with torch.no_grad():
-                out = module.forward_inference({"obs": torch.from_numpy(_peer_frames(obs))})
-            probs = torch.softmax(out["action_dist_inputs"].float(), dim=-1)
-            actions = torch.multinomial(probs, 1, generator=generator)[:, 0].numpy()
-            obs, rewards, terminated, truncated, infos = venv.step(actions)
-            tracker.step(rewards, terminated, truncated, infos)
-            steps += 1
-        unfinished = _unfinished(tracker, infos, crafter_like)
+        played = play_episodes(venv, act, seed, episodes)
     finally:
         venv.close()
-    finished = tracker.finished[:episodes]
-    summary = summarize(finished, ACHIEVEMENTS if crafter_like else None)
+    finished = played.finished[:episodes]
+    summary = summarize(finished, ACHIEVEMENTS if played.crafter_like else None)
     settings = {"episodes": episodes, "num_envs": num_envs, "seed": seed, "sampling": "stochastic"}
-    return {"episodes": finished, "unfinished": unfinished, "summary": summary,
-            "steps": steps * num_envs, "seconds": time.perf_counter() - start,
+    return {"episodes": finished, "unfinished": played.unfinished, "summary": summary,
+            "steps": played.steps * num_envs, "seconds": played.seconds,
             "settings": settings}  # fmt: skip
 
 

@@ -18,6 +18,9 @@ generation is).
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -94,3 +97,74 @@ class EpisodeTracker:
             self.lengths[i] = 0
         self.finished.extend(ended)
         return ended
+
+
+def unfinished_episodes(
+    tracker: EpisodeTracker, infos: dict[str, Any], crafter_like: bool
+) -> list[dict[str, Any]]:
+    """The episodes still running when play stopped, as far as they got (``unfinished: True``)."""
+    out = []
+    for i, length in enumerate(tracker.lengths):
+        if length == 0:
+            continue
+        episode = {"env": i, "return": float(tracker.returns[i]), "length": int(length),
+                   "unfinished": True}  # fmt: skip
+        if crafter_like:
+            episode["unlocked"] = unlocked_from_counts(unbatch_info(infos, i)["achievements"])
+        out.append(episode)
+    return out
+
+
+@dataclass
+class Played:
+    """What :func:`play_episodes` saw: every finished episode in the order they ended, the ones
+    still running at the stop, vector steps taken, seconds from reset to stop, and whether the
+    env reports Crafter-style ``achievements``."""
+
+    finished: list[dict[str, Any]]
+    unfinished: list[dict[str, Any]]
+    steps: int
+    seconds: float
+    crafter_like: bool
+
+
+def play_episodes(
+    venv: gym.vector.VectorEnv,
+    act: Callable[[np.ndarray, dict[str, Any]], np.ndarray],
+    seed: int | None,
+    episodes: int | None = None,
+    max_steps: int | None = None,
+    on_reset: Callable[[np.ndarray, dict[str, Any]], None] | None = None,
+    on_step: Callable[..., None] | None = None,
+) -> Played:
+    """The play loop of ``rig envs play``, ``rig eval`` and the learning benchmark's peer: reset
+    ``venv`` with ``seed``, then step it with ``act(obs, infos)`` until ``episodes`` episodes
+    have finished or ``max_steps`` vector steps were taken (either ``None``: no such limit).
+
+    ``on_reset(obs, infos)`` sees the first observation; after every step ``on_step(obs,
+    actions, new_obs, terminated, truncated, infos, ended, steps, finished)`` sees the step's
+    observation and actions, what came back (``new_obs[i]`` is the next episode's first frame
+    where sub-env ``i`` ended: its last one is ``infos["final_obs"][i]``), the episodes that
+    ended in it, and the counts so far. The caller builds and closes ``venv``."""
+    if episodes is None and max_steps is None:
+        raise ValueError("play_episodes needs episodes or max_steps, else it never stops")
+    tracker = EpisodeTracker(venv.num_envs)
+    obs, infos = venv.reset(seed=seed)
+    crafter_like = "achievements" in infos  # score achievements for any env that reports them
+    if on_reset is not None:
+        on_reset(obs, infos)
+    steps, start = 0, time.perf_counter()
+    while (episodes is None or len(tracker.finished) < episodes) and (
+        max_steps is None or steps < max_steps
+    ):
+        actions = act(obs, infos)
+        new_obs, rewards, terminated, truncated, infos = venv.step(actions)
+        ended = tracker.step(rewards, terminated, truncated, infos)
+        steps += 1
+        if on_step is not None:
+            on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps,
+                    len(tracker.finished))  # fmt: skip
+        obs = new_obs
+    seconds = time.perf_counter() - start
+    unfinished = unfinished_episodes(tracker, infos, crafter_like)
+    return Played(tracker.finished, unfinished, steps, seconds, crafter_like)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,8 @@ import numpy as np
 import envs
 from envs.agents import make_agent
 from envs.crafter_env import ACHIEVEMENTS
-from envs.stats import summarize, unlocked_from_counts
-from envs.vector import EpisodeTracker, make_vector, unbatch_info
+from envs.stats import summarize
+from envs.vector import make_vector, play_episodes, unbatch_info
 from rig.config import Config, save_config
 
 
@@ -63,55 +62,41 @@ def play(
     except BaseException:
         venv.close()
         raise
-    tracker = EpisodeTracker(n)
-    start = time.perf_counter()
-    done_steps = 0
-    try:
-        obs, infos = venv.reset(seed=config.run.seed)
-        crafter_like = "achievements" in infos  # score achievements for any env that reports them
+
+    def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
+        return np.array([agents[i].act(obs[i], unbatch_info(infos, i)) for i in range(n)])
+
+    def on_reset(obs: np.ndarray, infos: dict[str, Any]) -> None:
         for agent in agents:
             agent.reset()
         if writer:
             writer.add(obs[0])
-        while (steps is None or done_steps < steps) and (episodes is None or len(tracker.finished) < episodes):
-            actions = np.array([agents[i].act(obs[i], unbatch_info(infos, i)) for i in range(n)])
-            obs, rewards, terminated, truncated, infos = venv.step(actions)
-            done_steps += 1
-            for episode in tracker.step(rewards, terminated, truncated, infos):
-                agents[episode["env"]].reset()
-                if writer and episode["env"] == 0:
-                    writer.add(infos["final_obs"][0])
-            if writer:
-                writer.add(obs[0])
-            if progress:
-                progress(done_steps, len(tracker.finished))
-        seconds = time.perf_counter() - start
-        unfinished = _unfinished(tracker, infos, crafter_like)
+
+    def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps_done, finished):
+        for episode in ended:
+            agents[episode["env"]].reset()
+            if writer and episode["env"] == 0:
+                writer.add(infos["final_obs"][0])
+        if writer:
+            writer.add(new_obs[0])
+        if progress:
+            progress(steps_done, finished)
+
+    try:
+        played = play_episodes(venv, act, config.run.seed, episodes, steps, on_reset, on_step)
     finally:
         venv.close()
         if writer:
             writer.close()
-    finished = tracker.finished if episodes is None else tracker.finished[:episodes]
-    result = PlayResult(finished, unfinished, done_steps * n, seconds, codec.invalid_count)
-    achievements = ACHIEVEMENTS if crafter_like else None
+    finished = played.finished if episodes is None else played.finished[:episodes]
+    unfinished = played.unfinished
+    result = PlayResult(finished, unfinished, played.steps * n, played.seconds, codec.invalid_count)
+    achievements = ACHIEVEMENTS if played.crafter_like else None
     result.summary = {
         "finished": summarize(finished, achievements),
         "all": summarize(finished + unfinished, achievements),
     }
     return result
-
-
-def _unfinished(tracker: EpisodeTracker, infos: dict, crafter_like: bool) -> list[dict[str, Any]]:
-    """The episodes still running when play stopped, as far as they got (``unfinished: True``)."""
-    out = []
-    for i, length in enumerate(tracker.lengths):
-        if length == 0:
-            continue
-        episode = {"env": i, "return": float(tracker.returns[i]), "length": int(length), "unfinished": True}
-        if crafter_like:
-            episode["unlocked"] = unlocked_from_counts(unbatch_info(infos, i)["achievements"])
-        out.append(episode)
-    return out
 
 
 def write_result(result: PlayResult, run_dir: Path) -> Path:

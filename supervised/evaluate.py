@@ -17,7 +17,6 @@ The video shows env 0: the real frame beside the imagined one (grey where none w
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,8 +90,8 @@ def evaluate_policy(
     import envs  # noqa: F401  (registers the envs)
     from envs.crafter_env import ACHIEVEMENTS
     from envs.stats import summarize
-    from envs.vector import EpisodeTracker, make_vector
-    from rig.play import _unfinished, _VideoWriter
+    from envs.vector import make_vector, play_episodes
+    from rig.play import _VideoWriter
     from rig.tracking import side_by_side
     from rl.policy import History
 
@@ -105,22 +104,24 @@ def evaluate_policy(
             writer = _VideoWriter(video, s.video_size, venv.metadata.get("render_fps", 10))
         generator = torch.Generator().manual_seed(s.seed)
         history = History.empty(n, s.history, size)
-        tracker = EpisodeTracker(n)
         codec = policy.codec
         invalid0 = codec.invalid_count
         scores: list[np.ndarray] = []
-        obs, infos = venv.reset(seed=s.seed)
-        crafter_like = "achievements" in infos
-        grey = np.full_like(obs[0], 128)
-        steps, start = 0, time.perf_counter()
-        while len(tracker.finished) < s.episodes and (s.max_steps is None or steps < s.max_steps):
+        imagined: np.ndarray | None = None  # this step's imagined frames, every psnr_every-th
+        taken = 0  # vector steps so far
+
+        def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
+            nonlocal imagined
             out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
                              history=history, lookahead=s.lookahead)  # fmt: skip
             imagined = None
-            if steps % s.psnr_every == 0:
+            if taken % s.psnr_every == 0:
                 imagined = policy.imagine(out, s.temperature, generator).frames.cpu().numpy()
-            actions = out.actions.cpu().numpy()
-            new_obs, rewards, terminated, truncated, infos = venv.step(actions)
+            return out.actions.cpu().numpy()
+
+        def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps, finished):
+            nonlocal taken
+            taken = steps
             done = np.logical_or(terminated, truncated)
             real = new_obs.copy()
             for i in np.flatnonzero(done):
@@ -128,23 +129,20 @@ def evaluate_policy(
             if imagined is not None:
                 scores.append(psnr(imagined, real))
             if writer is not None:
-                dreamt = imagined[:1] if imagined is not None else grey[None]
+                dreamt = imagined[:1] if imagined is not None else np.full_like(real[:1], 128)
                 writer.add(side_by_side(real[:1], dreamt))
             history.push(obs, actions)
             history.reset(done)
-            tracker.step(rewards, terminated, truncated, infos)
-            obs = new_obs
-            steps += 1
             if progress is not None:
-                progress(steps, len(tracker.finished))
-        seconds = time.perf_counter() - start
-        unfinished = _unfinished(tracker, infos, crafter_like)
+                progress(steps, finished)
+
+        played = play_episodes(venv, act, s.seed, s.episodes, s.max_steps, on_step=on_step)
     finally:
         venv.close()
         if writer is not None:
             writer.close()
-    finished = tracker.finished[: s.episodes]
-    achievements = ACHIEVEMENTS if crafter_like else None
+    finished, unfinished = played.finished[: s.episodes], played.unfinished
+    achievements = ACHIEVEMENTS if played.crafter_like else None
     summary = summarize(finished or unfinished, achievements)
     summary["from_unfinished"] = not finished
     values = np.concatenate(scores) if scores else np.zeros(0)
@@ -153,7 +151,8 @@ def evaluate_policy(
              "frames": 0}  # fmt: skip
     return EvalResult(
         episodes=finished, unfinished=unfinished, summary=summary, psnr=stats,
-        steps=steps * n, seconds=seconds, invalid_actions=codec.invalid_count - invalid0,
+        steps=played.steps * n, seconds=played.seconds,
+        invalid_actions=codec.invalid_count - invalid0,
         settings=asdict(s),
     )  # fmt: skip
 

@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 import envs
 from envs.crafter_env import ACHIEVEMENTS
 from envs.pixel import PixelAdapter
-from envs.vector import EpisodeTracker, make_vector, unbatch_info
+from envs.vector import EpisodeTracker, make_vector, play_episodes, unbatch_info
 
 
 def _rollout(env, seed, steps, action_seed=0):
@@ -240,6 +240,33 @@ def test_vector_autoreset_same_step(mode):
     # the final frame (ball on the bottom row) is in final_obs.
     assert obs[:, :2].max() > 0
     assert infos["final_obs"][0][-4:].max() > 0
+    venv.close()
+
+
+def test_play_episodes_stops_at_episodes_or_steps_and_reports_every_step():
+    """The one play loop of rig envs play, rig eval and the peer's evaluation: Catch (8 rows)
+    ends every episode at step 7, so 3 envs finish 3 episodes per 7 steps."""
+    venv = make_vector("rig/Catch-v0", num_envs=3, size=16)
+    seen, first = [], []
+    stay = lambda obs, infos: np.ones(len(obs), np.int64)  # noqa: E731
+
+    def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps, finished):
+        seen.append((steps, finished, len(ended), bool(terminated.all())))
+
+    played = play_episodes(venv, stay, seed=0, episodes=4, on_reset=lambda o, i: first.append(o),
+                           on_step=on_step)  # fmt: skip
+    # the 4th episode ends at step 14 (with the 5th and 6th): all are kept, the caller cuts
+    assert played.steps == 14 and len(played.finished) == 6 and not played.unfinished
+    assert [s for s, *_ in seen] == list(range(1, 15)) and len(first) == 1
+    assert seen[6] == (7, 3, 3, True) and seen[13] == (14, 6, 3, True)
+    assert not played.crafter_like
+    # max_steps first: the running episodes come back as unfinished, as far as they got
+    played = play_episodes(venv, stay, seed=0, episodes=100, max_steps=3)
+    assert played.steps == 3 and not played.finished
+    assert [e["length"] for e in played.unfinished] == [3, 3, 3]
+    assert all(e["unfinished"] for e in played.unfinished)
+    with pytest.raises(ValueError, match="never stops"):
+        play_episodes(venv, stay, seed=0)
     venv.close()
 
 
