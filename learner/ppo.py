@@ -180,22 +180,24 @@ def minibatch_terms(
             )
             terms["kl"] = share("tokens", terms["kl"])
             metrics.update(m)
-        terms["next_frame"], m = losses.next_frame_loss(
-            res["next_frame_logits"][rows], mb.next_codes[rows]
-        )
-        terms["next_frame"] = share("rows", terms["next_frame"])
-        metrics.update(m)
-        terms["reward"], m = losses.reward_loss(res["reward_pred"][rows], mb.rewards[rows])
-        terms["reward"] = share("rows", terms["reward"])
-        metrics.update(m)
-        terms["continue"], m = losses.continue_loss(res["continue_logit"][rows], mb.continues[rows])
-        terms["continue"] = share("rows", terms["continue"])
-        metrics.update(m)
+        if mb.next_codes is not None:  # None: no world-model term trains (world_model_trains)
+            terms["next_frame"], m = losses.next_frame_loss(
+                res["next_frame_logits"][rows], mb.next_codes[rows]
+            )
+            terms["next_frame"] = share("rows", terms["next_frame"])
+            metrics.update(m)
+            terms["reward"], m = losses.reward_loss(res["reward_pred"][rows], mb.rewards[rows])
+            terms["reward"] = share("rows", terms["reward"])
+            metrics.update(m)
+            terms["continue"], m = losses.continue_loss(res["continue_logit"][rows],
+                                                        mb.continues[rows])  # fmt: skip
+            terms["continue"] = share("rows", terms["continue"])
+            metrics.update(m)
     if dp is not None:
         # Every rank's loss reaches every output, even a shard without real rows: ZeRO reduces
         # gradients in buckets filled as parameters' gradients arrive, so the ranks' backward
         # passes must touch the same parameters. (0 x a finite sum: the values do not change.)
-        anchor = 0.0 * sum(res[k].float().sum() for k in _ANCHORED)
+        anchor = 0.0 * sum(res[k].float().sum() for k in _ANCHORED if k in res)
         anchor = anchor + 0.0 * res["log_probs"].where(scored, 0.0).sum()
         terms = {k: t + anchor for k, t in terms.items()}
     return terms, metrics
@@ -328,8 +330,8 @@ def proximal_log_probs(policy: RigPolicy, exp: Experience, chunk: int) -> torch.
             if exp.trunk is None:
                 res = policy.evaluate(act)
             else:
-                res = policy.evaluate(act, exp.next_codes[part], hidden=exp.trunk[part.to(
-                    exp.trunk.device)])  # fmt: skip
+                codes = None if exp.next_codes is None else exp.next_codes[part]
+                res = policy.evaluate(act, codes, hidden=exp.trunk[part.to(exp.trunk.device)])
             out.append(res["log_probs"].float().cpu())
     return torch.cat(out)
 

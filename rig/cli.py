@@ -323,10 +323,12 @@ class _TrainProgress:
             value = metrics.get(key)
             return "-" if value is None else fmt.format(value)
 
+        # the next-frame loss is 0 and its accuracy absent where no world-model term trains
+        frame = f("loss/next_frame", "{:.2f}") if "next_frame/accuracy" in metrics else "-"
         status = (
             f"env {counters.env_steps} img {counters.imagined_steps} | return {f('episode/return_mean', '{:.2f}')}"
             f" score {f('crafter/score', '{:.1f}%')} | pg {f('loss/policy')} v {f('loss/value')}"
-            f" frame {f('loss/next_frame', '{:.2f}')} acc {f('next_frame/accuracy', '{:.2f}')}"
+            f" frame {frame} acc {f('next_frame/accuracy', '{:.2f}')}"
             f" | ev {f('value/explained_variance', '{:.2f}')} kl {f('policy/approx_kl')}"
             f" clip {f('policy/clip_frac', '{:.2f}')} ent {f('policy/action_entropy', '{:.2f}')}"
             f" | {f('rollout/env_steps_per_s', '{:.1f}')} steps/s"

@@ -355,11 +355,12 @@ class Trainer:
     # -- one iteration -----------------------------------------------------------------------
 
     def real_experience(self, batch) -> tuple[Any, dict[str, float]]:
-        """Drop stale rows, bootstrap chunk ends, encode next frames, GAE."""
+        """Drop stale rows, bootstrap chunk ends, encode next frames (if a loss reads them), GAE."""
         import torch
 
         from rl.experience import real_experience
         from rl.imagine import frame_codes
+        from rl.losses import world_model_trains
         from rl.policy import History
 
         cfg, c = self.config, self.counters
@@ -388,9 +389,11 @@ class Trainer:
                 boot[needs] = self.policy.state_values(
                     last[needs], cfg.policy.task, History.after(act[alive])
                 ).float().cpu()
-            following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; fixed below)
-            following[torch.as_tensor(is_last)] = last[chunks[is_last]]
-            codes = frame_codes(self.policy, following)
+            codes = None  # no loss reads the next frames' codes (rl.losses.world_model_trains)
+            if world_model_trains(cfg.ppo.loss_scales, self.imagination is not None):
+                following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; below)
+                following[torch.as_tensor(is_last)] = last[chunks[is_last]]
+                codes = frame_codes(self.policy, following)
         exp = real_experience(
             act, batch.rewards[fresh], batch.terminated[fresh], batch.truncated[fresh], chunks,
             boot, codes, batch.versions[fresh], cfg.ppo.gamma, cfg.ppo.lam,

@@ -46,7 +46,9 @@ class Experience:
     returns: Tensor  # (N,) float32 value targets
     weights: Tensor  # (N,) float32 loss weight of the row (1 real; imagination.weight imagined)
     imagined: Tensor  # (N,) bool
-    next_codes: Tensor  # (N, G) int64 VQ codes of the real next frame (0 on imagined rows)
+    # (N, G) int64 VQ codes of the real next frame (0 on imagined rows); None when no loss
+    # reads them (the world model does not train: ``world_model_trains``)
+    next_codes: Tensor | None
     rewards: Tensor  # (N,) float32 the real reward (reward head target; 0 on imagined rows)
     continues: Tensor  # (N,) float32 1 - terminated (continue head target)
     versions: Tensor  # (N,) int64 weights version that acted
@@ -75,7 +77,13 @@ class Experience:
         out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
         for f in fields(Experience):
             if f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
-                out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
+                got = [getattr(p, f.name) for p in parts]
+                if f.name == "next_codes" and any(x is None for x in got):
+                    if not all(x is None for x in got):
+                        raise ValueError("cannot concat experience with and without next_codes")
+                    out[f.name] = None
+                    continue
+                out[f.name] = torch.cat(got)
         return Experience(**out)
 
     def num_minibatches(self, size: int, multiple_of: int = 1) -> int:
@@ -106,7 +114,7 @@ def real_experience(
     truncated: np.ndarray,
     chunks: np.ndarray,
     bootstrap: Tensor,
-    next_codes: Tensor,
+    next_codes: Tensor | None,
     versions: np.ndarray,
     gamma: float,
     lam: float,
@@ -114,7 +122,7 @@ def real_experience(
     """Experience from N real steps in C chunks (the module docstring's layout).
 
     ``bootstrap`` (C,) is V(s_T) of each chunk's last observation; ``next_codes`` (N, G) the VQ
-    codes of each row's real next frame."""
+    codes of each row's real next frame, or None when no loss reads them."""
     n = len(rewards)
     chunks_t = torch.as_tensor(chunks, dtype=torch.int64)
     if n == 0:
@@ -153,7 +161,7 @@ def real_experience(
         returns=ret[t, chunks_t],
         weights=torch.ones(n),
         imagined=torch.zeros(n, dtype=torch.bool),
-        next_codes=next_codes.long().cpu(),
+        next_codes=None if next_codes is None else next_codes.long().cpu(),
         rewards=torch.as_tensor(rewards, dtype=torch.float32),
         continues=(~term).float(),
         versions=torch.as_tensor(versions, dtype=torch.int64),

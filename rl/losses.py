@@ -36,10 +36,20 @@ from torch import Tensor
 from rl.shapes import require_matching, require_same_shape, require_tensor
 
 LOSS_NAMES = ("policy", "value", "entropy", "kl", "next_frame", "reward", "continue")
+WORLD_LOSSES = ("next_frame", "reward", "continue")  # the world model's terms
 POLICY_REDUCTIONS = ("sequence", "token")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 Metrics = dict[str, Tensor]
+
+
+def world_model_trains(loss_scales: dict[str, float], imagining: bool) -> bool:
+    """Whether an update needs the real next frames' VQ codes: some world-model term
+    (``WORLD_LOSSES``) has a weight, or imagination runs (its gate reads the next-frame
+    accuracy). When not, the driver skips the VQ encoding of every next frame and the learner
+    the ``<Imagine:>`` + codes columns of each row's forward: they would cost as much as a third
+    of a small policy's iteration for terms weighted 0 (docs/benchmarks.md, session 39)."""
+    return imagining or any(loss_scales[k] > 0 for k in WORLD_LOSSES)
 
 
 # ----------------------------------------------------------------------------- checks and helpers

@@ -494,6 +494,45 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
     assert torch.equal(gen_on, gen_off)
 
 
+def test_without_world_terms_an_update_skips_the_codes_and_moves_the_same_heads(tiny_policy):
+    """Every world-model term weighted 0 and no imagination (rl.losses.world_model_trains): the
+    driver passes no next-frame codes (``next_codes`` None), the trunk runs without the
+    ``<Imagine:>`` + codes columns, no world head moves and no world metric is reported, and
+    the policy and value heads end where an update given the codes (weighted 0) puts them."""
+    import copy
+
+    from policies import state_readouts
+
+    from learner.ppo import ppo_update
+    from rl.losses import LOSS_NAMES, WORLD_LOSSES, world_model_trains
+
+    scales = {n: 0.0 if n in WORLD_LOSSES else 1.0 for n in LOSS_NAMES}
+    assert not world_model_trains(scales, imagining=False)
+    assert world_model_trains(scales, imagining=True)
+    assert world_model_trains({**scales, "continue": 0.1}, imagining=False)
+    exp = _acted(state_readouts(copy.deepcopy(tiny_policy)), [5] * 6)
+    exp.advantages = torch.linspace(-1.0, 1.0, 6)
+    runs = []
+    for codes in (exp.next_codes, None):
+        policy = state_readouts(copy.deepcopy(tiny_policy))
+        engine = _engine(policy, 1e-3, freeze=["model"])
+        cfg = _ppo(0).model_copy(update={"epochs": 2, "loss_scales": scales})
+        rows = dataclasses.replace(exp, next_codes=codes)
+        metrics = ppo_update(engine, policy, None, rows, cfg, torch.Generator().manual_seed(0), 5)
+        runs.append((metrics, policy.state_dict()))
+    (with_codes, state_with), (without, state_without) = runs
+    assert "next_frame/accuracy" in with_codes and "next_frame/accuracy" not in without
+    assert without["loss/next_frame"] == without["loss/reward"] == 0.0
+    start = state_readouts(copy.deepcopy(tiny_policy)).state_dict()
+    moved = [k for k in state_without if not torch.equal(state_without[k], start[k])]
+    assert moved and all(k.startswith(("value_head.", "action_head.")) for k in moved)
+    for k in moved:  # the same heads' update, float rounding apart (a shorter trunk forward)
+        torch.testing.assert_close(state_without[k], state_with[k], atol=1e-6, rtol=1e-5)
+    assert without["loss/policy"] == pytest.approx(with_codes["loss/policy"], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="with and without next_codes"):
+        Experience.concat([exp, dataclasses.replace(exp, next_codes=None)], 0)
+
+
 def test_an_update_inside_the_trunk_delay_runs_the_trunk_once(tiny_policy, monkeypatch):
     """learner.warmup_delay_steps (LP-FT's first phase, the trunk trainable but at lr 0): an
     update whose every optimizer step lies inside the delay computes the trunk's states once, as
