@@ -605,7 +605,7 @@ def play_peer(module: Any, env: str, size: int, kwargs: dict[str, Any], episodes
         played = play_episodes(venv, act, seed, episodes)
     finally:
         venv.close()
-    finished = played.finished[:episodes]
+    finished = played.finished
     summary = summarize(finished, ACHIEVEMENTS if played.crafter_like else None)
     settings = {"episodes": episodes, "num_envs": num_envs, "seed": seed, "sampling": "stochastic"}
     return {"episodes": finished, "unfinished": played.unfinished, "summary": summary,

@@ -117,15 +117,33 @@ def unfinished_episodes(
 
 @dataclass
 class Played:
-    """What :func:`play_episodes` saw: every finished episode in the order they ended, the ones
-    still running at the stop, vector steps taken, seconds from reset to stop, and whether the
-    env reports Crafter-style ``achievements``."""
+    """What :func:`play_episodes` saw: the finished episodes in the order they ended (the first
+    ``episodes`` of them when it was given: the vector's other sub-envs may finish more in the
+    last step), the ones still running at the stop, vector steps taken, seconds from reset to
+    stop, and whether the env reports Crafter-style ``achievements``."""
 
     finished: list[dict[str, Any]]
     unfinished: list[dict[str, Any]]
     steps: int
     seconds: float
     crafter_like: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """One vector step as :func:`play_episodes` hands it to ``on_step``."""
+
+    obs: np.ndarray  # the observations acted on
+    actions: np.ndarray
+    # what came back: where sub-env ``i`` ended, ``new_obs[i]`` is the next episode's first frame
+    # and ``infos["final_obs"][i]`` the ended one's last
+    new_obs: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+    infos: dict[str, Any]
+    ended: list[dict[str, Any]]  # the episodes that ended in this step
+    steps: int  # vector steps so far, this one included
+    finished: int  # episodes finished so far
 
 
 def play_episodes(
@@ -135,17 +153,15 @@ def play_episodes(
     episodes: int | None = None,
     max_steps: int | None = None,
     on_reset: Callable[[np.ndarray, dict[str, Any]], None] | None = None,
-    on_step: Callable[..., None] | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> Played:
     """The play loop of ``rig envs play``, ``rig eval`` and the learning benchmark's peer: reset
-    ``venv`` with ``seed``, then step it with ``act(obs, infos)`` until ``episodes`` episodes
-    have finished or ``max_steps`` vector steps were taken (either ``None``: no such limit).
+    ``venv`` with ``seed``, then step it with ``act(obs, infos)`` (once per vector step) until
+    ``episodes`` episodes have finished or ``max_steps`` vector steps were taken (either
+    ``None``: no such limit).
 
-    ``on_reset(obs, infos)`` sees the first observation; after every step ``on_step(obs,
-    actions, new_obs, terminated, truncated, infos, ended, steps, finished)`` sees the step's
-    observation and actions, what came back (``new_obs[i]`` is the next episode's first frame
-    where sub-env ``i`` ended: its last one is ``infos["final_obs"][i]``), the episodes that
-    ended in it, and the counts so far. The caller builds and closes ``venv``."""
+    ``on_reset(obs, infos)`` sees the first observation, ``on_step(step)`` every :class:`Step`.
+    The caller builds and closes ``venv``."""
     if episodes is None and max_steps is None:
         raise ValueError("play_episodes needs episodes or max_steps, else it never stops")
     tracker = EpisodeTracker(venv.num_envs)
@@ -162,9 +178,10 @@ def play_episodes(
         ended = tracker.step(rewards, terminated, truncated, infos)
         steps += 1
         if on_step is not None:
-            on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps,
-                    len(tracker.finished))  # fmt: skip
+            on_step(Step(obs, actions, new_obs, terminated, truncated, infos, ended, steps,
+                         len(tracker.finished)))  # fmt: skip
         obs = new_obs
     seconds = time.perf_counter() - start
     unfinished = unfinished_episodes(tracker, infos, crafter_like)
-    return Played(tracker.finished, unfinished, steps, seconds, crafter_like)
+    finished = tracker.finished if episodes is None else tracker.finished[:episodes]
+    return Played(finished, unfinished, steps, seconds, crafter_like)

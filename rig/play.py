@@ -13,7 +13,7 @@ import envs
 from envs.agents import make_agent
 from envs.crafter_env import ACHIEVEMENTS
 from envs.stats import summarize
-from envs.vector import make_vector, play_episodes, unbatch_info
+from envs.vector import Step, make_vector, play_episodes, unbatch_info
 from rig.config import Config, save_config
 
 
@@ -72,15 +72,15 @@ def play(
         if writer:
             writer.add(obs[0])
 
-    def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps_done, finished):
-        for episode in ended:
+    def on_step(step: Step) -> None:
+        for episode in step.ended:
             agents[episode["env"]].reset()
             if writer and episode["env"] == 0:
-                writer.add(infos["final_obs"][0])
+                writer.add(step.infos["final_obs"][0])
         if writer:
-            writer.add(new_obs[0])
+            writer.add(step.new_obs[0])
         if progress:
-            progress(steps_done, finished)
+            progress(step.steps, step.finished)
 
     try:
         played = play_episodes(venv, act, config.run.seed, episodes, steps, on_reset, on_step)
@@ -88,8 +88,7 @@ def play(
         venv.close()
         if writer:
             writer.close()
-    finished = played.finished if episodes is None else played.finished[:episodes]
-    unfinished = played.unfinished
+    finished, unfinished = played.finished, played.unfinished
     result = PlayResult(finished, unfinished, played.steps * n, played.seconds, codec.invalid_count)
     achievements = ACHIEVEMENTS if played.crafter_like else None
     result.summary = {

@@ -90,7 +90,7 @@ def evaluate_policy(
     import envs  # noqa: F401  (registers the envs)
     from envs.crafter_env import ACHIEVEMENTS
     from envs.stats import summarize
-    from envs.vector import make_vector, play_episodes
+    from envs.vector import Step, make_vector, play_episodes
     from rig.play import _VideoWriter
     from rig.tracking import side_by_side
     from rl.policy import History
@@ -108,40 +108,39 @@ def evaluate_policy(
         invalid0 = codec.invalid_count
         scores: list[np.ndarray] = []
         imagined: np.ndarray | None = None  # this step's imagined frames, every psnr_every-th
-        taken = 0  # vector steps so far
+        calls = 0  # act is called once per vector step
 
         def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
-            nonlocal imagined
+            nonlocal imagined, calls
             out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
                              history=history, lookahead=s.lookahead)  # fmt: skip
             imagined = None
-            if taken % s.psnr_every == 0:
+            if calls % s.psnr_every == 0:
                 imagined = policy.imagine(out, s.temperature, generator).frames.cpu().numpy()
+            calls += 1
             return out.actions.cpu().numpy()
 
-        def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps, finished):
-            nonlocal taken
-            taken = steps
-            done = np.logical_or(terminated, truncated)
-            real = new_obs.copy()
+        def on_step(step: Step) -> None:
+            done = np.logical_or(step.terminated, step.truncated)
+            real = step.new_obs.copy()
             for i in np.flatnonzero(done):
-                real[i] = infos["final_obs"][i]
+                real[i] = step.infos["final_obs"][i]
             if imagined is not None:
                 scores.append(psnr(imagined, real))
             if writer is not None:
                 dreamt = imagined[:1] if imagined is not None else np.full_like(real[:1], 128)
                 writer.add(side_by_side(real[:1], dreamt))
-            history.push(obs, actions)
+            history.push(step.obs, step.actions)
             history.reset(done)
             if progress is not None:
-                progress(steps, finished)
+                progress(step.steps, step.finished)
 
         played = play_episodes(venv, act, s.seed, s.episodes, s.max_steps, on_step=on_step)
     finally:
         venv.close()
         if writer is not None:
             writer.close()
-    finished, unfinished = played.finished[: s.episodes], played.unfinished
+    finished, unfinished = played.finished, played.unfinished
     achievements = ACHIEVEMENTS if played.crafter_like else None
     summary = summarize(finished or unfinished, achievements)
     summary["from_unfinished"] = not finished

@@ -250,13 +250,15 @@ def test_play_episodes_stops_at_episodes_or_steps_and_reports_every_step():
     seen, first = [], []
     stay = lambda obs, infos: np.ones(len(obs), np.int64)  # noqa: E731
 
-    def on_step(obs, actions, new_obs, terminated, truncated, infos, ended, steps, finished):
-        seen.append((steps, finished, len(ended), bool(terminated.all())))
+    def on_step(step):
+        seen.append((step.steps, step.finished, len(step.ended), bool(step.terminated.all())))
+        assert step.new_obs.shape == step.obs.shape and step.actions.tolist() == [1, 1, 1]
 
     played = play_episodes(venv, stay, seed=0, episodes=4, on_reset=lambda o, i: first.append(o),
                            on_step=on_step)  # fmt: skip
-    # the 4th episode ends at step 14 (with the 5th and 6th): all are kept, the caller cuts
-    assert played.steps == 14 and len(played.finished) == 6 and not played.unfinished
+    # the 4th episode ends at step 14 with the 5th and 6th: the first 4 to end are kept
+    assert played.steps == 14 and len(played.finished) == 4 and not played.unfinished
+    assert [e["env"] for e in played.finished] == [0, 1, 2, 0]
     assert [s for s, *_ in seen] == list(range(1, 15)) and len(first) == 1
     assert seen[6] == (7, 3, 3, True) and seen[13] == (14, 6, 3, True)
     assert not played.crafter_like
