@@ -14,12 +14,20 @@ still does for a trunk that trains), on one batch of the tiny policy's own ``act
 
 The ratio (recomputed / once) is the learner's speed-up: about ``epochs`` at most, less the
 heads' share and the one forward's.
+
+It also times the update without the world model's terms (``next_codes`` None: what the driver
+hands the learner when no world-model term has a weight and imagination is off,
+``rl.losses.world_model_trains``; configs/catch.yaml and crafter.yaml since session 39) and,
+apart, the VQ encoding of the batch's frames that the driver then skips
+(``rl.imagine.frame_codes``): the second ratio, (encoding + update with the codes) / update
+without them, is what those presets save per iteration in the driver and learner.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -31,7 +39,8 @@ from benchmarks.common import interleaved, print_result  # noqa: E402
 from benchmarks.common import setups as common_setups  # noqa: E402
 
 PRESET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "catch.yaml"
-VARIANTS = ("trunk once per update", "trunk per minibatch")
+VARIANTS = ("trunk once per update", "trunk per minibatch", "trunk once, no world terms",
+            "next-frame codes (driver)")
 
 
 def bench_frozen_trunk(
@@ -51,6 +60,7 @@ def bench_frozen_trunk(
     from learner.engine import DeepSpeedEngine
     from learner.ppo import ppo_update
     from rig.config import load_config
+    from rl.imagine import frame_codes
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -61,15 +71,20 @@ def bench_frozen_trunk(
     factory, exp, _ = policy_update("tiny", rows, reasoning_tokens)
     base = factory()
 
-    def update(cached: bool) -> None:
+    def update(cached: bool, codes: bool = True) -> None:
         policy = copy.deepcopy(base)
         engine = DeepSpeedEngine(policy, config.learner)
-        ppo_update(engine, engine.module, None, copy.copy(exp), config.ppo,
+        rows_ = copy.copy(exp) if codes else dataclasses.replace(exp, next_codes=None)
+        ppo_update(engine, engine.module, None, rows_, config.ppo,
                    torch.Generator().manual_seed(0), 0, trunk_once=cached)  # fmt: skip
 
-    times = interleaved({VARIANTS[0]: lambda: update(True), VARIANTS[1]: lambda: update(False)},
+    times = interleaved({VARIANTS[0]: lambda: update(True), VARIANTS[1]: lambda: update(False),
+                         VARIANTS[2]: lambda: update(True, codes=False),
+                         VARIANTS[3]: lambda: frame_codes(base, exp.act.frames)},
                         repeats, warmup)  # fmt: skip
     setups = common_setups(times, rows * config.ppo.epochs)
+    setups[VARIANTS[3]]["samples_per_s"] = None  # frames encoded, not update samples
+    median = {name: s["median_s"] for name, s in setups.items()}
     return {
         "config": {"rows": rows, "epochs": config.ppo.epochs,
                    "minibatch": config.ppo.minibatch_size, "repeats": repeats, "warmup": warmup,
@@ -77,7 +92,8 @@ def bench_frozen_trunk(
                    "threads": torch.get_num_threads(), "cores": os.cpu_count(),
                    "load": os.getloadavg()[0]},  # fmt: skip
         "setups": setups,
-        "ratio": setups[VARIANTS[1]]["median_s"] / setups[VARIANTS[0]]["median_s"],
+        "ratio": median[VARIANTS[1]] / median[VARIANTS[0]],
+        "world_ratio": (median[VARIANTS[0]] + median[VARIANTS[3]]) / median[VARIANTS[2]],
     }
 
 
@@ -95,13 +111,16 @@ def header(result: dict[str, Any]) -> str:
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
-    return [(name, f"{s['median_s']:.3f}", f"{s['min_s']:.3f}", f"{s['samples_per_s']:.1f}")
+    return [(name, f"{s['median_s']:.3f}", f"{s['min_s']:.3f}",
+             "-" if s["samples_per_s"] is None else f"{s['samples_per_s']:.1f}")
             for name, s in result["setups"].items()]  # fmt: skip
 
 
 def ratio_lines(result: dict[str, Any]) -> list[str]:
     return [f"seconds per update, trunk per minibatch / once per update: {result['ratio']:.2f} "
-            f"(at most about {result['config']['epochs']}, the epochs)"]  # fmt: skip
+            f"(at most about {result['config']['epochs']}, the epochs)",
+            f"seconds per iteration's codes + update, with the world terms / without them: "
+            f"{result['world_ratio']:.2f}"]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -280,7 +280,7 @@ def frozen_trunk(
     ] = None,
     json_path: JsonOpt = None,
 ) -> None:
-    """A frozen trunk's states once per PPO update vs recomputed per minibatch (ratio)."""
+    """A frozen trunk once per PPO update vs per minibatch; with and without world terms."""
     _check_json_path(json_path)
     bench = _benchmark("frozen_trunk")
     result = bench.bench_frozen_trunk(rows, epochs, minibatch, repeats,

@@ -180,6 +180,10 @@ def test_frozen_trunk_benchmark_prints_the_ratio_of_recomputing_to_once(rig_main
     once, each = (result["setups"][k]["median_s"] for k in ("trunk once per update",
                                                             "trunk per minibatch"))  # fmt: skip
     assert once > 0 and each > 0 and result["ratio"] == pytest.approx(each / once)
+    assert "with the world terms / without them:" in out
+    bare, codes = (result["setups"][k]["median_s"] for k in ("trunk once, no world terms",
+                                                             "next-frame codes (driver)"))  # fmt: skip
+    assert result["world_ratio"] == pytest.approx((once + codes) / bare)
 
 
 @pytest.mark.slow
