@@ -198,6 +198,29 @@ def test_deepspeeds_zero_to_fp32_reads_a_two_rank_checkpoint(trained):
 
 
 @pytest.mark.slow
+def test_two_zero2_ranks_without_world_terms_match_one_rank(local_ray, batches):
+    """No next-frame codes (no world-model term trains: rl.losses.world_model_trains): the world
+    heads get no gradient on any rank, ZeRO-2 neither waits for nor reduces them, and two ranks
+    make one rank's update, with the world heads where they started."""
+    import dataclasses
+
+    from actors.learner import LearnerGroup
+
+    bare = dataclasses.replace(batches[0], next_codes=None)
+    one, group = LearnerRank(config(1)), LearnerGroup(config(2))
+    start = weights_of(one)
+    try:
+        for learner in (one, group):
+            learner.update(bare, torch.Generator().manual_seed(3), version=1)
+        assert_close(weights_of(one), weights_of(group))
+        after = weights_of(group)
+        world = [k for k in after if k.startswith("world.")]
+        assert world and all(torch.equal(after[k], start[k]) for k in world)
+        assert not torch.equal(after["value_head.out.weight"], start["value_head.out.weight"])
+    finally:
+        group.stop()
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_two_ranks_match_one_rank_at_zero_1_and_3(local_ray, batches, stage):
     """ZeRO-1 (optimiser state sharded) and ZeRO-3 (weights too: every forward gathers them, the
