@@ -2,6 +2,10 @@
 score over a report's episodes (resampled with replacement, 2,000 times, a fixed seed).
 
     python benchmarks/eval_spread.py EVAL_DIR/report.json [more reports ...]
+    python benchmarks/eval_spread.py --pool SEED0/report.json SEED1/report.json ...
+
+With ``--pool`` the reports (one policy's seeds, played on the same kind of worlds) are first
+pooled into one set of episodes, whose figures it prints after each report's own.
 
 Two policies differ by more than the spread when their intervals do not overlap. With more
 than one report it also prints, for each report after the first, the bootstrap 95% interval of
@@ -51,6 +55,16 @@ def spread(report: dict, samples: int = 2000, seed: int = 0) -> dict[str, Any]:
             "return_draws": means, "score_draws": scores}  # fmt: skip
 
 
+def pool(reports: list[dict]) -> dict:
+    """One report of every given report's episodes (one policy's seeds): the input of
+    :func:`spread` for figures pooled over seeds, as ``benchmarks.learning.pooled_eval`` does.
+    The reports must share their achievements (the same env)."""
+    names = [sorted(r["summary"].get("success_rates") or {}) for r in reports]
+    if any(n != names[0] for n in names):
+        raise ValueError("cannot pool reports of different envs (their achievements differ)")
+    return {"episodes": [e for r in reports for e in r["episodes"]], "summary": reports[0]["summary"]}
+
+
 def difference(base: dict, other: dict) -> dict[str, float]:
     """``other - base`` for the return and the score (two :func:`spread` results of the same
     number of draws), with the bootstrap 95% interval of each difference (the score's entries
@@ -87,10 +101,16 @@ def describe_difference(d: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reports", nargs="+", type=Path)
-    paths = parser.parse_args().reports
+    parser.add_argument("--pool", action="store_true",
+                        help="also print the reports' episodes pooled into one set")  # fmt: skip
+    args = parser.parse_args()
+    paths = args.reports
     reports = [json.loads(path.read_text()) for path in paths]
     for path, report in zip(paths, reports, strict=True):
         print(f"{path}: {describe(spread(report))}")
+    if args.pool:
+        print(f"pooled ({len(reports)} reports): {describe(spread(pool(reports), seed=1))}")
+        return
     if len(reports) < 2:
         return
     # the differences from draws of their own (the intervals above share seed 0): the first

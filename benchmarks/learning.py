@@ -1048,7 +1048,7 @@ def pooled_eval(methods: dict[str, Any]) -> dict[str, Any] | None:
     and rig - peer with the interval of the difference; None where no side was evaluated. The
     intervals are over episodes of these trained policies: the spread between seeds is in each
     run's own figures, beside."""
-    from benchmarks.eval_spread import difference, spread
+    from benchmarks.eval_spread import difference, pool, spread
 
     pooled: dict[str, Any] = {}
     for method in COMPARED:
@@ -1056,8 +1056,7 @@ def pooled_eval(methods: dict[str, Any]) -> dict[str, Any] | None:
                    for r in methods.get(method, {}).get("runs", [])
                    if r["ok"] and r.get("eval") and "error" not in r["eval"]]  # fmt: skip
         if reports:
-            pooled[method] = {"episodes": [e for rep in reports for e in rep["episodes"]],
-                              "summary": reports[0]["summary"], "seeds": len(reports)}  # fmt: skip
+            pooled[method] = {**pool(reports), "seeds": len(reports)}
     if not pooled:
         return None
     spreads = {m: spread(data, seed=1 if m == "rig" else 2) for m, data in pooled.items()}

@@ -936,6 +936,29 @@ def test_eval_spread_difference_interval():
     assert same["score_lo"] < 0 < same["score_hi"]
 
 
+def test_eval_spread_pools_seeds_into_one_set_of_episodes():
+    """``--pool``: the pooled figures are those of all episodes together (the mean of means
+    for equal counts; the score of the pooled unlock rates), and reports of different envs
+    are refused."""
+    import numpy as np
+
+    from benchmarks.eval_spread import pool, spread
+
+    def report(returns, wood, names=("collect_wood",)):
+        episodes = [{"return": r, "unlocked": ["collect_wood"] if w else []}
+                    for r, w in zip(returns, wood, strict=True)]  # fmt: skip
+        return {"episodes": episodes, "summary": {"success_rates": dict.fromkeys(names, 0.0)}}
+
+    a, b = report([1.0, 3.0], [True, False]), report([2.0, 6.0], [True, True])
+    pooled = spread(pool([a, b]))
+    assert pooled["episodes"] == 4 and pooled["return"] == pytest.approx(3.0)
+    assert pooled["score"] == pytest.approx(spread(report([0.0] * 4, [1, 0, 1, 1]))["score"])
+    assert pooled["return_lo"] <= 3.0 <= pooled["return_hi"]
+    with pytest.raises(ValueError, match="different envs"):
+        pool([a, report([1.0], [True], names=("collect_wood", "eat_cow"))])
+    assert np.isfinite(pooled["score_lo"])
+
+
 def test_crafter_actions_probe_distributions_and_the_crafting_rule():
     """benchmarks/crafter_actions.py: every sampled distribution sums to 1 over the 17 actions;
     a state counts as 'wood pickaxe possible' exactly when Crafter would allow the craft (a
