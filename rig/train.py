@@ -150,6 +150,7 @@ class Trainer:
             self._start_ray()
         from actors.imagination import ImaginationWorkers
         from actors.rollout import RolloutSettings, RolloutWorkers
+        from rl.losses import world_model_trains
 
         self.rollouts = RolloutWorkers(
             RolloutSettings(
@@ -185,6 +186,8 @@ class Trainer:
                 config.imagination.num_actors, factory, kwargs, config.run.seed,
                 actor_options={"num_gpus": gpus} if gpus else None,
             )  # fmt: skip
+        # whether an update reads the real next frames' VQ codes; when not, none are encoded
+        self.needs_codes = world_model_trains(config.ppo.loss_scales, self.imagination is not None)
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rollouts")
         self._syncs: collections.deque[concurrent.futures.Future] = collections.deque()
         self._publish()  # every runner and actor starts from the learner's weights
@@ -360,7 +363,6 @@ class Trainer:
 
         from rl.experience import real_experience
         from rl.imagine import frame_codes
-        from rl.losses import world_model_trains
         from rl.policy import History
 
         cfg, c = self.config, self.counters
@@ -390,7 +392,7 @@ class Trainer:
                     last[needs], cfg.policy.task, History.after(act[alive])
                 ).float().cpu()
             codes = None  # no loss reads the next frames' codes (rl.losses.world_model_trains)
-            if world_model_trains(cfg.ppo.loss_scales, self.imagination is not None):
+            if self.needs_codes:
                 following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; below)
                 following[torch.as_tensor(is_last)] = last[chunks[is_last]]
                 codes = frame_codes(self.policy, following)

@@ -77,13 +77,7 @@ class Experience:
         out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
         for f in fields(Experience):
             if f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
-                got = [getattr(p, f.name) for p in parts]
-                if f.name == "next_codes" and any(x is None for x in got):
-                    if not all(x is None for x in got):
-                        raise ValueError("cannot concat experience with and without next_codes")
-                    out[f.name] = None
-                    continue
-                out[f.name] = torch.cat(got)
+                out[f.name] = _cat_or_none(f.name, [getattr(p, f.name) for p in parts])
         return Experience(**out)
 
     def num_minibatches(self, size: int, multiple_of: int = 1) -> int:
@@ -105,6 +99,17 @@ class Experience:
             order = order.repeat(-(-m // n))[:m]
         for part in torch.tensor_split(order, m):
             yield self.rows(part)
+
+
+def _cat_or_none(name: str, got: list[Tensor | None]) -> Tensor | None:
+    """``torch.cat(got)``; None when every part is None (an optional field such as
+    ``next_codes``), an error when only some are: the rows would not line up."""
+    missing = sum(x is None for x in got)
+    if got and missing == len(got):
+        return None
+    if missing:
+        raise ValueError(f"cannot concat experience with and without {name}")
+    return torch.cat(got)
 
 
 def real_experience(
