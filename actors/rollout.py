@@ -103,6 +103,10 @@ class RolloutSettings:
     num_gpus_per_env_runner: float = 0  # > 0: the runner's policy acts on the GPU Ray assigns
     custom_resources_per_env_runner: dict[str, float] = field(default_factory=dict)
     max_num_env_runner_restarts: int = 1000
+    # a runner whose call failed waits this long before its process exits and Ray restarts it
+    # (RLlib's delay_between_env_runner_restarts_s, 60 s by default there): the driver learns
+    # of the failure (e.g. a dead inference actor) only then
+    restart_delay_s: float = 5.0
     env_factory: Callable | None = None
     # Central batched inference (actors.inference): 0 runners act themselves; n > 0 of them
     # act for all runners, each on its runners' steps in one forward.
@@ -245,6 +249,7 @@ def rllib_config(s: RolloutSettings, inference: list | None = None) -> Algorithm
         .fault_tolerance(
             restart_failed_env_runners=True,
             max_num_env_runner_restarts=s.max_num_env_runner_restarts,
+            delay_between_env_runner_restarts_s=s.restart_delay_s,
         )
         .callbacks(EpisodeStats)
         .debugging(seed=s.seed)

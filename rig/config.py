@@ -132,6 +132,10 @@ class RolloutConfig(Section):
     num_env_runners: int = Field(ge=0, description="Ray env-runner actors; 0: in this process")
     fragment_length: int = Field(ge=1, description="env steps per sub-env per sample")
     max_restarts: int = Field(ge=0, description="env-runner restarts allowed before giving up")
+    restart_delay_s: float = Field(
+        default=5, ge=0, le=600, description="seconds a failed env runner waits before its "
+        "process exits to be restarted (RLlib's delay_between_env_runner_restarts_s)",
+    )
     num_cpus_per_runner: float = Field(ge=0, description="Ray CPUs each env runner reserves")
     num_gpus_per_runner: float = Field(
         ge=0, description="Ray GPUs each env runner reserves; > 0 acts on the GPU"

@@ -165,6 +165,7 @@ class Trainer:
                 seed=config.run.seed,
                 history=config.policy.history,
                 max_num_env_runner_restarts=config.rollout.max_restarts,
+                restart_delay_s=config.rollout.restart_delay_s,
                 num_cpus_per_env_runner=config.rollout.num_cpus_per_runner,
                 num_gpus_per_env_runner=config.rollout.num_gpus_per_runner,
                 custom_resources_per_env_runner=dict(config.rollout.resources),
