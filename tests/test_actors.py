@@ -11,6 +11,7 @@ import functools
 import os
 import threading
 import time
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -305,3 +306,17 @@ def test_restart_between_calls_is_noticed_by_process_id(remote_workers):
     batch = remote_workers.sample()
     assert (batch.versions == 1).all()
     torch.testing.assert_close(batch.act.values, torch.full((12,), 7.0))
+
+
+def test_rllib_config_takes_the_restart_delay_and_the_preset_passes_it():
+    """``rollout.restart_delay_s`` reaches RLlib (RLlib's own default, 60 s, is how long a
+    failed runner sleeps before it exits, and so how long a dead inference actor went unseen)."""
+    from actors.rollout import RolloutSettings, rllib_config
+    from rig.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    config = rllib_config(RolloutSettings(env_id="rig/Catch-v0", restart_delay_s=2.5))
+    assert config.delay_between_env_runner_restarts_s == 2.5
+    assert config.restart_failed_env_runners
+    assert load_config(str(configs / "defaults.yaml"), []).rollout.restart_delay_s == 5
+    assert load_config(str(configs / "cluster.yaml"), []).rollout.restart_delay_s == 30
