@@ -294,3 +294,20 @@ def test_rig_train_on_two_ranks_checkpoints_exports_and_resumes_on_one(local_ray
     assert sorted(p.name for p in (run / "checkpoints").glob("iter_*"))[-1] == "iter_000003"
     _, mlrun = mlflow_run(run)
     assert mlrun.data.metrics["learner/optimizer_steps"] >= 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_kl_reference_is_the_learners_start_in_its_dtype_and_device(precision):
+    """Suspect 6 of "the RL loop must learn": the frozen KL reference is copied before DeepSpeed
+    moves and casts the learner, then brought to the learner's device and dtype, so its
+    log-probs equal the learner's at step 0 (in bf16 too). Without a KL weight there is none."""
+    rank = LearnerRank(load_config(None, [*OVERRIDES, f"learner.precision={precision}",
+                                          "ppo.loss_scales.kl=0.1"]))  # fmt: skip
+    like = next(rank.policy.parameters())
+    assert like.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    ref = dict(rank.reference.named_parameters())
+    for name, p in rank.policy.named_parameters():
+        assert ref[name].dtype == p.dtype and ref[name].device == p.device, name
+        assert torch.equal(ref[name], p.detach()), name
+        assert not ref[name].requires_grad
+    assert LearnerRank(load_config(None, [*OVERRIDES, "ppo.loss_scales.kl=0"])).reference is None
