@@ -60,7 +60,9 @@ pooled with bootstrap 95% intervals and the rig - peer difference (benchmarks/ev
 are in results.json and the printed report. ``--merge --eval-episodes N`` evaluates, into the
 new folder, every run of the merged folders not yet evaluated with those settings, from the
 policy it kept (runs from before this existed included, on the rig side; a peer run needs its
-saved module).
+saved module). results.json also keeps each evaluated episode's return and achievements
+(``outcomes``), so a committed results.json still pools and compares its seeds once the run
+folders are gone (session 38's peer reports were lost that way).
 
 The curve maths are pure functions (unit tested). An iteration's smoothed return is the
 episode-weighted mean of the newest iterations that hold at least ``WINDOW`` (100) episodes
@@ -615,10 +617,38 @@ def play_peer(module: Any, env: str, size: int, kwargs: dict[str, Any], episodes
 
 def eval_digest(report_path: Path) -> dict[str, Any]:
     """A run's held-out evaluation as results.json keeps it: episodes, mean return, Crafter
-    score (None without achievements) and the report's path."""
-    summary = json.loads(report_path.read_text())["summary"]
+    score (None without achievements), the report's path, and each episode's outcome
+    (``outcomes``: its return and, with achievements, a bitmask over their sorted names), so
+    that the pooled figures and their intervals can be recomputed from results.json alone once
+    the run's folder is gone (:func:`kept_report`)."""
+    report = json.loads(report_path.read_text())
+    summary = report["summary"]
+    names = sorted(summary.get("success_rates") or {})
+    outcomes: dict[str, Any] = {"returns": [e["return"] for e in report["episodes"]]}
+    if names:
+        outcomes["achievements"] = names
+        outcomes["unlocked"] = [sum(1 << i for i, n in enumerate(names) if n in e["unlocked"])
+                                for e in report["episodes"]]  # fmt: skip
     return {"episodes": summary["episodes"], "return": summary.get("return_mean"),
-            "score": summary.get("score"), "report": str(report_path.resolve())}  # fmt: skip
+            "score": summary.get("score"), "report": str(report_path.resolve()),
+            "outcomes": outcomes}  # fmt: skip
+
+
+def kept_report(found: dict[str, Any]) -> dict[str, Any] | None:
+    """The episodes of a digest (:func:`eval_digest`) as ``benchmarks/eval_spread`` reads a
+    report: the report file if it is still there, else the outcomes results.json kept; None
+    for neither (a digest written before the outcomes were kept, its folder gone)."""
+    path = Path(found["report"])
+    if path.is_file():
+        return json.loads(path.read_text())
+    kept = found.get("outcomes")
+    if kept is None:
+        return None
+    names = kept.get("achievements") or []
+    masks = kept.get("unlocked") or [0] * len(kept["returns"])
+    episodes = [{"return": r, "unlocked": [n for i, n in enumerate(names) if mask >> i & 1]}
+                for r, mask in zip(kept["returns"], masks, strict=True)]  # fmt: skip
+    return {"episodes": episodes, "summary": {"success_rates": dict.fromkeys(names, 0.0)}}
 
 
 def _eval_failed(log: Path, code: int) -> dict[str, Any]:
@@ -973,7 +1003,9 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
 
 
 def _report_kept(found: dict[str, Any] | None) -> bool:
-    return bool(found) and "error" not in found and Path(found["report"]).is_file()
+    return bool(found) and "error" not in found and (
+        Path(found["report"]).is_file() or "outcomes" in found
+    )
 
 
 def _evaluate_kept(method: str, seed: int, folder: Path, config: dict[str, Any], out: Path,
@@ -1043,7 +1075,8 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 
 def pooled_eval(methods: dict[str, Any]) -> dict[str, Any] | None:
-    """Each side's held-out episodes pooled over its seeds (every seed's report read back):
+    """Each side's held-out episodes pooled over its seeds (every seed's report read back, or
+    the outcomes results.json kept of it; a side with a seed of neither is not pooled):
     mean return and Crafter score with bootstrap 95% intervals (``benchmarks/eval_spread``),
     and rig - peer with the interval of the difference; None where no side was evaluated. The
     intervals are over episodes of these trained policies: the spread between seeds is in each
@@ -1052,10 +1085,9 @@ def pooled_eval(methods: dict[str, Any]) -> dict[str, Any] | None:
 
     pooled: dict[str, Any] = {}
     for method in COMPARED:
-        reports = [json.loads(Path(r["eval"]["report"]).read_text())
-                   for r in methods.get(method, {}).get("runs", [])
+        reports = [kept_report(r["eval"]) for r in methods.get(method, {}).get("runs", [])
                    if r["ok"] and r.get("eval") and "error" not in r["eval"]]  # fmt: skip
-        if reports:
+        if reports and all(report is not None for report in reports):  # no partial pools
             pooled[method] = {**pool(reports), "seeds": len(reports)}
     if not pooled:
         return None

@@ -723,6 +723,47 @@ def test_summary_pools_each_sides_held_out_episodes_and_compares_them(tmp_path):
     assert learning.eval_lines(result) == []
 
 
+def test_pooled_figures_survive_the_run_folders_from_the_outcomes_results_json_keeps(tmp_path):
+    """eval_digest keeps each episode's return and achievements in results.json; with every
+    report deleted, the pooled figures and rig - peer are the same to the last digit. A digest
+    without them (written before they were kept) whose report is gone leaves its side unpooled."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    names = ["collect_wood", "place_table", "make_wood_pickaxe"]
+
+    def evals(side, seeds, p):
+        return [_eval_report(tmp_path / f"{side}{s}", rng.normal(2.0, 1.0, 16).tolist(),
+                             [[n for n in names if rng.random() < p] for _ in range(16)])
+                for s in range(seeds)]  # fmt: skip
+
+    def runs(rig_evals, peer_evals):
+        out = {side: [learning._run(s, 0, 1.0, tmp_path / "log", [[1024, 0.0, 100]])
+                      for s in range(len(found))]
+               for side, found in (("rig", rig_evals), ("peer", peer_evals))}  # fmt: skip
+        for side, found in (("rig", rig_evals), ("peer", peer_evals)):
+            for run, digest in zip(out[side], found, strict=True):
+                run["eval"] = json.loads(json.dumps(digest))  # as results.json holds it
+        return out
+
+    def pooled(found):
+        return learning.summarize(found, 1024, 0.8)["eval"]
+
+    rig_evals, peer_evals = evals("rig", 2, 0.6), evals("peer", 2, 0.3)
+    before = pooled(runs(rig_evals, peer_evals))
+    for side in ("rig", "peer"):
+        for s in range(2):
+            shutil.rmtree(tmp_path / f"{side}{s}")
+    after = pooled(runs(rig_evals, peer_evals))
+    assert after == before and before["rig"]["episodes"] == 32
+    assert before["rig_minus_peer"]["score"] > 0
+    old = runs(rig_evals, peer_evals)
+    del old["peer"][1]["eval"]["outcomes"]
+    partial = pooled(old)
+    assert "peer" not in partial and "rig_minus_peer" not in partial
+    assert partial["rig"] == before["rig"]
+
+
 def test_learning_merge_evaluates_the_runs_not_yet_evaluated_alike(rig_main, capsys, tmp_path,
                                                                     monkeypatch):  # fmt: skip
     """--merge --eval-episodes: every rig and peer run whose folder did not evaluate it with
@@ -762,10 +803,21 @@ def test_learning_merge_evaluates_the_runs_not_yet_evaluated_alike(rig_main, cap
     assert [r["eval"]["return"] for r in merged["methods"]["rig"]["runs"]] == [1.0, 5.0]
     assert merged["eval"]["rig_minus_peer"]["return"] == pytest.approx(3.0)
     assert "final policies on held-out worlds (4 episodes per run" in capsys.readouterr().out
-    (tmp_path / "kept" / "report.json").unlink()  # a kept report gone: that run is played anew
+    # a kept report gone: the outcomes results.json kept of it stand in (not played again)...
+    (tmp_path / "kept" / "report.json").unlink()
     called.clear()
     assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(done), "--out",
                      str(tmp_path / "again"), "--eval-episodes", "4", "--eval-seed", "3"]) == 0
+    assert sorted(c[:2] for c in called) == [("rig", 0)]
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["eval"]["rig"]["return"] == pytest.approx(3.0)  # 1.0 and 5.0 pooled
+    # ... and without them (a results.json of before they were kept), that run is played anew
+    result = json.loads((done / "results.json").read_text())
+    del result["methods"]["rig"]["runs"][0]["eval"]["outcomes"]
+    (done / "results.json").write_text(json.dumps(result))
+    called.clear()
+    assert rig_main(["bench", "learning", "--merge", str(a), "--merge", str(done), "--out",
+                     str(tmp_path / "again2"), "--eval-episodes", "4", "--eval-seed", "3"]) == 0
     assert sorted(c[:2] for c in called) == [("rig", 0), ("rig", 1)]
     other = _finished(tmp_path / "other", "peer", [2])
     result = json.loads((other / "results.json").read_text())
