@@ -321,15 +321,17 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
             killed.append(pids[0])
         elif counters.iteration == 2:
             # On a loaded machine Ray may take longer than the next iterations to bring the
-            # process back; wait for it here (bounded), so the run sees it return. The GCS actor
-            # table (ray.util.state needs the dashboard, which the debug preset leaves off).
+            # process back; wait for it here (bounded), so the run sees it return: until the
+            # killed runner's own handle answers again. (Not every SingleAgentEnvRunner in the
+            # GCS actor table: that also lists the dead runners of earlier runs in this Ray.)
+            handle = trainer.rollouts.group._worker_manager.actors()[1]  # pids[0]'s runner
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                runners = [a for a in ray._private.state.actors().values()
-                           if a["ActorClassName"] == "SingleAgentEnvRunner"]  # fmt: skip
-                if runners and all(a["State"] == "ALIVE" for a in runners):
+                try:
+                    ray.get(handle.__ray_ready__.remote(), timeout=5)
                     break
-                time.sleep(1)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    time.sleep(0.5)
 
     trainer = Trainer(cfg, run_dir)
     try:
