@@ -42,3 +42,22 @@ def assert_evaluate_reproduces(policy, act, values: bool = False) -> None:
     torch.testing.assert_close(fresh["log_probs"][mask], act.log_probs[mask], atol=1e-4, rtol=0)
     if values:
         torch.testing.assert_close(fresh["values"], act.values, atol=1e-4, rtol=0)
+
+
+def wait_for_runner(workers, index: int, seconds: float) -> None:
+    """Block until env runner ``index`` (1-based, RLlib's actor id) of ``workers`` (a
+    ``RolloutWorkers``) answers again after its process was killed, at most ``seconds``: Ray
+    rebuilds its policy and envs, slow on a loaded machine. Asks that runner's own handle, not
+    the GCS actor table, which also lists the dead runners of earlier runs in the same Ray."""
+    import time
+
+    import ray
+
+    handle = workers.group._worker_manager.actors()[index]
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get(handle.__ray_ready__.remote(), timeout=5)
+            return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            time.sleep(0.5)

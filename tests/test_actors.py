@@ -17,7 +17,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from policies import assert_evaluate_reproduces, end_biased, state_readouts
+from policies import assert_evaluate_reproduces, end_biased, state_readouts, wait_for_runner
 
 import envs
 from actors.env import RebuildOnError
@@ -285,21 +285,10 @@ def test_killed_runner_is_restarted_with_current_weights(remote_workers):
 def test_restart_between_calls_is_noticed_by_process_id(remote_workers):
     """A runner that died and came back between two samples answers RLlib's next call as if
     nothing happened; its new process id gives it away, and it gets the current weights."""
-    import ray
-
     restarts = remote_workers.num_restarts
     pids = remote_workers.group.foreach_env_runner(lambda r: os.getpid(), local_env_runner=False)
-    handle = remote_workers.group._worker_manager.actors()[2]  # runner index 2
     os.kill(pids[1], 9)
-    deadline = (
-        time.monotonic() + 180
-    )  # a restart rebuilds policy and envs: slow on a loaded machine
-    while time.monotonic() < deadline:  # until Ray has rebuilt it
-        try:
-            ray.get(handle.__ray_ready__.remote(), timeout=5)
-            break
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            time.sleep(0.5)
+    wait_for_runner(remote_workers, 2, 180)  # runner index 2, until Ray has rebuilt it
     batch = remote_workers.sample()
     assert remote_workers.num_restarts == restarts + 1
     assert (batch.versions == 0).sum() == 6  # its fragment, sampled with the factory's weights

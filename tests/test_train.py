@@ -286,9 +286,10 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
     restart is counted in the logged metrics."""
     import os
     import signal
-    import time
 
     ray = pytest.importorskip("ray")
+    from policies import wait_for_runner
+
     from rig.config import load_config
     from rig.train import Trainer
 
@@ -321,17 +322,8 @@ def test_ray_runners_survive_a_killed_runner(in_tmp):
             killed.append(pids[0])
         elif counters.iteration == 2:
             # On a loaded machine Ray may take longer than the next iterations to bring the
-            # process back; wait for it here (bounded), so the run sees it return: until the
-            # killed runner's own handle answers again. (Not every SingleAgentEnvRunner in the
-            # GCS actor table: that also lists the dead runners of earlier runs in this Ray.)
-            handle = trainer.rollouts.group._worker_manager.actors()[1]  # pids[0]'s runner
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                try:
-                    ray.get(handle.__ray_ready__.remote(), timeout=5)
-                    break
-                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                    time.sleep(0.5)
+            # process back; wait for it here (bounded), so the run sees it return.
+            wait_for_runner(trainer.rollouts, 1, 120)  # pids[0]'s runner
 
     trainer = Trainer(cfg, run_dir)
     try:
