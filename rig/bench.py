@@ -20,7 +20,7 @@ import typer
 from rig.errors import UserError
 
 app = typer.Typer(
-    help="Side by side: policy, rollout, learner (and 2 ranks vs 1), sync, imagination speed; learning vs a peer PPO.",
+    help="Side by side: policy, rollout, learner (and 2 ranks vs 1), sync, imagination speed; learning vs a peer PPO; a checkpoint at lookahead 0..n.",
     no_args_is_help=True,
 )
 
@@ -428,4 +428,46 @@ def learning(
             random_baseline=random is not False, eval_episodes=eval_episodes,
             eval_seed=eval_seed,
         )  # fmt: skip
+    _report(bench, result, json_path)
+
+
+# -- rig bench lookahead ---------------------------------------------------------------------------
+
+
+@app.command("lookahead")
+def lookahead(
+    checkpoint: Annotated[Path, typer.Option(
+        "--checkpoint", help="an exported policy directory (what rig eval --checkpoint reads)")],
+    lookaheads: Annotated[str, typer.Option(
+        "--lookaheads", help="lookaheads n, comma-separated, with 0 (the baseline)")] = "0,1,2,3",
+    episodes: Annotated[int, typer.Option(
+        "--episodes", min=1, help="finished episodes per lookahead")] = 16,
+    num_envs: Annotated[int, typer.Option("--num-envs", min=1, help="envs in parallel")] = 4,
+    seed: Annotated[int, typer.Option(
+        "--seed", min=0, help="env and sampling seed, the same for every n (the same worlds)")] = 0,
+    env: Annotated[str | None, typer.Option(
+        "--env", help="env id (default: the checkpoint's)")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="preset YAML, as rig eval -c (env kwargs, policy act settings)")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="key=value config override (repeatable)")
+    ] = None,
+    max_reasoning_tokens: Annotated[int | None, typer.Option(
+        "--max-reasoning-tokens", min=0, help="default: the checkpoint's, else config")] = None,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", min=1e-6, help="default: policy.temperature")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads")] = 1,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="results folder (default runs/bench-lookahead-<time>)")] = None,
+    json_path: JsonOpt = None,
+) -> None:
+    """One checkpoint at lookahead 0..n on the same worlds: return, Crafter score, s / decision."""
+    _check_json_path(json_path)
+    bench = _benchmark("lookahead")
+    result = bench.bench_lookahead(
+        checkpoint, bench.parse_lookaheads(lookaheads), episodes, num_envs, seed, out, env,
+        config, overrides or [], threads, max_reasoning_tokens=max_reasoning_tokens,
+        temperature=temperature,
+    )  # fmt: skip
     _report(bench, result, json_path)

@@ -12,7 +12,7 @@ Every input is checked before anything is written: a bad one is one line, exit c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import typer
 
@@ -279,6 +279,76 @@ def _check_context(policy, settings, n: int) -> None:
 # -- rig eval -------------------------------------------------------------------------------------
 
 
+class EvalInputs(NamedTuple):
+    """What ``rig eval`` plays: the loaded policy, the env it plays (id, frame size, kwargs) and
+    the settings it acts with."""
+
+    policy: Any  # rl.policy.RigPolicy
+    env_id: str
+    size: int
+    kwargs: dict[str, Any]
+    settings: Any  # supervised.evaluate.EvalSettings
+
+
+def prepare_eval(
+    checkpoint: Path,
+    cfg,
+    env: str | None = None,
+    *,
+    history: int | None = None,
+    max_reasoning_tokens: int | None = None,
+    temperature: float | None = None,
+    **settings: Any,
+) -> EvalInputs:
+    """``rig eval``'s checks and choices for ``checkpoint``, before anything is written: the env
+    it was trained on (``env`` must match it; its kwargs, then ``cfg.env.kwargs``), its frame
+    size, and its own act settings where ``history``, ``max_reasoning_tokens`` or
+    ``temperature`` are None (else ``cfg``'s); ``settings`` are the rest of ``EvalSettings``.
+    The context must hold ``settings["lookahead"]``. Bad input is a ``UserError``. ``rig bench
+    lookahead`` plays one checkpoint through this at several lookaheads."""
+    from supervised.evaluate import EvalSettings
+
+    record = _checkpoint_record(checkpoint, "--checkpoint")
+    trained = _trained_settings(record)  # the SFT's or the RL run's own act settings
+    trained_on = trained.get("env_id")  # the rule of rig sft and rig train --init-from
+    if env is not None and trained_on is not None and env != trained_on:
+        raise UserError(
+            f"--checkpoint {checkpoint} was trained on {trained_on} but --env is {env}; "
+            f"evaluate it on {trained_on} (leave out --env)"
+        )
+    env_id = env or trained_on or cfg.env.id
+    kwargs = dict(trained.get("env_kwargs") or {}) if env_id == trained.get("env_id") else {}
+    kwargs.update(cfg.env.kwargs)
+    size = int(trained.get("size") or cfg.env.size)
+
+    codec = _codec(env_id, size, kwargs)
+    policy = _load_policy(checkpoint, codec, "--checkpoint")
+    if policy.image_size != size:
+        raise UserError(
+            f"--checkpoint {checkpoint} sees {policy.image_size}px frames but the env renders "
+            f"{size}px; set env.size={policy.image_size}"
+        )
+    chosen = EvalSettings(
+        history=trained.get("history", 0) if history is None else history,
+        task=trained.get("task") or cfg.policy.task,
+        max_reasoning_tokens=next(cap for cap in (
+            max_reasoning_tokens, trained.get("max_reasoning_tokens"),
+            cfg.policy.max_reasoning_tokens) if cap is not None),  # 0 is a cap, not unset
+        temperature=cfg.policy.temperature if temperature is None else temperature,
+        **settings,
+    )  # fmt: skip
+    try:
+        policy.check_context(
+            policy.prompt(chosen.task, 1)[0].shape[1]
+            + chosen.history * (policy.image_tokens + 3 + policy.trie.max_len),
+            chosen.max_reasoning_tokens,
+            chosen.lookahead,
+        )
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return EvalInputs(policy, env_id, size, kwargs, chosen)
+
+
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="an HF policy checkpoint dir")],
     episodes: Annotated[int, typer.Option("--episodes", min=1, help="finished episodes")] = 4,
@@ -316,18 +386,6 @@ def evaluate(
 
     cfg = load_config(config, overrides or [])
     out = _out_dir(out, cfg, "eval")
-    record = _checkpoint_record(checkpoint, "--checkpoint")
-    trained = _trained_settings(record)  # the SFT's or the RL run's own act settings
-    trained_on = trained.get("env_id")  # the rule of rig sft and rig train --init-from
-    if env is not None and trained_on is not None and env != trained_on:
-        raise UserError(
-            f"--checkpoint {checkpoint} was trained on {trained_on} but --env is {env}; "
-            f"evaluate it on {trained_on} (leave out --env)"
-        )
-    env_id = env or trained_on or cfg.env.id
-    kwargs = dict(trained.get("env_kwargs") or {}) if env_id == trained.get("env_id") else {}
-    kwargs.update(cfg.env.kwargs)
-    size = int(trained.get("size") or cfg.env.size)
 
     import torch
 
@@ -338,32 +396,11 @@ def evaluate(
     from rig.tracking import Tracker
     from supervised import evaluate as ev
 
-    codec = _codec(env_id, size, kwargs)
-    policy = _load_policy(checkpoint, codec, "--checkpoint")
-    if policy.image_size != size:
-        raise UserError(
-            f"--checkpoint {checkpoint} sees {policy.image_size}px frames but the env renders "
-            f"{size}px; set env.size={policy.image_size}"
-        )
-    settings = ev.EvalSettings(
-        episodes=episodes, num_envs=num_envs, lookahead=lookahead,
-        history=trained.get("history", 0) if history is None else history,
-        task=trained.get("task") or cfg.policy.task,
-        max_reasoning_tokens=next(cap for cap in (
-            max_reasoning_tokens, trained.get("max_reasoning_tokens"),
-            cfg.policy.max_reasoning_tokens) if cap is not None),  # 0 is a cap, not unset
-        temperature=cfg.policy.temperature if temperature is None else temperature,
+    policy, env_id, size, kwargs, settings = prepare_eval(
+        checkpoint, cfg, env, episodes=episodes, num_envs=num_envs, lookahead=lookahead,
+        history=history, max_reasoning_tokens=max_reasoning_tokens, temperature=temperature,
         psnr_every=psnr_every, seed=seed, max_steps=max_steps, video_size=video_size,
     )  # fmt: skip
-    try:
-        policy.check_context(
-            policy.prompt(settings.task, 1)[0].shape[1]
-            + settings.history * (policy.image_tokens + 3 + policy.trie.max_len),
-            settings.max_reasoning_tokens,
-            lookahead,
-        )
-    except ValueError as err:
-        raise UserError(str(err)) from None
 
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -392,4 +429,4 @@ def evaluate(
     typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id})")
 
 
-__all__ = ["evaluate", "sft"]
+__all__ = ["EvalInputs", "evaluate", "prepare_eval", "sft"]

@@ -1038,3 +1038,121 @@ def test_crafter_actions_probe_distributions_and_the_crafting_rule():
     env.step(env.codec.vocab.index("make_wood_pickaxe"))
     assert env._env._player.inventory["wood_pickaxe"] == 1  # Crafter agrees
     env.close()
+
+
+# -- rig bench lookahead: one checkpoint at lookahead 0..n on the same worlds ---------------------
+
+lookahead_bench = bench._benchmark("lookahead")
+
+
+@pytest.fixture(scope="module")
+def catch_checkpoint(tmp_path_factory):
+    """A tiny Catch policy as `rig train` exports it: its env and act settings in the record."""
+    import envs
+    from rl.policy import RigPolicy
+
+    env = envs.make("rig/Catch-v0", 64)
+    codec = envs.get_codec(env)
+    env.close()
+    path = tmp_path_factory.mktemp("lookahead") / "policy"
+    run = {"env": {"id": "rig/Catch-v0"},
+           "policy": {"max_reasoning_tokens": 0, "task": "catch the falling ball"}}  # fmt: skip
+    RigPolicy.from_preset("tiny", codec, seed=0).save(path, extra={"config": run})
+    return path
+
+
+def test_lookahead_benchmark_plays_one_checkpoint_on_the_same_worlds(
+    rig_main, capsys, tmp_path, catch_checkpoint
+):
+    out = tmp_path / "out"
+    args = ["lookahead", "--checkpoint", str(catch_checkpoint), "--lookaheads", "1,0",
+            "--episodes", "4", "--num-envs", "2", "--seed", "3", "--out", str(out)]  # fmt: skip
+    printed, result = _run(rig_main, capsys, tmp_path, args)
+    assert "env seed 3 for every n" in printed and "lookahead 1 vs 0: return" in printed
+    assert "over 4 shared worlds" in printed
+    assert json.loads((out / "results.json").read_text()) == result
+    c = result["config"]
+    assert c["env"] == "rig/Catch-v0" and c["lookaheads"] == [0, 1] and c["seed"] == 3
+    assert c["max_reasoning_tokens"] == 0 and c["task"] == "catch the falling ball"
+    assert not c["scored"]  # Catch has no Crafter score
+
+    rows = result["lookaheads"]
+    assert [r["lookahead"] for r in rows] == [0, 1]
+    for row in rows:
+        n, kept = row["lookahead"], row["outcomes"]
+        assert row["settings"]["lookahead"] == n and row["settings"]["seed"] == 3
+        report = json.loads(Path(row["report"]).read_text())  # rig eval's report of this n
+        assert report["settings"]["lookahead"] == n and Path(row["report"]).parent.name == f"lookahead-{n}"
+        # the same worlds for every n: env 0's and env 1's first two episodes
+        assert row["episodes"] == len(kept["returns"]) == 4
+        assert kept["worlds"] == [[0, 0], [1, 0], [0, 1], [1, 1]]
+        assert set(kept["returns"]) <= {-1.0, 1.0}
+        assert row["return"] == pytest.approx(np.mean(kept["returns"]))
+        assert row["return_lo"] <= row["return"] <= row["return_hi"]
+        assert row["score"] is None and row["score_lo"] is None
+        # every env plays 7-step episodes side by side: the decisions are the episodes' steps
+        assert row["decisions"] == sum(e["length"] for e in report["episodes"]) == 28
+        assert row["s_per_decision"] == pytest.approx(row["seconds"] / row["decisions"])
+        assert row["s_per_decision"] > 0
+    assert "vs_0" not in rows[0]
+    d = rows[1]["vs_0"]
+    assert d["paired_worlds"] == 4 and d["score"] is None
+    assert d["return"] == pytest.approx(rows[1]["return"] - rows[0]["return"])
+    assert d["return_lo"] <= d["return"] <= d["return_hi"]
+
+    table = lookahead_bench.table_rows(result)
+    assert [row[0] for row in table] == ["0", "1"] and len(table[0]) == len(lookahead_bench.COLUMNS)
+    assert table[0][4] == "-" and table[1][4].startswith(f"{d['return']:+.2f} [")
+    assert (out / "lookahead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lookahead_difference_resamples_the_shared_worlds_as_pairs():
+    """The interval of the difference to n = 0 resamples worlds, not each side on its own: a
+    policy exactly 1 better on every world, however differently its episodes finished, differs
+    by exactly +1 [+1, +1]; a world only one side played is left out."""
+    from benchmarks.eval_spread import difference, spread
+
+    def report(episodes):
+        return {"episodes": [{"env": e, "return": r} for e, r in episodes], "summary": {}}
+
+    base = report([(0, 0.0), (1, 5.0), (0, 10.0), (1, 20.0)])  # worlds (0,0) (1,0) (0,1) (1,1)
+    other = report([(1, 6.0), (0, 1.0), (1, 21.0), (0, 11.0), (0, 100.0)])  # + world (0, 2)
+    assert lookahead_bench.worlds(other["episodes"]) == [[1, 0], [0, 0], [1, 1], [0, 1], [0, 2]]
+    a, b = lookahead_bench.paired(base, other)
+    assert [e["return"] for e in a["episodes"]] == [0.0, 10.0, 5.0, 20.0]
+    assert [e["return"] for e in b["episodes"]] == [1.0, 11.0, 6.0, 21.0]
+    seed = lookahead_bench.DIFF_SEED
+    d = difference(spread(a, seed=seed), spread(b, seed=seed))
+    assert (d["return"], d["return_lo"], d["return_hi"]) == pytest.approx((1.0, 1.0, 1.0))
+    unpaired = difference(spread(base, seed=1), spread(other, seed=2))
+    assert unpaired["return_hi"] - unpaired["return_lo"] > 10  # what pairing takes away
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--checkpoint", "no/such/ckpt"], "--checkpoint: checkpoint directory no/such/ckpt does not exist"),
+        (["--lookaheads", "-1"], "--lookaheads must be integers >= 0, got '-1'"),
+        (["--lookaheads", "a"], "--lookaheads must be integers separated by commas, got 'a'"),
+        (["--lookaheads", "1,2"], "--lookaheads must include 0"),
+        (["--lookaheads", "0,1,1"], "--lookaheads names a lookahead twice"),
+        (["--json", "no/such/x.json"], "--json: folder no/such does not exist"),
+    ],
+)  # fmt: skip
+def test_lookahead_bad_input_is_one_line_and_exit_2(rig_main, capsys, tmp_path, args, expected):
+    out = tmp_path / "out"
+    assert rig_main(["bench", "lookahead", "--checkpoint", "no/such/ckpt", *args,
+                     "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_lookahead_refuses_a_used_out_folder(rig_main, capsys, tmp_path, catch_checkpoint):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "results.json").write_text("{}")
+    assert rig_main(["bench", "lookahead", "--checkpoint", str(catch_checkpoint),
+                     "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out ") and "exists and is not empty" in err, err
+    assert err.count("\n") == 1 and (tmp_path / "out" / "results.json").read_text() == "{}"
