@@ -85,6 +85,25 @@ class WorldHeads(nn.Module):
 
 # -- pixels <-> codes ------------------------------------------------------------------------------
 
+PSNR_CAP = 100.0
+"""PSNR of an exact reconstruction (MSE 0), so that a mean over frames stays finite."""
+
+
+def psnr(pred: np.ndarray | Tensor, target: np.ndarray | Tensor) -> np.ndarray:
+    """Per-frame PSNR (N,) in dB of (N, H, W, C) frames on the 0..255 scale (uint8 or float):
+    ``10 log10(255^2 / mean((pred - target)^2))``, capped at :data:`PSNR_CAP` for MSE 0."""
+    p = np.asarray(pred, dtype=np.float64)
+    t = np.asarray(target, dtype=np.float64)
+    if p.shape != t.shape or p.ndim != 4:
+        raise ValueError(
+            f"psnr needs two (N, H, W, C) arrays of one shape, got {p.shape}, {t.shape}"
+        )
+    mse = ((p - t) ** 2).reshape(len(p), -1).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        value = 10.0 * np.log10(255.0**2 / mse)
+    return np.minimum(value, PSNR_CAP)
+
+
 
 def frame_codes(policy: RigPolicy, frames: np.ndarray | Tensor) -> Tensor:
     """(B, H, W, 3) uint8 real frames -> (B, G) int64 VQ code ids (the next-frame loss targets)."""
@@ -163,6 +182,6 @@ def next_frame_logits(policy: RigPolicy, act_out: ActOutput, next_codes: Tensor)
 
 
 __all__ = [
-    "ImagineOutput", "WorldHeads", "code_embeds", "code_log_probs", "code_logits",
-    "decode_codes", "frame_codes", "next_frame_logits", "sample_frame", "teacher_forced",
+    "PSNR_CAP", "ImagineOutput", "WorldHeads", "code_embeds", "code_log_probs", "code_logits",
+    "decode_codes", "frame_codes", "next_frame_logits", "psnr", "sample_frame", "teacher_forced",
 ]  # fmt: skip

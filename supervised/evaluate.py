@@ -23,26 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rl.imagine import psnr
+
 if TYPE_CHECKING:
     from rl.policy import RigPolicy
 
 REPORT = "report.json"
 VIDEO = "video.mp4"
-PSNR_CAP = 100.0
-
-
-def psnr(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per-frame PSNR (N,) in dB of (N, H, W, C) frames on the 0..255 scale, capped at 100 dB
-    for identical frames: ``10 log10(255^2 / mean((pred - target)^2))``."""
-    p, t = np.asarray(pred, np.float64), np.asarray(target, np.float64)
-    if p.shape != t.shape or p.ndim != 4:
-        raise ValueError(
-            f"psnr needs two (N, H, W, C) arrays of one shape, got {p.shape}, {t.shape}"
-        )
-    mse = ((p - t) ** 2).reshape(len(p), -1).mean(1)
-    with np.errstate(divide="ignore"):
-        return np.minimum(10.0 * np.log10(255.0**2 / mse), PSNR_CAP)
-
 
 @dataclass
 class EvalSettings:

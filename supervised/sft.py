@@ -505,8 +505,7 @@ class SftTrainer:
         imagined next frames against the real ones: PSNR, and an image artifact."""
         import torch
 
-        from rl.imagine import decode_codes
-        from supervised.evaluate import psnr
+        from rl.imagine import decode_codes, psnr
 
         self.engine.eval()
         out: dict[str, float] = {}

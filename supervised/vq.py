@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from rig.errors import UserError
+from rl.imagine import PSNR_CAP, psnr
 
 if TYPE_CHECKING:
     import torch
@@ -54,28 +55,8 @@ if TYPE_CHECKING:
 VQ_FILE = "vq.safetensors"
 CONFIG_FILE = "vq_config.json"
 REPORT_FILE = "report.json"
-PSNR_CAP = 100.0
-"""PSNR of an exact reconstruction (MSE 0), so that a mean over frames stays finite."""
 VQ_PREFIX = "model.vqmodel."
 """Where the VQ's tensors sit in a policy's ``model.safetensors``."""
-
-
-# -- metric --------------------------------------------------------------------------------------
-
-
-def psnr(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Per-frame PSNR in dB of (N, H, W, C) frames on the 0..255 scale (uint8 or float):
-    ``10 log10(255^2 / mean((pred - target)^2))``, capped at :data:`PSNR_CAP` for MSE 0."""
-    p = np.asarray(pred, dtype=np.float64)
-    t = np.asarray(target, dtype=np.float64)
-    if p.shape != t.shape or p.ndim != 4:
-        raise ValueError(
-            f"psnr needs two (N, H, W, C) arrays of one shape, got {p.shape}, {t.shape}"
-        )
-    mse = ((p - t) ** 2).reshape(len(p), -1).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        value = 10.0 * np.log10(255.0**2 / mse)
-    return np.minimum(value, PSNR_CAP)
 
 
 # -- frames --------------------------------------------------------------------------------------
@@ -494,7 +475,8 @@ def save_vq(vq: JanusVQVAE, out_dir: str | os.PathLike, report: dict[str, Any]) 
     return out
 
 
-def _vq_file(path: str | os.PathLike) -> Path:
+def vq_file(path: str | os.PathLike) -> Path:
+    """The ``vq.safetensors`` of a tokenizer folder (or the file itself); UserError if none."""
     path = Path(path)
     file = path / VQ_FILE if path.is_dir() else path
     if not file.is_file():
@@ -506,7 +488,7 @@ def _read_vq(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    file = _vq_file(path)
+    file = vq_file(path)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as err:
@@ -578,6 +560,6 @@ def write_vq_into_checkpoint(checkpoint: str | os.PathLike, path: str | os.PathL
 __all__ = [
     "CONFIG_FILE", "PSNR_CAP", "REPORT_FILE", "VQ_FILE", "Frames", "TrainSettings",
     "check_frames", "dataset_frames", "evaluate", "frames_from_env", "load_vq_into", "psnr",
-    "reconstruct", "save_vq", "split_by_episode", "train_vq", "vq_from_preset",
+    "reconstruct", "save_vq", "split_by_episode", "train_vq", "vq_file", "vq_from_preset",
     "write_vq_into_checkpoint",
 ]  # fmt: skip
