@@ -145,15 +145,19 @@ def minibatch_terms(
         if not bool(rows.any()):
             continue
         weight = mb.weights[rows].mean()
+        adv, per_row = mb.advantages[rows], None
+        if suffix:  # imagined rows weigh what their state is likely to be reached (experience.py)
+            per_row = mb.weights[rows] / weight.clamp_min(1e-12)  # mean 1
+            adv = adv * per_row  # the clipped objective is linear in a row's advantage
         prox = None if mb.prox_log_probs is None else mb.prox_log_probs[rows]
         pg, m = losses.policy_loss(
-            res["log_probs"][rows], act.log_probs[rows], mb.advantages[rows],
+            res["log_probs"][rows], act.log_probs[rows], adv,
             scored[rows], act.reasoning_mask[rows],
             cfg.clip_eps, cfg.reasoning_weight, cfg.reduction, prox, cfg.behaviour_cap,
             kl_coeff if suffix == "" else 0.0,
         )  # fmt: skip
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
-                                  cfg.value_clip)  # fmt: skip
+                                  cfg.value_clip, per_row)  # fmt: skip
         terms["policy"] = terms["policy"] + weight * share("policy" + suffix, pg)
         terms["value"] = terms["value"] + weight * share("rows" + suffix, v)
         metrics.update({k + suffix: x for k, x in {**m, **mv}.items()})
@@ -260,23 +264,39 @@ def term_grad_norms(
 
 
 def advantage_stats(exp: Experience) -> dict[str, float]:
-    """Mean and std of the raw advantages and of the returns (real rows), before any
-    normalisation: the scale the value head must fit and the policy gradient starts from."""
-    real = ~exp.imagined
-    if int(real.sum()) < 2:
-        return {}
-    adv, ret = exp.advantages[real], exp.returns[real]
-    return {"advantage/mean": float(adv.mean()), "advantage/std": float(adv.std()),
-            "returns/mean": float(ret.mean()), "returns/std": float(ret.std())}  # fmt: skip
+    """Mean and std of the raw advantages and of the returns (real rows; imagined rows under
+    ``_imagined``), before any normalisation: the scale the value head must fit and the policy
+    gradient starts from; and the imagined rows' mean loss weight."""
+    out: dict[str, float] = {}
+    for rows, suffix in ((~exp.imagined, ""), (exp.imagined, "_imagined")):
+        if int(rows.sum()) < 2:
+            continue
+        adv, ret = exp.advantages[rows], exp.returns[rows]
+        out.update({f"advantage/mean{suffix}": float(adv.mean()),
+                    f"advantage/std{suffix}": float(adv.std()),
+                    f"returns/mean{suffix}": float(ret.mean()),
+                    f"returns/std{suffix}": float(ret.std())})  # fmt: skip
+    if bool(exp.imagined.any()):
+        out["imagination/row_weight_mean"] = float(exp.weights[exp.imagined].mean())
+    return out
 
 
 def normalize(exp: Experience) -> Experience:
-    """Advantages standardised over the batch (mean 0, std 1), each kind of data on its own."""
+    """Advantages standardised over the batch, each kind of data on its own: real rows to mean 0,
+    std 1; imagined rows to mean 0, divided by the larger of their own std and the real rows'.
+    A world model that predicts nearly the same return everywhere gives imagined advantages of
+    tiny spread; divided by that spread alone, its noise would reach the real rows' weight."""
     adv = exp.advantages.clone()
-    for rows in (~exp.imagined, exp.imagined):
-        if int(rows.sum()) > 1:
-            a = adv[rows]
-            adv[rows] = (a - a.mean()) / (a.std() + 1e-8)
+    real, imagined = ~exp.imagined, exp.imagined
+    real_std = None
+    if int(real.sum()) > 1:
+        a = adv[real]
+        real_std = a.std()
+        adv[real] = (a - a.mean()) / (real_std + 1e-8)
+    if int(imagined.sum()) > 1:
+        a = adv[imagined]
+        scale = a.std() if real_std is None else torch.maximum(a.std(), real_std)
+        adv[imagined] = (a - a.mean()) / (scale + 1e-8)
     exp.advantages = adv
     return exp
 

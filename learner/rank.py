@@ -31,8 +31,9 @@ from rl.heads import fitted_statistics, freeze_statistics
 
 
 def build_policy(config: Config, codec):
-    """The run's policy: ``policy.init_from``'s checkpoint or the preset at ``run.seed``, with the
-    VQ tokenizer frozen (the next-frame targets stay fixed)."""
+    """The run's policy: ``policy.init_from``'s checkpoint or the preset at ``run.seed``, with
+    ``policy.vq``'s trained tokenizer if given, frozen (the next-frame targets stay fixed). The
+    runners and actors get its weights, tokenizer included, with the first publish."""
     from rl.policy import RigPolicy
 
     if config.policy.init_from:
@@ -46,6 +47,10 @@ def build_policy(config: Config, codec):
             f"the policy sees {policy.image_size}px frames but env.size is "
             f"{config.env.size}; set env.size={policy.image_size}"
         )
+    if config.policy.vq:
+        from supervised.vq import load_vq_into
+
+        load_vq_into(policy, config.policy.vq)
     policy.model.model.vqmodel.requires_grad_(False)
     return policy
 

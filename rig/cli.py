@@ -186,6 +186,13 @@ def train(
     flag = "--init-from" if init_from is not None else "policy.init_from"
     if cfg.policy.init_from is not None:  # before any folder exists: a bad one leaves nothing
         _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id, cfg.policy.head_hidden)
+    if cfg.policy.vq is not None:  # a missing tokenizer is named before any folder exists
+        from supervised.vq import vq_file
+
+        try:
+            vq_file(cfg.policy.vq)
+        except UserError as err:
+            raise UserError(f"policy.vq={err}") from None
     from rig.tracking import check_tracking_reachable
 
     check_tracking_reachable(cfg.tracking, cfg.run.output_dir)  # seconds, not MLflow's minutes

@@ -109,6 +109,10 @@ class EnvConfig(Section):
 class PolicyConfig(Section):
     preset: str = Field(min_length=1, description="configs/policy/<preset>.yaml when not init_from")
     init_from: str | None = Field(description="HF checkpoint directory to start from (--init-from)")
+    vq: str | None = Field(
+        default=None, description="a `rig tokenizer train` folder: its trained VQ replaces the "
+        "policy's, so next frames are coded by a tokenizer trained for the env",
+    )
     task: str = Field(min_length=1, description="the task text every step's prompt starts with")
     max_reasoning_tokens: int = Field(ge=0, le=4096, description="reasoning length cap per step")
     temperature: float = Field(gt=0, description="sampling temperature of reasoning and action")
@@ -187,12 +191,30 @@ class ImaginationConfig(Section):
     horizon: int = Field(ge=0, description="imagined steps per start state; 0 turns it off")
     num_starts: int = Field(ge=1, description="real start states imagined from per iteration")
     weight: float = Field(ge=0, description="loss weight of imagined rows")
-    min_accuracy: float = Field(
-        ge=0, le=1, description="next-frame token accuracy before imagined data enters the loss"
+    gate: Literal["earned", "open", "closed"] = Field(
+        description="earned: imagined rows enter the loss once the world model beats its "
+        "baselines on fresh real data (rl/gate.py); open: always; closed: never (logged only)"
+    )
+    gate_rows: int = Field(
+        ge=0, description="fresh real transitions the world model is checked on per iteration; 0: none"
     )
     num_gpus_per_actor: float = Field(
         ge=0, description="Ray GPUs each imagination actor reserves; > 0 imagines on the GPU"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "min_accuracy" in data:
+            raise ValueError("min_accuracy was replaced by gate (earned, open or closed) and "
+                             "gate_rows: the world model now earns the gate against baselines")
+        return data
+
+    @model_validator(mode="after")
+    def _gate_checks(self) -> ImaginationConfig:
+        if self.gate == "earned" and self.horizon > 0 and self.gate_rows == 0:
+            raise ValueError("gate earned needs gate_rows > 0 (the transitions it is checked on)")
+        return self
 
 
 class TrainConfig(Section):

@@ -7,11 +7,13 @@ One iteration, from env step to weight update (docs/ARCHITECTURE.md draws it)::
           v
     driver: drop rows older than v - max_policy_lag; V(last frames) for the bootstrap;
             VQ codes of the real next frames; GAE  ->  real Experience
-          |  num_starts real frames
+            the gate (rl/gate.py): the world model against copy-the-frame and constant
+            predictors on gate_rows of these fresh rows, before any update trains on them
+          |  num_starts real frames (once the gate is open)
           v
     imagination actors (Ray)   act -> imagine -> act ... for `horizon` steps with version v
-          |  ImaginedBatch (predicted rewards, continues)  ->  lambda returns  ->  imagined Experience
-          v                                   (enters the loss once next-frame accuracy >= min_accuracy)
+          |  ImaginedBatch (predicted rewards, continues)  ->  lambda returns  ->  imagined
+          v  Experience, rows weighted by the imagination.weight x P(reached) (the continues)
     learner (DeepSpeed, in this process)   ppo epochs over minibatches of real + imagined rows
           |  published weights, version v + 1 (Ray object store; a broadcast to inference actors
           |  with rollout.weight_sync: collective)
@@ -72,6 +74,9 @@ class Counters:
     # ppo.behaviour_kl_coeff as adapted so far (None: the config's initial value; checkpoints
     # from before it had none)
     kl_coeff: float | None = None
+    # the imagination gate's constant predictors (rl.gate.RunningConstants as a dict), fitted on
+    # the real transitions of the iterations before the current one
+    world_constants: dict[str, float] = field(default_factory=dict)
 
 
 def policy_factory(config: Config):
@@ -358,8 +363,9 @@ class Trainer:
 
     # -- one iteration -----------------------------------------------------------------------
 
-    def real_experience(self, batch) -> tuple[Any, dict[str, float]]:
-        """Drop stale rows, bootstrap chunk ends, encode next frames (if a loss reads them), GAE."""
+    def real_experience(self, batch) -> tuple[Any, dict[str, float], Any]:
+        """Drop stale rows, bootstrap chunk ends, encode next frames (if a loss reads them), GAE.
+        Also returns each kept row's real next frame (None when nothing reads them)."""
         import torch
 
         from rl.experience import real_experience
@@ -372,7 +378,7 @@ class Trainer:
         c.dropped_stale += dropped
         keep = torch.as_tensor(np.flatnonzero(fresh))
         if len(keep) == 0:
-            return None, {"rollout/dropped_stale": dropped}
+            return None, {"rollout/dropped_stale": dropped}, None
         chunks = batch.chunks[fresh]
         used, chunks = np.unique(chunks, return_inverse=True)  # renumber the surviving chunks
         act = batch.act[keep]
@@ -392,7 +398,7 @@ class Trainer:
                 boot[needs] = self.policy.state_values(
                     last[needs], cfg.policy.task, History.after(act[alive])
                 ).float().cpu()
-            codes = None  # no loss reads the next frames' codes (rl.losses.world_model_trains)
+            codes = following = None  # nothing reads the next frames (world_model_trains)
             if self.needs_codes:
                 following = torch.cat([frames[1:], frames[:1]])  # frames[n + 1] (wraps; below)
                 following[torch.as_tensor(is_last)] = last[chunks[is_last]]
@@ -401,7 +407,29 @@ class Trainer:
             act, batch.rewards[fresh], batch.terminated[fresh], batch.truncated[fresh], chunks,
             boot, codes, batch.versions[fresh], cfg.ppo.gamma, cfg.ppo.lam,
         )  # fmt: skip
-        return exp, {"rollout/dropped_stale": dropped}
+        return exp, {"rollout/dropped_stale": dropped}, following
+
+    def check_world_model(self, real, following) -> dict[str, float]:
+        """The world model against its baselines (rl.gate) on ``imagination.gate_rows`` of this
+        iteration's fresh real rows, before the update trains on them; then the constant
+        predictors take in every fresh row. Rows and frames are drawn by a generator of their
+        own (seeded by the weights version), so the check leaves the update's draws alone."""
+        import torch
+
+        from rl.gate import RunningConstants, world_model_check
+
+        c = self.counters
+        constants = RunningConstants(**c.world_constants)
+        gen = torch.Generator().manual_seed(c.version)
+        rows = torch.randperm(len(real), generator=gen)[: self.config.imagination.gate_rows]
+        metrics = world_model_check(
+            self.policy, real.act[rows], following[rows], real.rewards[rows],
+            real.continues[rows], constants, self.config.policy.temperature,
+            torch.Generator(self.policy.device).manual_seed(c.version),
+        )  # fmt: skip
+        constants.update(real.rewards, real.continues)
+        c.world_constants = vars(constants)
+        return metrics
 
     def imagined_experience(self, real) -> tuple[Any, dict[str, float], Any]:
         import torch
@@ -433,12 +461,11 @@ class Trainer:
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""
         from rl.experience import Experience
+        from rl.gate import beats_baselines
         from rl.losses import adapt_kl_coeff
 
         cfg, c = self.config, self.counters
         depth = cfg.ppo.max_policy_lag  # samples in flight on the runners during an update
-        gate_open = False
-        last_accuracy = 0.0
         metrics: dict[str, float] = {}
         if self.resumed_from is not None:  # MLflow forgets the abandoned attempt's later steps
             tracker.rewind(self.resumed_from)
@@ -453,17 +480,23 @@ class Trainer:
             for episode in batch.episodes:
                 for name in episode.get("unlocked", ()):
                     c.unlocks[name] = c.unlocks.get(name, 0) + 1
-            real, m = self.real_experience(batch)
+            real, m, following = self.real_experience(batch)
             metrics = {**m}
             parts = [real] if real is not None else []
             images = None
-            if real is not None and self.imagination is not None:
+            gate = cfg.imagination.gate
+            gate_open = gate == "open"
+            if real is not None and following is not None and cfg.imagination.gate_rows:
+                check = self.check_world_model(real, following)
+                metrics.update(check)
+                gate_open = gate_open or (gate == "earned" and beats_baselines(check))
+            # a shut gate (earned, not yet) imagines nothing: its rows would not be used
+            if real is not None and self.imagination is not None and (gate_open or gate == "closed"):
                 imagined, m, images = self.imagined_experience(real)
                 metrics.update(m)
-                gate_open = last_accuracy >= cfg.imagination.min_accuracy
                 if gate_open:
                     parts.append(imagined)
-            metrics["imagination/gate_open"] = float(gate_open)
+            metrics["imagination/gate_open"] = float(gate_open and self.imagination is not None)
 
             t_learn = time.perf_counter()
             if parts:
@@ -483,7 +516,6 @@ class Trainer:
                 metrics["learner/samples_per_s"] = (
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
                 )
-                last_accuracy = metrics.get("next_frame/accuracy", last_accuracy)
             c.version += 1
             # queued behind the samples in flight: they finish on the weights they started with
             metrics["sync/seconds"] = self._publish(wait=False)

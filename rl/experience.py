@@ -19,7 +19,9 @@ Two kinds of data reach the learner and leave here as the same :class:`Experienc
 * IMAGINED steps, from the imagination actors (``actors.imagination.ImaginedBatch``): S start
   states x horizon H, with predicted rewards and continues. Advantages are lambda-returns
   (``rl.returns.lambda_returns``, DreamerV3) minus the values. Imagined rows carry no next-frame,
-  reward or continue targets (the world model is trained on real data only) and a loss weight.
+  reward or continue targets (the world model is trained on real data only) and a loss weight:
+  ``imagination.weight`` times the predicted probability that the rollout reached the row's
+  state, ``c_0 ... c_{h-1}`` (DreamerV3's cumulative continue; 1 at the real start ``h = 0``).
 
 Everything here is torch on the CPU; the learner moves minibatches to its device.
 """
@@ -199,11 +201,14 @@ def imagined_experience(
     ret = lambda_returns(
         grid(rewards), grid(values), grid(continues), bootstrap.float().cpu(), gamma, lam
     ).T.reshape(-1)  # (S * H,) back to row order
+    # P(s_h reached) = c_0 ... c_{h-1}: a rollout past a predicted end weighs what it may be worth
+    alive = torch.cumprod(grid(continues), 0)  # (H, S) P(still going after step h)
+    reached = torch.cat([torch.ones(1, S), alive[:-1]])  # (H, S)
     return Experience(
         act=act,
         advantages=ret - values,
         returns=ret,
-        weights=torch.full((n,), float(weight)),
+        weights=float(weight) * reached.T.reshape(-1),
         imagined=torch.ones(n, dtype=torch.bool),
         next_codes=torch.zeros(n, codes_per_frame, dtype=torch.int64),
         rewards=torch.zeros(n),

@@ -268,9 +268,14 @@ def _ratio_metrics(log_ratio: Tensor, units: Tensor, clip_eps: float) -> Metrics
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor | None, returns: Tensor, clip_eps: float | None = None
+    values: Tensor,
+    old_values: Tensor | None,
+    returns: Tensor,
+    clip_eps: float | None = None,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
-    """0.5 * mean squared error of the critic, optionally clipped as in PPO2 / CleanRL.
+    """0.5 * mean squared error of the critic, optionally clipped as in PPO2 / CleanRL;
+    ``weights`` (the shape of ``values``), if given, weigh each element's error in the mean.
 
     ``values``, ``old_values``, ``returns``: the same shape, usually ``(B,)``. With ``clip_eps``
     the new value may not move more than eps from the value at collection time without losing
@@ -306,6 +311,9 @@ def value_loss(
         clipped = (old + (values - old).clamp(-clip_eps, clip_eps) - target).square()
         error = torch.maximum(unclipped, clipped)
         clip_frac = (clipped > unclipped).to(values.dtype).mean()
+    if weights is not None:
+        require_same_shape("the same shape", "values", values, weights=weights)
+        error = error * weights.detach()
     loss = 0.5 * error.mean()
 
     v = values.detach()

@@ -84,6 +84,10 @@ LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
 ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
+READS_TRUNK_ONLY = ("model.generation_head.", "lm_head.")
+"""``self.model``'s parameters that read the trunk's hidden states and feed nothing back into them
+(the next-frame codes enter through the generation embeddings and aligner, not the head; a tied
+``lm_head`` is named as the input embedding it shares, so only an untied one matches)."""
 """The value, action and world heads inside a checkpoint directory (``value_head.*``,
 ``action_head.*``, ``world.*``); the Janus weights stay in ``model.safetensors`` so that
 transformers loads the directory as is."""
@@ -881,8 +885,10 @@ class RigPolicy(nn.Module):
     @property
     def trunk_frozen(self) -> bool:
         """Whether no parameter of the network under the heads trains (``learner.freeze:
-        [model]``): then ``forward_sequence`` of a row is the same in every epoch."""
-        return not any(p.requires_grad for p in self.model.parameters())
+        [model]``, or all of it but the generation head, which only reads the hidden states):
+        then ``forward_sequence`` of a row is the same in every epoch."""
+        return not any(p.requires_grad for name, p in self.model.named_parameters()
+                       if not name.startswith(READS_TRUNK_ONLY))  # fmt: skip
 
     @torch.no_grad()
     def trunk_states(

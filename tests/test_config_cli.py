@@ -87,6 +87,9 @@ def test_every_preset_validates():
         (["nonsense"], "override 'nonsense' is not of the form section.key=value"),
         (["ppo.sync_check_rows=-1"], "command line: ppo.sync_check_rows: Input should be greater than or equal to 0 (got -1)"),
         (["ppo.sync_check_rows=all"], "command line: ppo.sync_check_rows: Input should be a valid integer (got 'all')"),
+        (["imagination.min_accuracy=0.3"], "imagination: min_accuracy was replaced by gate (earned, open or closed) and gate_rows"),
+        (["imagination.gate_rows=0"], "imagination: gate earned needs gate_rows > 0"),
+        (["imagination.gate=maybe"], "imagination.gate: Input should be 'earned', 'open' or 'closed' (got 'maybe')"),
     ],
 )
 def test_bad_overrides(capsys, args, expected):

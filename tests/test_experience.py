@@ -92,8 +92,14 @@ def test_imagined_experience_uses_lambda_returns():
                          bootstrap, 0.95, 0.9)  # fmt: skip
     torch.testing.assert_close(exp.returns, ref.T.reshape(-1))
     torch.testing.assert_close(exp.advantages, exp.returns - values)
-    assert exp.imagined.all() and (exp.weights == 0.5).all() and (exp.versions == 7).all()
+    assert exp.imagined.all() and (exp.versions == 7).all()
     assert exp.next_codes.shape == (S * H, 16)
+    # weight x P(the row's state was reached): 1 at the real start, then c_0, c_0 c_1, ...
+    for s in range(S):
+        reached = 1.0
+        for h in range(H):
+            assert exp.weights[s * H + h].item() == pytest.approx(0.5 * reached, rel=1e-6)
+            reached *= continues[s * H + h].item()
     with pytest.raises(ValueError, match="whole number of horizons"):
         imagined_experience(_Act([0.0] * 5), torch.zeros(5), torch.ones(5), torch.zeros(2), 2,
                             0, 1.0, 0.9, 0.9, 16)  # fmt: skip
@@ -452,11 +458,22 @@ def test_sync_check_changes_no_bit_of_the_update(tiny_policy):
     assert torch.equal(gen_on, gen_off)
 
 
-def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy, monkeypatch):
-    """learner.freeze [model]: ppo_update computes the trunk's states once (Experience.trunk)
-    and every epoch's minibatches read them; the weights, losses and generator state after are
-    those of recomputing the trunk in every minibatch (float rounding apart), with fewer trunk
-    forwards (2 chunks of 4 rows, against 2 epochs x 2 minibatches + the gradient-norm rows)."""
+GENERATION_HEAD_TRAINS = [
+    "model.model.vision_model", "model.model.aligner", "model.model.language_model",
+    "model.model.generation_embeddings", "model.model.generation_aligner",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("freeze", [["model"], GENERATION_HEAD_TRAINS], ids=["all", "gen-head"])
+def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(
+    tiny_policy, monkeypatch, freeze
+):
+    """learner.freeze [model], or all of it but the generation head (which reads the trunk's
+    states and feeds nothing back into them): ppo_update computes the trunk's states once
+    (Experience.trunk) and every epoch's minibatches read them; the weights, losses and
+    generator state after are those of recomputing the trunk in every minibatch (float rounding
+    apart), with fewer trunk forwards (2 chunks of 4 rows, against 2 epochs x 2 minibatches +
+    the gradient-norm rows)."""
     import copy
 
     from policies import state_readouts
@@ -473,7 +490,8 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
     runs = []
     for cached in (True, False):
         policy = state_readouts(copy.deepcopy(tiny_policy))
-        engine = _engine(policy, 1e-3, freeze=["model"])
+        policy.model.model.vqmodel.requires_grad_(False)
+        engine = _engine(policy, 1e-3, freeze=freeze)
         assert policy.trunk_frozen
         gen = torch.Generator().manual_seed(0)
         forwards.clear()
@@ -488,7 +506,10 @@ def test_a_frozen_trunk_is_run_once_per_update_with_the_same_result(tiny_policy,
         assert on[k] == pytest.approx(off[k], rel=1e-4, abs=1e-6), k
     start = state_readouts(copy.deepcopy(tiny_policy)).state_dict()
     moved = [k for k in state_on if not torch.equal(state_on[k], start[k])]
-    assert moved and all(k.startswith(("value_head.", "action_head.", "world.")) for k in moved)
+    heads = ("value_head.", "action_head.", "world.")
+    readers = ("model.model.generation_head.", "model.lm_head.")  # the fixture's head is untied
+    assert moved and all(k.startswith(heads + readers) for k in moved)
+    assert any(k.startswith("model.model.generation_head.") for k in moved) == (freeze != ["model"])
     for k in state_on:
         torch.testing.assert_close(state_on[k], state_off[k], atol=1e-6, rtol=1e-5)
     assert torch.equal(gen_on, gen_off)
@@ -606,3 +627,56 @@ def test_decoupled_update_on_the_learners_own_rows_is_plain_ppo(tiny_policy, fro
     assert dec["policy/behaviour_weight_mean"] == pytest.approx(1.0, abs=1e-4)
     for k in state_plain:
         torch.testing.assert_close(state_dec[k], state_plain[k], atol=1e-5, rtol=1e-4)
+
+
+def test_imagined_rows_weigh_each_by_its_own_weight(tiny_policy):
+    """The imagined policy and value terms are the mean over rows of weight x the row's own term
+    (a slow reference: each row alone at weight 1), so a rollout's rows past a predicted end
+    count for what they may be worth and a row of weight 0 for nothing."""
+    from learner.ppo import PPOConfig, minibatch_terms
+    from rl.losses import LOSS_NAMES
+
+    frames = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    act = tiny_policy.act(frames, "collect wood", 3, 1.0, torch.Generator().manual_seed(0))
+    weights = torch.tensor([0.5, 0.2, 0.0])
+    exp = Experience(
+        act=act, advantages=torch.tensor([1.0, -2.0, 3.0]), returns=torch.tensor([0.5, 1.0, -1.0]),
+        weights=weights, imagined=torch.ones(3, dtype=torch.bool), next_codes=None,
+        rewards=torch.zeros(3), continues=torch.ones(3), versions=torch.zeros(3, dtype=torch.int64),
+    )  # fmt: skip
+    cfg = PPOConfig(
+        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=1, minibatch_size=3,
+        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
+        normalize_advantages=False, max_policy_lag=1, sync_check_rows=0,
+        loss_scales={n: 1.0 for n in LOSS_NAMES},
+    )  # fmt: skip
+    with torch.no_grad():
+        terms, _ = minibatch_terms(tiny_policy, None, exp, cfg)
+        alone = [minibatch_terms(tiny_policy, None, dataclasses.replace(
+            exp.rows(torch.tensor([i])), weights=torch.ones(1)), cfg)[0] for i in range(3)]  # fmt: skip
+    for name in ("policy", "value"):
+        slow = sum(float(weights[i]) * float(alone[i][name]) for i in range(3)) / 3
+        assert float(terms[name]) == pytest.approx(slow, rel=1e-5, abs=1e-7), name
+        assert float(alone[2][name]) != 0.0  # the weight-0 row has a term of its own to drop
+
+
+def test_imagined_advantages_are_not_blown_up_by_a_tiny_spread():
+    """Per-kind standardisation divides imagined advantages by the larger of their own std and
+    the real rows': a world model predicting nearly one return everywhere stays near 0."""
+    from learner.ppo import normalize
+
+    real_adv = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    tiny = torch.tensor([1e-4, -1e-4, 2e-4, 0.0])
+    exp = Experience(
+        act=None, advantages=torch.cat([real_adv, tiny]), returns=torch.zeros(8),
+        weights=torch.ones(8), imagined=torch.tensor([False] * 4 + [True] * 4), next_codes=None,
+        rewards=torch.zeros(8), continues=torch.ones(8), versions=torch.zeros(8, dtype=torch.int64),
+    )  # fmt: skip
+    adv = normalize(exp).advantages
+    torch.testing.assert_close(adv[:4], (real_adv - real_adv.mean()) / real_adv.std(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    assert adv[4:].abs().max() < 1e-3  # not standardised to unit spread
+    wide = 10.0 * real_adv  # a spread wider than the real rows': its own std
+    exp.advantages, exp.imagined = torch.cat([real_adv, wide]), exp.imagined
+    adv = normalize(exp).advantages
+    torch.testing.assert_close(adv[4:], (wide - wide.mean()) / wide.std(), rtol=1e-5, atol=1e-6)

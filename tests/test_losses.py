@@ -678,3 +678,15 @@ def test_all_losses_combine_and_backpropagate():
     merged = {k: v for _, m in parts.values() for k, v in m.items()} | metrics
     assert all(torch.isfinite(torch.as_tensor(v)) for v in merged.values())
     assert all(not torch.as_tensor(v).requires_grad for v in merged.values())
+
+
+def test_value_loss_weights_each_error():
+    values = torch.tensor([1.0, 2.0, 0.0], requires_grad=True)
+    returns, weights = torch.tensor([2.0, 0.0, 5.0]), torch.tensor([2.0, 0.5, 0.0])
+    # 0.5 * mean(w * (v - R)^2) = 0.5 * (2 * 1 + 0.5 * 4 + 0 * 25) / 3
+    loss, _ = value_loss(values, None, returns, weights=weights)
+    assert loss.item() == pytest.approx(0.5 * 4.0 / 3)
+    loss.backward()
+    assert values.grad.tolist() == pytest.approx([2 * -1 / 3, 0.5 * 2 / 3, 0.0])
+    with pytest.raises(ValueError, match="weights has shape"):
+        value_loss(values, None, returns, weights=weights[:2])

@@ -37,7 +37,7 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 FAST = [
     "rollout.num_env_runners=0", "env.num_envs=2", "rollout.fragment_length=4",
     "imagination.num_actors=0", "imagination.num_starts=2", "imagination.horizon=2",
-    "imagination.min_accuracy=0.0", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
+    "imagination.gate=open", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
     "tracking.system_metrics=false", "policy.history=1",
 ]  # fmt: skip
 

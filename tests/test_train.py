@@ -23,7 +23,7 @@ DEBUG = str(ROOT / "configs" / "debug.yaml")
 FAST = [
     "rollout.num_env_runners=0", "env.num_envs=2", "rollout.fragment_length=4",
     "imagination.num_actors=0", "imagination.num_starts=2", "imagination.horizon=2",
-    "imagination.min_accuracy=0.0", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
+    "imagination.gate=open", "policy.max_reasoning_tokens=2", "env.kwargs.length=6",
     "train.checkpoint_every=2", "train.traces_every=1", "tracking.image_every=1",
     "tracking.system_metrics=false", "policy.history=1",
 ]  # fmt: skip
@@ -78,8 +78,12 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
                 "rollout/policy_lag", "counters/dropped_stale", "learner/samples_per_s",
                 "imagination/steps_per_s", "imagination/reward_mean", "rollout/reward_mean",
                 "episode/return_mean", "crafter/success/collect_wood",
-                "crafter/score"):  # fmt: skip
+                "crafter/score", "imagination/row_weight_mean", "world/code_accuracy",
+                "world/code_accuracy_copy", "world/psnr", "world/psnr_copy", "world/reward_mse",
+                "world/reward_mse_constant", "world/continue_logloss",
+                "world/continue_logloss_constant"):  # fmt: skip
         assert key in metrics, key
+    assert metrics["imagination/gate_open"] == 1.0  # gate open: imagined rows every iteration
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
     assert steps == [1, 2, 3]
     assert metrics["counters/env_steps"] == 3 * 2 * 4
@@ -91,12 +95,29 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
     # checkpoints: iterations 2 and 3 (the end), the last K kept; the export loads
     names = sorted(p.name for p in (trained / "checkpoints").iterdir() if p.name.startswith("iter"))
     assert names == ["iter_000002", "iter_000003"]
+    counters = json.loads((trained / "checkpoints" / "iter_000003" / "counters.json").read_text())
+    # the gate's constant predictors saw every fresh real row, and are checkpointed
+    assert counters["world_constants"]["transitions"] == 24 - counters["dropped_stale"]
     from envs.crafter_env import crafter_codec
     from rl.policy import RigPolicy
 
     policy = RigPolicy.load(trained / "export", crafter_codec())
     assert policy.heads_loaded and policy.record["extra"]["iteration"] == 3
     assert policy.head_hidden == 8  # the run's policy.head_hidden, read back from the heads
+
+
+def test_an_untrained_world_model_keeps_the_earned_gate_shut(tmp_path, monkeypatch):
+    """The default gate (earned): the untrained world model is checked and logged against its
+    baselines every iteration, loses, and nothing is imagined (its rows would not be used)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--config", DEBUG, *FAST, "imagination.gate=earned",
+                 "train.iterations=2"]) == 0  # fmt: skip
+    client, run = mlflow_run(only_run(tmp_path))
+    gate = client.get_metric_history(run.info.run_id, "imagination/gate_open")
+    assert [m.value for m in gate] == [0.0, 0.0]
+    metrics = run.data.metrics
+    assert metrics["counters/imagined_steps"] == 0 and "imagination/steps_per_s" not in metrics
+    assert metrics["world/code_accuracy"] < metrics["world/code_accuracy_copy"]
 
 
 def test_resume_continues_counters_and_the_mlflow_run(trained, capsys, monkeypatch):

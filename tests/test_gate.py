@@ -1,0 +1,147 @@
+"""The imagination gate (rl/gate.py): the world model against copy-the-frame and constant
+predictors on real transitions, and the verdict that lets imagined rows into the loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl.gate import COMPARISONS, RunningConstants, beats_baselines, logloss, world_model_check
+from rl.imagine import frame_codes
+
+TASK = "catch the falling ball with the paddle"
+
+
+def catch_transitions(n: int, seed: int = 0):
+    """n real Catch transitions at 64 px from random play: frames s_t, s_{t+1}, r_t, 1 - term."""
+    import envs
+
+    env = envs.make("rig/Catch-v0", size=64)
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    frames, following, rewards, continues = [], [], [], []
+    while len(frames) < n:
+        new, reward, terminated, truncated, _ = env.step(int(rng.integers(3)))
+        frames.append(obs)
+        following.append(new)
+        rewards.append(float(reward))
+        continues.append(0.0 if terminated else 1.0)
+        obs = env.reset()[0] if terminated or truncated else new
+    env.close()
+    return (np.stack(frames), np.stack(following), torch.tensor(rewards), torch.tensor(continues))
+
+
+@pytest.fixture(scope="module")
+def transitions():
+    return catch_transitions(24)
+
+
+@pytest.fixture(scope="module")
+def acted(tiny_policy, transitions):
+    frames = transitions[0]
+    return tiny_policy.act(frames, TASK, 2, 1.0, torch.Generator().manual_seed(0))
+
+
+def fitted_constants(seed: int = 1) -> RunningConstants:
+    """Constants fitted on other Catch transitions than the checked ones."""
+    _, _, rewards, continues = catch_transitions(64, seed)
+    constants = RunningConstants()
+    constants.update(rewards, continues)
+    return constants
+
+
+def test_running_constants_are_the_means_of_everything_seen():
+    c = RunningConstants()
+    c.update(np.array([1.0, 0.0, -1.0, 0.5]), np.array([1.0, 0.0, 1.0, 1.0]))
+    c.update(torch.tensor([2.0]), torch.tensor([0.0]))
+    assert (c.transitions, c.terminations) == (5, 2)
+    assert c.reward == pytest.approx(2.5 / 5) and c.continue_rate == pytest.approx(3 / 5)
+    assert RunningConstants(**dataclasses.asdict(c)) == c  # the counters' JSON round trip
+
+
+def test_logloss_matches_a_slow_reference():
+    p, t = torch.tensor([0.9, 0.2, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    eps = 1e-6
+    slow = [-(ti * math.log(min(max(pi, eps), 1 - eps))
+              + (1 - ti) * math.log(1 - min(max(pi, eps), 1 - eps)))
+            for pi, ti in zip(p.tolist(), t.tolist(), strict=True)]  # fmt: skip
+    assert logloss(p, t) == pytest.approx(sum(slow) / 4, rel=1e-9)
+
+
+def test_the_verdict_needs_every_baseline_beaten():
+    better = {}
+    for model, baseline, higher in COMPARISONS:
+        better[model], better[baseline] = (2.0, 1.0) if higher else (1.0, 2.0)
+    assert beats_baselines(better)
+    for model, baseline, _ in COMPARISONS:
+        assert not beats_baselines({**better, model: better[baseline]})  # a tie is not a win
+        assert not beats_baselines({k: v for k, v in better.items() if k != baseline})
+
+
+def test_an_untrained_world_model_does_not_pass(tiny_policy, transitions, acted):
+    frames, following, rewards, continues = transitions
+    m = world_model_check(tiny_policy, acted, following, rewards, continues, fitted_constants(),
+                          1.0, torch.Generator().manual_seed(0))  # fmt: skip
+    assert m["world/checked_rows"] == 24
+    # Catch moves two cells a step; an untrained VQ's codes depend on much of the frame, so even
+    # copying gets few codes right (4% here), but the untrained model's samples fewer still
+    # (PSNR says nothing here: an untrained VQ decodes any codes to about the same grey, 5.7 dB)
+    assert m["world/code_accuracy_copy"] > m["world/code_accuracy"]
+    assert not beats_baselines(m)
+
+
+def test_without_fitted_constants_the_gate_stays_shut(tiny_policy, transitions, acted):
+    frames, following, rewards, continues = transitions
+    m = world_model_check(tiny_policy, acted, following, rewards, continues, RunningConstants())
+    assert "world/reward_mse_constant" not in m and not beats_baselines(m)
+
+
+class _Oracle:
+    """A world model that imagines ``codes`` drawn as ``frames`` (the untrained VQ would decode
+    any codes to the same grey), and the given reward and continue probability."""
+
+    def __init__(self, policy, codes, frames, reward, continue_prob):
+        self.policy, self.codes, self.frames = policy, codes, torch.as_tensor(frames)
+        self.reward, self.cont = reward, continue_prob
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def imagine(self, act, temperature=1.0, generator=None):
+        return dataclasses.replace(
+            self.policy.imagine(act, temperature, generator),
+            codes=self.codes, frames=self.frames,
+            reward=self.reward, continue_prob=self.cont,
+        )  # fmt: skip
+
+
+def test_a_world_model_that_knows_the_env_passes_and_a_copying_one_does_not(
+    tiny_policy, transitions, acted
+):
+    frames, following, rewards, continues = transitions
+    constants = fitted_constants()
+    real, current = frame_codes(tiny_policy, following), frame_codes(tiny_policy, frames)
+    knows = _Oracle(tiny_policy, real, following, rewards, continues.clamp(0.02, 0.98))
+    m = world_model_check(knows, acted, following, rewards, continues, constants)
+    assert m["world/code_accuracy"] == 1.0 and m["world/reward_mse"] == 0.0
+    assert beats_baselines(m), m
+    copies = _Oracle(tiny_policy, current, frames, rewards, continues.clamp(0.02, 0.98))
+    m = world_model_check(copies, acted, following, rewards, continues, constants)
+    assert m["world/code_accuracy"] == m["world/code_accuracy_copy"]
+    assert not beats_baselines(m)
+    # the frame right, the reward no better than the constant: still shut
+    guesses = _Oracle(tiny_policy, real, following, torch.full_like(rewards, constants.reward),
+                      continues)
+    assert not beats_baselines(world_model_check(guesses, acted, following, rewards, continues,
+                                                 constants))  # fmt: skip
+
+
+def test_bad_rows_fail_in_one_line(tiny_policy, transitions, acted):
+    frames, following, rewards, continues = transitions
+    with pytest.raises(ValueError, match="N >= 1 rows of each"):
+        world_model_check(tiny_policy, acted, following[:3], rewards, continues,
+                          RunningConstants())  # fmt: skip
