@@ -168,3 +168,27 @@ def test_heads_of_another_hidden_width_are_refused_up_front(saved, in_tmp, capsy
     err = _refused(in_tmp, capsys, "--init-from", str(path), "policy.head_hidden=8")
     assert f"--init-from {path} has heads with hidden width 0 but policy.head_hidden is 8" in err
     assert "set policy.head_hidden=0" in err
+
+
+def test_policy_vq_puts_a_trained_tokenizer_into_the_runs_policy(in_tmp, capsys):
+    """policy.vq (a `rig tokenizer train` folder): the run's policy codes frames with that VQ,
+    frozen; the runners get it with the first publish. A missing folder is refused up front."""
+    import torch
+
+    from envs.crafter_env import crafter_codec
+    from learner.rank import build_policy
+    from rig.config import load_config
+    from supervised.vq import save_vq, vq_from_preset
+
+    vq, _ = vq_from_preset("tiny", seed=7)
+    save_vq(vq, in_tmp / "vq", {})
+    policy = build_policy(load_config(DEBUG, [*FAST, f"policy.vq={in_tmp / 'vq'}"]),
+                          crafter_codec())  # fmt: skip
+    preset = build_policy(load_config(DEBUG, FAST), crafter_codec())
+    loaded, trained = policy.model.model.vqmodel.state_dict(), vq.state_dict()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+    assert not all(torch.equal(preset.model.model.vqmodel.state_dict()[k], trained[k])
+                   for k in trained)  # fmt: skip
+    assert not any(p.requires_grad for p in policy.model.model.vqmodel.parameters())
+    err = _refused(in_tmp, capsys, f"policy.vq={in_tmp / 'nothing'}")
+    assert f"policy.vq={in_tmp / 'nothing'}: no vq.safetensors there" in err
