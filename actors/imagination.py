@@ -184,7 +184,8 @@ class ImaginationWorkers:
 
     Actor i draws from seed ``seed + i``, so one actor reproduces the in-process ``Imaginer``
     of the same seed. ``actor_options`` go to ``ImaginationActor.options`` (e.g. ``num_cpus``,
-    ``num_gpus``; with ``num_gpus`` the actors' policies run on the GPU)."""
+    ``num_gpus``; with ``num_gpus`` the actors' policies run on the GPU);
+    ``imagine_temperature`` to every ``Imaginer``."""
 
     def __init__(
         self,
@@ -193,12 +194,14 @@ class ImaginationWorkers:
         act_kwargs: dict[str, Any] | None = None,
         seed: int = 0,
         actor_options: dict[str, Any] | None = None,
+        imagine_temperature: float | None = None,
     ):
         if num_actors < 0:
             raise ValueError(f"num_actors must be >= 0, got {num_actors}")
         self.version = 0
         if num_actors == 0:
-            self.local: Imaginer | None = Imaginer(policy_factory, act_kwargs, seed)
+            self.local: Imaginer | None = Imaginer(policy_factory, act_kwargs, seed,
+                                                   imagine_temperature)  # fmt: skip
             self.actors: list[Any] = []
             self.pad_id = self.local.pad_id()
         else:
@@ -207,7 +210,7 @@ class ImaginationWorkers:
             device = "cuda" if options.get("num_gpus") else "cpu"
             cls = ImaginationActor.options(**options)
             self.actors = [
-                cls.remote(policy_factory, act_kwargs, seed + i, device=device)
+                cls.remote(policy_factory, act_kwargs, seed + i, imagine_temperature, device)
                 for i in range(num_actors)
             ]
             self.pad_id = ray.get(self.actors[0].pad_id.remote())

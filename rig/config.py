@@ -198,6 +198,10 @@ class ImaginationConfig(Section):
     gate_rows: int = Field(
         ge=0, description="fresh real transitions the world model is checked on per iteration; 0: none"
     )
+    temperature: float | None = Field(
+        default=None, gt=0, description="the imagined frames' sampling temperature (the gate "
+        "checks the frames imagination would use); null: policy.temperature",
+    )
     num_gpus_per_actor: float = Field(
         ge=0, description="Ray GPUs each imagination actor reserves; > 0 imagines on the GPU"
     )

@@ -191,6 +191,7 @@ class Trainer:
             self.imagination = ImaginationWorkers(
                 config.imagination.num_actors, factory, kwargs, config.run.seed,
                 actor_options={"num_gpus": gpus} if gpus else None,
+                imagine_temperature=self.imagine_temperature,
             )  # fmt: skip
         # whether an update reads the real next frames' VQ codes; when not, none are encoded
         self.needs_codes = world_model_trains(config.ppo.loss_scales, self.imagination is not None)
@@ -409,6 +410,12 @@ class Trainer:
         )  # fmt: skip
         return exp, {"rollout/dropped_stale": dropped}, following
 
+    @property
+    def imagine_temperature(self) -> float:
+        """The frame sampler's temperature: ``imagination.temperature``, or the policy's."""
+        t = self.config.imagination.temperature
+        return self.config.policy.temperature if t is None else t
+
     def check_world_model(self, real, following) -> dict[str, float]:
         """The world model against its baselines (rl.gate) on ``imagination.gate_rows`` of this
         iteration's fresh real rows, before the update trains on them; then the constant
@@ -424,7 +431,7 @@ class Trainer:
         rows = torch.randperm(len(real), generator=gen)[: self.config.imagination.gate_rows]
         metrics = world_model_check(
             self.policy, real.act[rows], following[rows], real.rewards[rows],
-            real.continues[rows], constants, self.config.policy.temperature,
+            real.continues[rows], constants, self.imagine_temperature,
             torch.Generator(self.policy.device).manual_seed(c.version),
         )  # fmt: skip
         constants.update(real.rewards, real.continues)

@@ -213,6 +213,17 @@ def test_workers_without_ray_run_in_process(policy, batch):
     workers.stop()
 
 
+def test_workers_sample_frames_at_their_own_temperature(policy):
+    """imagination.temperature: the frames' sampler temperature, apart from act's."""
+    cold = ImaginationWorkers(0, lambda: policy, ACT, seed=0, imagine_temperature=0.25)
+    assert cold.local.imagine_temperature == 0.25
+    reference = imaginer(policy)
+    reference.imagine_temperature = 0.25
+    assert_same(cold.rollout(start_frames(), TASKS, H), reference.rollout(start_frames(), TASKS, H))
+    assert ImaginationWorkers(0, lambda: policy, ACT, seed=0).local.imagine_temperature == (
+        ACT.get("temperature", 1.0))
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     import ray
