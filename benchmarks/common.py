@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,21 @@ def setups(times: dict[str, list[float]], samples: int) -> dict[str, dict[str, f
 def spread(values: list[float]) -> dict[str, float]:
     """``{"median", "min", "max"}`` of a list of figures."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def run_and_print(bench: ModuleType, run: Callable[[], dict[str, Any]],
+                  json_path: Path | None = None) -> dict[str, Any]:
+    """A benchmark script's ``main`` body: ``run()``, then :func:`print_result`; a ``UserError``
+    is one line on stderr and exit code 2, as from ``rig bench``."""
+    from rig.errors import UserError
+
+    try:
+        result = run()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_result(bench, result, json_path)
+    return result
 
 
 def print_result(bench: ModuleType, result: dict[str, Any], json_path: Path | None = None) -> None:

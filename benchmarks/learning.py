@@ -100,7 +100,7 @@ import numpy as np
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import print_result  # noqa: E402
+from benchmarks.common import run_and_print  # noqa: E402
 from rig.errors import UserError  # noqa: E402
 
 METHODS = ("rig", "peer", "random")
@@ -1290,23 +1290,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     if args.peer_worker is not None:  # one peer run, started by run_peer
         _peer_worker(args.peer_worker)
         return None
-    try:
+
+    def run() -> dict[str, Any]:
         if args.merge is not None:
             if args.out is None:
                 raise UserError("--merge needs --out, the folder for the pooled results")
-            result = merge_results(args.merge, args.out, args.eval_episodes, args.eval_seed)
-        else:
-            result = bench_learning(
-                args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
-                args.threshold, args.only, args.out, args.threads, args.peer_epochs,
-                random_baseline=args.random_baseline, eval_episodes=args.eval_episodes,
-                eval_seed=args.eval_seed,
-            )  # fmt: skip
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print_result(sys.modules[__name__], result, args.json)
-    return result
+            return merge_results(args.merge, args.out, args.eval_episodes, args.eval_seed)
+        return bench_learning(
+            args.env, args.steps, parse_seeds(args.seeds), args.config, args.overrides,
+            args.threshold, args.only, args.out, args.threads, args.peer_epochs,
+            random_baseline=args.random_baseline, eval_episodes=args.eval_episodes,
+            eval_seed=args.eval_seed,
+        )  # fmt: skip
+
+    return run_and_print(sys.modules[__name__], run, args.json)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from typing import Any
 _ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_ROOT))  # run as a script from anywhere
 
-from benchmarks.common import print_result  # noqa: E402
+from benchmarks.common import run_and_print  # noqa: E402
 from rig.errors import UserError  # noqa: E402
 
 CRAFTER = "rig/Crafter-v0"  # the one env with a Crafter score
@@ -292,15 +292,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="default runs/bench-lookahead-<time>")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
-    try:
-        result = bench_lookahead(args.checkpoint, parse_lookaheads(args.lookaheads),
-                                 args.episodes, args.num_envs, args.seed, args.out, args.env,
-                                 args.config, args.overrides, args.threads)  # fmt: skip
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print_result(sys.modules[__name__], result, args.json)
-    return result
+    return run_and_print(sys.modules[__name__], lambda: bench_lookahead(
+        args.checkpoint, parse_lookaheads(args.lookaheads), args.episodes, args.num_envs,
+        args.seed, args.out, args.env, args.config, args.overrides, args.threads,
+    ), args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -633,8 +633,7 @@ def test_imagined_rows_weigh_each_by_its_own_weight(tiny_policy):
     """The imagined policy and value terms are the mean over rows of weight x the row's own term
     (a slow reference: each row alone at weight 1), so a rollout's rows past a predicted end
     count for what they may be worth and a row of weight 0 for nothing."""
-    from learner.ppo import PPOConfig, minibatch_terms
-    from rl.losses import LOSS_NAMES
+    from learner.ppo import minibatch_terms
 
     frames = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     act = tiny_policy.act(frames, "collect wood", 3, 1.0, torch.Generator().manual_seed(0))
@@ -644,12 +643,7 @@ def test_imagined_rows_weigh_each_by_its_own_weight(tiny_policy):
         weights=weights, imagined=torch.ones(3, dtype=torch.bool), next_codes=None,
         rewards=torch.zeros(3), continues=torch.ones(3), versions=torch.zeros(3, dtype=torch.int64),
     )  # fmt: skip
-    cfg = PPOConfig(
-        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=1, minibatch_size=3,
-        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=False, max_policy_lag=1, sync_check_rows=0,
-        loss_scales={n: 1.0 for n in LOSS_NAMES},
-    )  # fmt: skip
+    cfg = _ppo(0)
     with torch.no_grad():
         terms, _ = minibatch_terms(tiny_policy, None, exp, cfg)
         alone = [minibatch_terms(tiny_policy, None, dataclasses.replace(
