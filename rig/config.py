@@ -198,6 +198,10 @@ class ImaginationConfig(Section):
     gate_rows: int = Field(
         ge=0, description="fresh real transitions the world model is checked on per iteration; 0: none"
     )
+    gate_window: int = Field(
+        default=4, ge=1, description="checks the gate's verdict is made on (their mean): one "
+        "64-row check flickers with each batch's baseline",
+    )
     temperature: float | None = Field(
         default=None, gt=0, description="the imagined frames' sampling temperature (the gate "
         "checks the frames imagination would use); null: policy.temperature",

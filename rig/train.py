@@ -77,6 +77,8 @@ class Counters:
     # the imagination gate's constant predictors (rl.gate.RunningConstants as a dict), fitted on
     # the real transitions of the iterations before the current one
     world_constants: dict[str, float] = field(default_factory=dict)
+    # the last imagination.gate_window world-model checks (rl.gate.world_model_check's metrics)
+    world_checks: list[dict[str, float]] = field(default_factory=list)
 
 
 def policy_factory(config: Config):
@@ -468,7 +470,7 @@ class Trainer:
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""
         from rl.experience import Experience
-        from rl.gate import beats_baselines
+        from rl.gate import beats_baselines, pooled
         from rl.losses import adapt_kl_coeff
 
         cfg, c = self.config, self.counters
@@ -496,7 +498,9 @@ class Trainer:
             if real is not None and following is not None and cfg.imagination.gate_rows:
                 check = self.check_world_model(real, following)
                 metrics.update(check)
-                gate_open = gate_open or (gate == "earned" and beats_baselines(check))
+                c.world_checks = [*c.world_checks, check][-cfg.imagination.gate_window :]
+                gate_open = gate_open or (gate == "earned"
+                                          and beats_baselines(pooled(c.world_checks)))  # fmt: skip
             # a shut gate (earned, not yet) imagines nothing: its rows would not be used
             if real is not None and self.imagination is not None and (gate_open or gate == "closed"):
                 imagined, m, images = self.imagined_experience(real)

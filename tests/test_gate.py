@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from rl.gate import COMPARISONS, RunningConstants, beats_baselines, logloss, world_model_check
+from rl.gate import (
+    COMPARISONS,
+    RunningConstants,
+    beats_baselines,
+    logloss,
+    pooled,
+    world_model_check,
+)
 from rl.imagine import frame_codes
 
 TASK = "catch the falling ball with the paddle"
@@ -145,3 +152,18 @@ def test_bad_rows_fail_in_one_line(tiny_policy, transitions, acted):
     with pytest.raises(ValueError, match="N >= 1 rows of each"):
         world_model_check(tiny_policy, acted, following[:3], rewards, continues,
                           RunningConstants())  # fmt: skip
+
+
+def test_the_verdict_is_on_the_mean_of_the_window():
+    """imagination.gate_window: one lucky batch does not open the gate, nor one unlucky one shut
+    it; a metric some check lacks (the constants before any were fitted) stays out."""
+    win = {"world/code_accuracy": 0.5, "world/code_accuracy_copy": 0.3, "world/psnr": 21.0,
+           "world/psnr_copy": 20.0, "world/reward_mse": 0.1, "world/reward_mse_constant": 0.2,
+           "world/continue_logloss": 0.2, "world/continue_logloss_constant": 0.4}  # fmt: skip
+    lose = {**win, "world/code_accuracy": 0.1}
+    assert pooled([win, lose])["world/code_accuracy"] == pytest.approx(0.3)
+    assert not beats_baselines(pooled([lose, lose, lose, win]))  # 0.2 against 0.3
+    assert beats_baselines(pooled([win, win, win, lose]))  # 0.4 against 0.3
+    first = {k: v for k, v in win.items() if not k.endswith("_constant")}
+    assert "world/reward_mse_constant" not in pooled([first, win])
+    assert not beats_baselines(pooled([first, win])) and pooled([]) == {}

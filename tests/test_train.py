@@ -98,6 +98,7 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
     counters = json.loads((trained / "checkpoints" / "iter_000003" / "counters.json").read_text())
     # the gate's constant predictors saw every fresh real row, and are checkpointed
     assert counters["world_constants"]["transitions"] == 24 - counters["dropped_stale"]
+    assert len(counters["world_checks"]) == 3  # the gate's window (4) of checks so far
     from envs.crafter_env import crafter_codec
     from rl.policy import RigPolicy
 
