@@ -20,7 +20,7 @@ import typer
 from rig.errors import UserError
 
 app = typer.Typer(
-    help="Side by side: policy, rollout, learner (and 2 ranks vs 1), sync, imagination speed; learning vs a peer PPO; a checkpoint at lookahead 0..n.",
+    help="Side by side: policy, rollout, learner (and 2 ranks vs 1), sync, imagination speed; learning vs a peer PPO; imagination on vs off; a checkpoint at lookahead 0..n.",
     no_args_is_help=True,
 )
 
@@ -469,5 +469,59 @@ def lookahead(
         checkpoint, bench.parse_lookaheads(lookaheads), episodes, num_envs, seed, out, env,
         config, overrides or [], threads, max_reasoning_tokens=max_reasoning_tokens,
         temperature=temperature,
+    )  # fmt: skip
+    _report(bench, result, json_path)
+
+
+# -- rig bench imagination-ablation ----------------------------------------------------------------
+
+
+@app.command("imagination-ablation")
+def imagination_ablation(
+    env: Annotated[
+        str, typer.Option("--env", help="env id, the same for both arms")
+    ] = "rig/Catch-v0",
+    steps: Annotated[
+        int, typer.Option("--steps", help="real env-step budget of every run")
+    ] = 15000,
+    seeds: Annotated[str, typer.Option("--seeds", help="seeds, comma-separated")] = "0,1,2",
+    config: Annotated[
+        Path,
+        typer.Option(
+            "--config",
+            "-c",
+            help="rig preset YAML that rig train runs (with the --set overrides, its "
+            "imagination.horizon must be > 0)",
+        ),
+    ] = Path("configs/catch.yaml"),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="key=value override passed to rig train in both arms (repeatable), e.g. "
+            "imagination.horizon=3",
+        ),
+    ] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="return for 'real env steps to reach'")
+    ] = 0.8,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="results folder (default runs/bench-imagination-ablation-<time>)"
+        ),
+    ] = None,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="torch threads of every process")
+    ] = 1,
+    json_path: JsonOpt = None,
+) -> None:
+    """rig train with imagined rollouts vs the same with imagination.horizon=0: real env steps
+    to a return, final returns, the gate; a plot."""
+    _check_json_path(json_path)
+    bench = _benchmark("imagination_ablation")  # each run is a subprocess with its own Ray
+    result = bench.bench_imagination_ablation(
+        env, steps, bench.learning.parse_seeds(seeds), config, overrides or [], threshold, out,
+        threads,
     )  # fmt: skip
     _report(bench, result, json_path)

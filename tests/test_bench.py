@@ -1156,3 +1156,114 @@ def test_lookahead_refuses_a_used_out_folder(rig_main, capsys, tmp_path, catch_c
     err = capsys.readouterr().err
     assert err.startswith("error: --out ") and "exists and is not empty" in err, err
     assert err.count("\n") == 1 and (tmp_path / "out" / "results.json").read_text() == "{}"
+
+
+# -- rig bench imagination-ablation: imagined rollouts on vs off at the same real budget ---------
+
+ablation = bench._benchmark("imagination_ablation")
+# in-process, tiny: 1 runner x 2 envs x 4 steps = 8 real env steps an iteration; imagination 2
+# starts x horizon 2, the gate open from the start, so imagined rows really enter the "on" loss
+ABLATION = [
+    *DEBUG_CATCH, *("--set", "imagination.horizon=2"),
+    *(f"--set={item}" for item in (
+        "rollout.num_env_runners=0", "env.num_envs=2", "rollout.fragment_length=4",
+        "imagination.num_actors=0", "imagination.num_starts=2", "imagination.gate=open",
+        "tracking.system_metrics=false", "policy.history=1",
+    )),
+]  # fmt: skip
+
+
+def _arm(steps_to_threshold: list[int | None], finals: list[float]) -> dict:
+    """An arm's digest as ``ablation.digest`` gives it, from made-up figures (seeds 0, 1, 2)."""
+    runs = [{"seed": s, "ok": True, "steps_to_threshold": at, "final_return": final,
+             "imagination": {"gate_first_open": s + 1, "gate_first_open_env_steps": 64 * (s + 1),
+                             "gate_open_iterations": 10 - s}}
+            for s, (at, final) in enumerate(zip(steps_to_threshold, finals, strict=True))]  # fmt: skip
+    return {"runs": runs, "median": {
+        "steps_to_threshold": learning.median_steps(steps_to_threshold),
+        "final_return": float(np.median(finals))}}  # fmt: skip
+
+
+def test_ablation_compares_real_steps_to_threshold_on_over_off():
+    on, off = _arm([1000, 2000, None], [0.9, 0.8, 0.1]), _arm([3000, 4000, 5000], [0.5, 0.6, 0.7])
+    found = ablation.compare({"on": on, "off": off}, steps=10000)
+    m = found["median"]
+    assert (m["on_steps"], m["off_steps"], m["ratio"]) == (2000, 4000, 0.5) and found["met"]
+    assert m["ratio_below"] is None and (m["on_final"], m["off_final"]) == (0.8, 0.6)
+    assert m["gate_first_open"] == 2 and m["gate_open_iterations"] == 9
+    assert [(s["seed"], s["ratio"]) for s in found["seeds"]] == [(0, 1000 / 3000), (1, 0.5),
+                                                                 (2, None)]  # fmt: skip
+    slower = ablation.compare({"on": on, "off": _arm([3000, 3000, 3000], [0.5] * 3)}, 10000)
+    assert slower["median"]["ratio"] == pytest.approx(2000 / 3000) and not slower["met"]
+    # off never reached it within the budget, on did: the ratio is below on / budget
+    never = ablation.compare({"on": on, "off": _arm([None] * 3, [0.1] * 3)}, steps=10000)
+    assert never["median"]["ratio"] is None and never["median"]["ratio_below"] == 0.2
+    assert never["met"]
+    assert not ablation.compare({"on": _arm([None] * 3, [0.1] * 3), "off": off}, 10000)["met"]
+
+
+@pytest.mark.slow
+def test_ablation_runs_both_arms_on_the_same_seeds_and_real_budget(rig_main, capsys, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["imagination-ablation", "--config", *ABLATION, "--steps", "16", "--seeds", "3",
+            "--threshold", "0.5", "--out", str(out)]  # fmt: skip
+    printed, result = _run(rig_main, capsys, tmp_path, args)
+    assert json.loads((out / "results.json").read_text()) == result
+    c, arms = result["config"], result["arms"]
+    assert c["seeds"] == [3] and c["steps"] == 16 and c["threshold"] == 0.5 and c["gate"] == "open"
+    # the same seeds, plan and real env steps in both arms; only the horizon differs
+    assert arms["on"]["horizon"] == 2 and arms["off"]["horizon"] == 0
+    assert arms["off"]["overrides"] == [*arms["on"]["overrides"], "imagination.horizon=0"]
+    for arm in ablation.ARMS:
+        assert arms[arm]["plan"] == {"steps_per_iteration": 8, "iterations": 2}
+        (run,) = arms[arm]["runs"]
+        assert run["ok"] and run["seed"] == 3 and run["imagination"]["env_steps"] == 16
+        assert run["imagination"]["iterations"] == 2
+        (saved,) = (out / arm / "rig-seed3").glob("*/config.yaml")  # the run's resolved config
+        text = saved.read_text()
+        assert "seed: 3" in text and f"horizon: {arms[arm]['horizon']}" in text
+        own = json.loads((out / arm / "results.json").read_text())  # the learning benchmark's
+        assert set(own["methods"]) == {"rig"} and own["config"]["seeds"] == [3]
+        assert own["config"]["rig_variant"]["imagination.horizon"] == arms[arm]["horizon"]
+        assert (out / arm / "curves.png").is_file()
+    on, off = arms["on"]["runs"][0]["imagination"], arms["off"]["runs"][0]["imagination"]
+    # gate open: imagined rows from the first iteration on; off imagines nothing
+    assert on["gate_first_open"] == 1 and on["gate_open_iterations"] == 2
+    assert on["gate_first_open_env_steps"] == 8 and on["imagined_steps"] > 0
+    assert off["gate_first_open"] is None and off["gate_open_iterations"] == 0
+    assert off["imagined_steps"] == 0
+
+    (seed,) = result["comparison"]["seeds"]
+    assert seed["seed"] == 3 and seed["ok"] and seed["gate_first_open"] == 1
+    assert seed["gate_open_iterations"] == 2
+    # 16 steps end a few Catch episodes, never the 100-episode window: never, on both sides
+    assert seed["on_steps"] is None and seed["off_steps"] is None and seed["ratio"] is None
+    assert -1.0 <= seed["on_final"] <= 1.0 and -1.0 <= seed["off_final"] <= 1.0
+    assert result["comparison"]["target"] == 0.5 and not result["comparison"]["met"]
+    assert result["marks"] == learning.marks(16, learning.TABLE_MARKS)
+    assert len(ablation.table_rows(result)) == len(result["marks"])
+    assert "on return" in printed and "off: the same + imagination.horizon=0" in printed
+    assert "ratio on / off (medians): n/a (on never reached it)" in printed
+    assert "seed 3 first open at iteration 1 (8 real env steps), open 2 iterations" in printed
+    assert "steps sampled, off: seed 3 16 real / 0 imagined" in printed
+    assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], "resolves imagination.horizon to 0: imagination is off already, nothing to ablate"),
+        (["--set", "imagination.horizon=2", "--env", "rig/Nope-v0"], "--env: unknown env id"),
+        (["--set", "imagination.horizon=2", "--seeds", "1,1"], "--seeds names a seed twice"),
+        (["--set", "imagination.horizon=2", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--set", "imagination.horizon=2", "--set", "ppo.epochz=1"], "unknown key 'ppo.epochz'"),
+    ],
+)  # fmt: skip
+def test_ablation_bad_input_is_one_line_and_exit_2(rig_main, capsys, tmp_path, args, expected):
+    out = tmp_path / "out"
+    # DEBUG_CATCH sets imagination.horizon=0
+    assert rig_main(["bench", "imagination-ablation", "--config", *DEBUG_CATCH, *args,
+                     "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.exists()  # no run folder left
