@@ -332,16 +332,9 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--env", default="rig/Catch-v0")
-    parser.add_argument("--steps", type=int, default=15000, help="real env-step budget per run")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
-    parser.add_argument("--config", default="configs/catch.yaml", help="rig preset YAML")
-    parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        metavar="KEY=VALUE", help="rig train override of both arms (repeatable)")  # fmt: skip
-    parser.add_argument("--threshold", type=float, default=0.8)
+    learning.add_run_arguments(parser, "rig train override of both arms (repeatable)")
     parser.add_argument("--out", default=None,
                         help="default runs/bench-imagination-ablation-<time>")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     return run_and_print(sys.modules[__name__], lambda: bench_imagination_ablation(

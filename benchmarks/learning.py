@@ -1263,18 +1263,24 @@ def eval_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    """The script options of a benchmark made of ``rig train`` runs (this one, the imagination
+    ablation): env, real env-step budget, seeds, preset, overrides, threshold, threads."""
     parser.add_argument("--env", default="rig/Catch-v0")
     parser.add_argument("--steps", type=int, default=15000, help="env-step budget per run")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated")
     parser.add_argument("--config", default="configs/catch.yaml", help="rig preset YAML")
     parser.add_argument("--set", action="append", default=[], dest="overrides",
-                        metavar="KEY=VALUE", help="rig train override (repeatable)")  # fmt: skip
+                        metavar="KEY=VALUE", help=overrides_help)  # fmt: skip
     parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any] | None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, "rig train override (repeatable)")
     parser.add_argument("--only", default="both", choices=("rig", "peer", "both"))
     parser.add_argument("--out", default=None, help="default runs/bench-learning-<time>")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--peer-epochs", type=int, default=PEER_EPOCHS)
     parser.add_argument("--no-random", action="store_false", dest="random_baseline",
                         help="skip the random agent (merge in a folder that has it)")
