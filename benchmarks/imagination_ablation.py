@@ -166,23 +166,12 @@ def bench_imagination_ablation(
     """Run both arms for every seed (module doc); write results.json and ablation.png to
     ``out``; returns the results. Bad input, a config whose resolved ``imagination.horizon`` is
     0 included, is a ``UserError`` before any folder is made."""
-    from envs import check_env_id
     from rig.config import load_config
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
     if threads < 1:
         raise UserError(f"--threads must be >= 1, got {threads}")
-    try:
-        check_env_id(env)
-    except ValueError as err:
-        raise UserError(f"--env: {err}") from None
-    config = Path(config)
-    if not config.is_file():
-        raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
+    config = learning.check_run_inputs(env, steps, seeds, config)
     per_arm = arm_overrides(overrides)
     resolved = {arm: load_config(config, [*per_arm[arm], f"env.id={env}"]) for arm in ARMS}
     horizon = resolved["on"].imagination.horizon

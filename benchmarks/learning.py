@@ -766,24 +766,13 @@ def bench_learning(
     the held-out worlds of ``eval_seed`` (:func:`eval_rig`, :func:`eval_peer`); write
     ``results.json`` and ``curves.png`` to ``out``; returns the results. Bad input is a
     ``UserError``."""
-    from envs import check_env_id
     from rig.config import load_config
 
     say = say or (lambda line: print(line, file=sys.stderr, flush=True))
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1, got {steps}")
     if only not in (*COMPARED, "both"):
         raise UserError(f"--only must be rig, peer or both, got {only!r}")
-    if not seeds or min(seeds) < 0:
-        raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
     _check_eval(eval_episodes, eval_seed)
-    try:
-        check_env_id(env)
-    except ValueError as err:
-        raise UserError(f"--env: {err}") from None
-    config = Path(config)
-    if not config.is_file():
-        raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
+    config = check_run_inputs(env, steps, seeds, config)
     cfg = load_config(config, [*overrides, f"env.id={env}"])
     out = _fresh_out(out or f"runs/bench-learning-{time.strftime('%Y%m%d-%H%M%S')}")
 
@@ -822,6 +811,25 @@ def bench_learning(
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_curves(result, out / "curves.png")
     return result
+
+
+def check_run_inputs(env: str, steps: int, seeds: Sequence[int], config: str | Path) -> Path:
+    """The inputs every benchmark of ``rig train`` runs checks first (a ``UserError`` each):
+    a budget >= 1, seeds >= 0, a registered env, a preset file. Returns the preset's path."""
+    from envs import check_env_id
+
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    if not seeds or min(seeds) < 0:
+        raise UserError(f"seeds must be integers >= 0, got {list(seeds)}")
+    try:
+        check_env_id(env)
+    except ValueError as err:
+        raise UserError(f"--env: {err}") from None
+    config = Path(config)
+    if not config.is_file():
+        raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
+    return config
 
 
 def _check_eval(episodes: int, seed: int) -> None:
