@@ -435,6 +435,7 @@ class Trainer:
             self.policy, real.act[rows], following[rows], real.rewards[rows],
             real.continues[rows], constants, self.imagine_temperature,
             torch.Generator(self.policy.device).manual_seed(c.version),
+            None if real.next_codes is None else real.next_codes[rows],  # encoded once, for both
         )  # fmt: skip
         constants.update(real.rewards, real.continues)
         c.world_constants = vars(constants)

@@ -91,12 +91,15 @@ def world_model_check(
     constants: RunningConstants,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    next_codes: Tensor | None = None,
 ) -> dict[str, float]:
     """The world model against its baselines (module docstring) on N real transitions: ``act``
     the rows that acted on s_t, ``next_frames`` (N, H, W, 3) uint8 s_{t+1}, ``rewards`` (N,) r_t,
     ``continues`` (N,) 1 - terminated. ``constants`` are the constant predictors, fitted on
     other transitions (none yet: the reward and continue comparisons are left out, and the gate
-    stays shut). Returns the :data:`COMPARISONS` metrics and ``world/checked_rows``."""
+    stays shut). ``next_codes`` (N, G): the next frames' VQ codes when the caller has them
+    (the driver encoded them for the next-frame loss); None: encoded here. Returns the
+    :data:`COMPARISONS` metrics and ``world/checked_rows``."""
     next_frames = torch.as_tensor(np.asarray(next_frames))
     rewards = torch.as_tensor(np.asarray(rewards), dtype=torch.float32)
     continues = torch.as_tensor(np.asarray(continues), dtype=torch.float32)
@@ -105,7 +108,7 @@ def world_model_check(
         raise ValueError(f"world_model_check needs N >= 1 rows of each, got {len(act.frames)} rows, "
                          f"{len(next_frames)} next frames, {n} rewards, {len(continues)} continues")  # fmt: skip
     img = policy.imagine(act, temperature=temperature, generator=generator)
-    real = frame_codes(policy, next_frames).cpu()
+    real = (frame_codes(policy, next_frames) if next_codes is None else next_codes).cpu()
     current = frame_codes(policy, act.frames).cpu()
     out = {
         "world/checked_rows": float(n),

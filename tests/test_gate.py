@@ -99,6 +99,11 @@ def test_an_untrained_world_model_does_not_pass(tiny_policy, transitions, acted)
     # (PSNR says nothing here: an untrained VQ decodes any codes to about the same grey, 5.7 dB)
     assert m["world/code_accuracy_copy"] > m["world/code_accuracy"]
     assert not beats_baselines(m)
+    # the driver's codes of the next frames, passed in, give the same check
+    given = world_model_check(tiny_policy, acted, following, rewards, continues,
+                              fitted_constants(), 1.0, torch.Generator().manual_seed(0),
+                              frame_codes(tiny_policy, following))  # fmt: skip
+    assert given == m
 
 
 def test_without_fitted_constants_the_gate_stays_shut(tiny_policy, transitions, acted):
