@@ -156,10 +156,14 @@ def minibatch_terms(
             cfg.clip_eps, cfg.reasoning_weight, cfg.reduction, prox, cfg.behaviour_cap,
             kl_coeff if suffix == "" else 0.0,
         )  # fmt: skip
+        v_weight, v_per_row = weight, per_row  # the value term's: value_weights_or_weights
+        if suffix and mb.value_weights is not None:
+            v_weight = mb.value_weights[rows].mean()
+            v_per_row = mb.value_weights[rows] / v_weight.clamp_min(1e-12)
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
-                                  cfg.value_clip, per_row)  # fmt: skip
+                                  cfg.value_clip, v_per_row)  # fmt: skip
         terms["policy"] = terms["policy"] + weight * share("policy" + suffix, pg)
-        terms["value"] = terms["value"] + weight * share("rows" + suffix, v)
+        terms["value"] = terms["value"] + v_weight * share("rows" + suffix, v)
         metrics.update({k + suffix: x for k, x in {**m, **mv}.items()})
 
     # the rest learns from real rows only: the world model must fit the real env

@@ -191,6 +191,10 @@ class ImaginationConfig(Section):
     horizon: int = Field(ge=0, description="imagined steps per start state; 0 turns it off")
     num_starts: int = Field(ge=1, description="real start states imagined from per iteration")
     weight: float = Field(ge=0, description="loss weight of imagined rows")
+    value_weight: float = Field(
+        default=1.0, ge=0, description="imagined rows' weight in the value term, times weight: "
+        "0 lets the critic learn from real returns only while imagined rows still move the policy",
+    )
     gate: Literal["earned", "open", "closed"] = Field(
         description="earned: imagined rows enter the loss once the world model beats its "
         "baselines on fresh real data (rl/gate.py); open: always; closed: never (logged only)"

@@ -455,7 +455,7 @@ class Trainer:
         exp = imagined_experience(
             imagined.act, imagined.rewards, imagined.continues, imagined.bootstrap,
             imagined.horizon, imagined.version, cfg.weight, self.config.ppo.gamma,
-            self.config.ppo.lam, self.policy.image_tokens,
+            self.config.ppo.lam, self.policy.image_tokens, cfg.value_weight,
         )  # fmt: skip
         steps = len(imagined.rewards)
         metrics = {

@@ -54,6 +54,9 @@ class Experience:
     rewards: Tensor  # (N,) float32 the real reward (reward head target; 0 on imagined rows)
     continues: Tensor  # (N,) float32 1 - terminated (continue head target)
     versions: Tensor  # (N,) int64 weights version that acted
+    # (N,) float32 the row's weight in the value term; None: ``weights`` (imagined rows may
+    # weigh less there: ``imagination.value_weight``, so the critic keeps to real returns)
+    value_weights: Tensor | None = None
     # (N, T, D) the trunk's hidden states over each row's sequence (``RigPolicy.forward_sequence``
     # with ``next_codes``), on the learner's device: set by the learner for one update when the
     # trunk is frozen (``learner.freeze``), so every epoch reads them instead of recomputing.
@@ -64,6 +67,11 @@ class Experience:
 
     def __len__(self) -> int:
         return len(self.advantages)
+
+    @property
+    def value_weights_or_weights(self) -> Tensor:
+        """(N,) each row's weight in the value term."""
+        return self.weights if self.value_weights is None else self.value_weights
 
     def rows(self, index: Tensor) -> Experience:
         def pick(x):  # the trunk's states live on the learner's device, the rest on the CPU
@@ -78,7 +86,10 @@ class Experience:
         parts = [p for p in parts if len(p)]
         out = {"act": ActOutput.collate([p.act for p in parts], pad_id)}
         for f in fields(Experience):
-            if f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
+            if f.name == "value_weights":  # None on a part means its ``weights``
+                if any(p.value_weights is not None for p in parts):
+                    out[f.name] = torch.cat([p.value_weights_or_weights for p in parts])
+            elif f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
                 out[f.name] = _cat_or_none(f.name, [getattr(p, f.name) for p in parts])
         return Experience(**out)
 
@@ -186,9 +197,11 @@ def imagined_experience(
     gamma: float,
     lam: float,
     codes_per_frame: int,
+    value_weight: float = 1.0,
 ) -> Experience:
     """Experience from S imagined rollouts of ``horizon`` steps, stored start by start (row
-    ``s * H + h``). Lambda-returns over (H, S); advantage = return - value."""
+    ``s * H + h``). Lambda-returns over (H, S); advantage = return - value. Each row's loss
+    weight is ``weight`` x P(reached); in the value term also x ``value_weight``."""
     n = len(rewards)
     if n % horizon:
         raise ValueError(f"{n} imagined rows is not a whole number of horizons of {horizon}")
@@ -204,11 +217,13 @@ def imagined_experience(
     # P(s_h reached) = c_0 ... c_{h-1}: a rollout past a predicted end weighs what it may be worth
     alive = torch.cumprod(grid(continues), 0)  # (H, S) P(still going after step h)
     reached = torch.cat([torch.ones(1, S), alive[:-1]])  # (H, S)
+    weights = float(weight) * reached.T.reshape(-1)
     return Experience(
         act=act,
         advantages=ret - values,
         returns=ret,
-        weights=float(weight) * reached.T.reshape(-1),
+        weights=weights,
+        value_weights=None if value_weight == 1.0 else float(value_weight) * weights,
         imagined=torch.ones(n, dtype=torch.bool),
         next_codes=torch.zeros(n, codes_per_frame, dtype=torch.int64),
         rewards=torch.zeros(n),

@@ -654,6 +654,38 @@ def test_imagined_rows_weigh_each_by_its_own_weight(tiny_policy):
         assert float(alone[2][name]) != 0.0  # the weight-0 row has a term of its own to drop
 
 
+def test_imagined_value_weights_move_only_the_value_term(tiny_policy):
+    """``imagination.value_weight``: the imagined rows' value term is the mean of
+    value_weight x weight x the row's own term, the policy term keeps ``weight`` alone; 0 drops
+    the imagined rows from the value term (the critic learns from real returns only)."""
+    from learner.ppo import minibatch_terms
+
+    frames = np.random.default_rng(2).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    act = tiny_policy.act(frames, "collect wood", 3, 1.0, torch.Generator().manual_seed(0))
+    continues = torch.tensor([0.9, 0.5, 0.8])
+    cfg = _ppo(0)
+    out = {}
+    for value_weight in (1.0, 0.25, 0.0):
+        exp = imagined_experience(act, torch.tensor([0.1, -0.2, 0.3]), continues,
+                                  torch.zeros(1), 3, 0, 0.5, 0.9, 0.9, 16, value_weight)  # fmt: skip
+        exp.next_codes = None
+        assert (exp.value_weights is None) == (value_weight == 1.0)
+        torch.testing.assert_close(exp.value_weights_or_weights, value_weight * exp.weights)
+        with torch.no_grad():
+            out[value_weight] = minibatch_terms(tiny_policy, None, exp, cfg)[0]
+    assert float(out[1.0]["value"]) > 0  # something to scale
+    for w in (0.25, 0.0):
+        assert float(out[w]["policy"]) == pytest.approx(float(out[1.0]["policy"]), rel=1e-6)
+        assert float(out[w]["value"]) == pytest.approx(w * float(out[1.0]["value"]), rel=1e-5,
+                                                       abs=1e-9)  # fmt: skip
+    # a batch of real rows (no value_weights) and imagined ones concatenates to one column
+    real = dataclasses.replace(exp, imagined=torch.zeros(3, dtype=torch.bool), value_weights=None,
+                               weights=torch.ones(3))  # fmt: skip
+    both = Experience.concat([real, exp], tiny_policy.ids.pad)
+    torch.testing.assert_close(both.value_weights, torch.cat([torch.ones(3), exp.value_weights]))
+    assert Experience.concat([real, real], tiny_policy.ids.pad).value_weights is None
+
+
 def test_imagined_advantages_are_not_blown_up_by_a_tiny_spread():
     """Per-kind standardisation divides imagined advantages by the larger of their own std and
     the real rows': a world model predicting nearly one return everywhere stays near 0."""
