@@ -1,8 +1,8 @@
 """Imagined rollouts: the policy rolls forward in its own world model (Dyna-style), on Ray actors.
 
-From S start frames, :class:`Imaginer` alternates ``RigPolicy.act`` (reasoning + action on the
-current frame) and ``RigPolicy.imagine`` (the next frame, its reward and continue probability)
-for H steps, then acts once more on the last imagined frame to read its value (the value head
+From S start frames, :class:`Imaginer` runs ``RigPolicy.act_imagine`` H times: reasoning + action
+on the current frame, then the next frame, its reward and continue probability, on the same KV
+cache, then acts once more on the last imagined frame to read its value (the value head
 reads the ``<action>`` hidden state after reasoning, so a bootstrap value needs a whole act).
 Per start s, on ``rl.returns.lambda_returns``'s indexing (row t = the transition out of s_t)::
 
@@ -152,8 +152,8 @@ class Imaginer:
         outs, rewards, continues, imagined = [], [], [], []
         current = frames.to(policy.device)
         for _ in range(H):
-            out = policy.act(current, tasks, generator=gen, **self.act_kwargs)
-            img = policy.imagine(out, temperature=self.imagine_temperature, generator=gen)
+            out, img = policy.act_imagine(current, tasks, generator=gen, **self.act_kwargs,
+                                          imagine_temperature=self.imagine_temperature)  # fmt: skip
             outs.append(out.to("cpu"))
             rewards.append(img.reward.float().cpu())
             continues.append(img.continue_prob.float().cpu())

@@ -703,6 +703,48 @@ class RigPolicy(nn.Module):
         k steps of each row (:class:`History`). ``lookahead`` n > 0: propose an action, imagine
         its next frame, reason and propose again from that imagined frame, n times, then write
         ``<review>`` and decide the action that is taken (RIG's review and self-correct)."""
+        return self._act(frames, task, max_reasoning_tokens, temperature, generator, history,
+                         lookahead, feed_last=False)[0]  # fmt: skip
+
+    @torch.no_grad()
+    def act_imagine(
+        self,
+        frames: np.ndarray | Tensor,
+        task: str | Sequence[str],
+        max_reasoning_tokens: int = 32,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        *,
+        history: History | None = None,
+        lookahead: int = 0,
+        imagine_temperature: float | None = None,
+    ) -> tuple[ActOutput, ImagineOutput]:
+        """:meth:`act`, then :meth:`imagine` of the action's next frame on the same KV cache:
+        the imagined frame continues the stream act decoded, so the act sequence (and its
+        frame, through the vision encoder) is not prefilled a second time. The same draws from
+        ``generator`` in the same order as ``act`` then ``imagine``, so the same samples, up to
+        float rounding between a cached and a one-pass prefill. ``imagine_temperature``: the
+        code sampler's (default ``temperature``)."""
+        t = temperature if imagine_temperature is None else imagine_temperature
+        if t <= 0:
+            raise ValueError(f"temperature must be positive, got {t}")
+        out, stream = self._act(frames, task, max_reasoning_tokens, temperature, generator,
+                                history, lookahead, feed_last=True)  # fmt: skip
+        return out, self._imagine_on(stream, t, generator)
+
+    def _act(
+        self,
+        frames: np.ndarray | Tensor,
+        task: str | Sequence[str],
+        max_reasoning_tokens: int,
+        temperature: float,
+        generator: torch.Generator | None,
+        history: History | None,
+        lookahead: int,
+        feed_last: bool,
+    ) -> tuple[ActOutput, _Stream]:
+        """:meth:`act`'s body; also returns its stream, past the action's closing column when
+        ``feed_last`` (the stream then holds exactly the returned row's sequence)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if lookahead < 0:
@@ -737,7 +779,7 @@ class RigPolicy(nn.Module):
         prompt_ids, prompt_mask, prompt_codes = stream.sequence()
         prompt_length = stream.length
         final = self._decide(
-            stream, state, max_reasoning_tokens, temperature, generator, feed_last=False
+            stream, state, max_reasoning_tokens, temperature, generator, feed_last=feed_last
         )
         empty = torch.zeros(batch, 0, dtype=torch.int64, device=dev)
         return ActOutput(
@@ -762,7 +804,7 @@ class RigPolicy(nn.Module):
             ),  # fmt: skip
             prompt_length=prompt_length,
             temperature=float(temperature),
-        )
+        ), stream
 
     def check_context(self, prompt_length: int, max_reasoning_tokens: int, lookahead: int) -> None:
         """ValueError if the longest sequence this act call can write exceeds the context."""
@@ -992,12 +1034,20 @@ class RigPolicy(nn.Module):
     ) -> ImagineOutput:
         """The imagined next frame after each row's action (``rl.imagine``): prefill the act
         sequence + ``<Imagine:>`` once, sample G codes with the KV cache, decode them to pixels,
-        and read predicted reward and continue after the last code."""
-        from rl.losses import symexp
-
+        and read predicted reward and continue after the last code. (Right after ``act``,
+        :meth:`act_imagine` does both on one KV cache.)"""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         stream = _Stream(self, *self._written(batch), batch.images().to(self.device))
+        return self._imagine_on(stream, temperature, generator)
+
+    def _imagine_on(
+        self, stream: _Stream, temperature: float, generator: torch.Generator | None
+    ) -> ImagineOutput:
+        """Sample the next frame on ``stream`` (its rows just past an action), decode it and read
+        the world heads after its last code."""
+        from rl.losses import symexp
+
         sampled, log_probs, h = sample_frame(self, stream, temperature, generator)
         reward_pred, cont_logit = self.world(h)
         return ImagineOutput(

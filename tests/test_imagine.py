@@ -88,6 +88,31 @@ def test_teacher_forced_reproduces_imagine_log_probs(policy, heads, rollout):
     torch.testing.assert_close(cont_logit, img.continue_logit, atol=1e-4, rtol=0)
 
 
+def test_act_imagine_on_one_cache_equals_act_then_imagine(policy, heads):
+    """``act_imagine`` continues act's KV cache instead of prefilling the act sequence again: the
+    same actions, sequences, codes, frames and heads as ``act`` then ``imagine`` with one
+    generator (the same draws in the same order), and teacher forcing reproduces its codes'
+    log-probs, on rows whose reasoning ended at different lengths."""
+    x = frames(4, seed=2)
+    gen_a, gen_b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    out = policy.act(x, TASK, 6, 1.0, gen_a)
+    img = policy.imagine(out, 0.5, gen_a)
+    out2, img2 = policy.act_imagine(x, TASK, 6, 1.0, gen_b, imagine_temperature=0.5)
+    assert len({int(m.sum()) for m in out.attention_mask}) > 1
+    assert torch.equal(out.tokens, out2.tokens) and torch.equal(out.actions, out2.actions)
+    assert torch.equal(out.prompt_ids, out2.prompt_ids)
+    assert torch.equal(img.codes, img2.codes) and torch.equal(img.frames, img2.frames)
+    assert img2.temperature == 0.5
+    for name in ("log_probs", "reward_pred", "continue_logit"):
+        torch.testing.assert_close(getattr(img2, name), getattr(img, name), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        logp = code_log_probs(next_frame_logits(policy, out2, img2.codes), img2.codes, 0.5)
+    torch.testing.assert_close(logp, img2.log_probs, atol=1e-4, rtol=0)
+    assert torch.equal(gen_a.get_state(), gen_b.get_state())  # no draw more or less
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        policy.act_imagine(x, TASK, imagine_temperature=0.0)
+
+
 def test_teacher_forced_at_another_temperature(policy, heads):
     out = act(policy, 2, seed=5)
     img = policy.imagine(out, 0.7, torch.Generator().manual_seed(9))
@@ -109,6 +134,13 @@ def test_frame_codes_round_trip(policy):
     assert torch.equal(decode_codes(policy, codes), recon)
     recodes = frame_codes(policy, recon)
     assert recodes.shape == codes.shape and int(recodes.max()) < V
+    # the channels-last decode is the VQ's own decode to float rounding (at most 1 level)
+    with torch.no_grad():
+        y = policy.model.model.vqmodel.decode(codes)
+    slow = ((y.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1)
+    assert float((recon.float() - slow).abs().max()) <= 1.0
+    with pytest.raises(ValueError, match=r"codes must be \(B, 16\)"):
+        decode_codes(policy, codes[:, :5])
 
 
 def test_next_frame_loss_backpropagates_into_generation_head(policy, rollout):
