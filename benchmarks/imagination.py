@@ -10,6 +10,13 @@ heads), plus the one extra ``act`` that reads the bootstrap value. Both produce 
 fragment`` learner rows per call; calls are interleaved (the order alternating), torch on one
 thread, medians reported, and the ratio imagined / real.
 
+``phases``: where an imagined step's time goes, each part timed on its own at the same batch
+(interleaved, medians): ``act`` (reasoning + action on ``envs`` frames, what a real step also
+pays), ``codes`` (the next frame's G VQ codes sampled one by one on act's KV cache) and
+``decode`` (those codes to pixels through the VQ decoder). A real step costs about ``act`` plus
+the env's step, an imagined one ``act + codes + decode``, so the ratio cannot pass
+``act / (act + codes + decode)`` by more than the env's share.
+
     rig bench imagination --envs 4 --fragment 8
     python -m benchmarks.imagination --envs 4 --fragment 8 --calls 5
 """
@@ -70,6 +77,7 @@ def bench_imagination(
             rows["imagined"] = len(imaginer.rollout(starts, TASK, fragment))
 
         seconds = interleaved({"real": sample_real, "imagined": imagine}, calls, warmup=0)
+        phases = _phases(imaginer, starts, calls)
     finally:
         real.stop()
         torch.set_num_threads(previous)
@@ -81,7 +89,33 @@ def bench_imagination(
         **rates,
         "config": config,
         "ratio": rates["imagined"]["median"] / rates["real"]["median"],
+        "phases": phases,
     }
+
+
+def _phases(imaginer: Any, starts: Any, calls: int) -> dict[str, float]:
+    """Median seconds per step of each part of an imagined step (module docstring), batch
+    ``len(starts)``, on the imaginer's policy and generator: ``act`` and ``decode`` timed on
+    their own, ``codes`` = ``act_imagine`` (act, codes and decode on one cache) minus both."""
+    import statistics
+
+    import torch
+
+    from rl.imagine import decode_codes
+
+    policy, gen, kwargs = imaginer.policy, imaginer.generator, imaginer.act_kwargs
+    t = imaginer.imagine_temperature
+    codes = policy.act_imagine(starts, TASK, generator=gen, **kwargs, imagine_temperature=t)[1].codes
+    with torch.no_grad():
+        times = interleaved({
+            "act": lambda: policy.act(starts, TASK, generator=gen, **kwargs),
+            "step": lambda: policy.act_imagine(starts, TASK, generator=gen, **kwargs,
+                                               imagine_temperature=t),
+            "decode": lambda: decode_codes(policy, codes),
+        }, calls, warmup=0)  # fmt: skip
+    out = {name: statistics.median(x) for name, x in times.items()}
+    out["codes"] = max(out.pop("step") - out["act"] - out["decode"], 0.0)
+    return out
 
 
 COLUMNS = ("rollout", "transitions/s", "min", "max")
@@ -102,7 +136,16 @@ def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 def ratio_lines(result: dict[str, Any]) -> list[str]:
-    return [f"imagined / real transitions per second: {result['ratio']:.2f}"]
+    lines = [f"imagined / real transitions per second: {result['ratio']:.2f}"]
+    ph = result.get("phases")
+    if ph:
+        total = ph["act"] + ph["codes"] + ph["decode"]
+        lines.append(
+            "an imagined step, seconds per call: "
+            + ", ".join(f"{k} {ph[k]:.3f} ({ph[k] / total:.0%})" for k in ("act", "codes", "decode"))
+            + f"; act / (act + codes + decode) = {ph['act'] / total:.2f}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

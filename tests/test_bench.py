@@ -223,6 +223,9 @@ def test_imagination_benchmark_ratio(rig_main, capsys, tmp_path):
     assert "imagined / real transitions per second:" in out
     assert result["config"]["rows_per_call"] == {"real": 2, "imagined": 2}
     assert result["ratio"] == pytest.approx(result["imagined"]["median"] / result["real"]["median"])
+    assert set(result["phases"]) == {"act", "codes", "decode"}
+    assert result["phases"]["act"] > 0 and result["phases"]["decode"] > 0
+    assert "an imagined step, seconds per call: act " in out
 
 
 @pytest.mark.parametrize(
