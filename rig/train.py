@@ -436,6 +436,7 @@ class Trainer:
             real.continues[rows], constants, self.imagine_temperature,
             torch.Generator(self.policy.device).manual_seed(c.version),
             None if real.next_codes is None else real.next_codes[rows],  # encoded once, for both
+            self.config.policy.task,
         )  # fmt: skip
         constants.update(real.rewards, real.continues)
         c.world_constants = vars(constants)

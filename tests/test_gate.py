@@ -138,18 +138,28 @@ def test_a_world_model_that_knows_the_env_passes_and_a_copying_one_does_not(
     constants = fitted_constants()
     real, current = frame_codes(tiny_policy, following), frame_codes(tiny_policy, frames)
     knows = _Oracle(tiny_policy, real, following, rewards, continues.clamp(0.02, 0.98))
-    m = world_model_check(knows, acted, following, rewards, continues, constants)
+    m = world_model_check(knows, acted, following, rewards, continues, constants, task=TASK)
     assert m["world/code_accuracy"] == 1.0 and m["world/reward_mse"] == 0.0
+    assert m["world/value_error"] == 0.0 < m["world/value_error_copy"]
     assert beats_baselines(m), m
+    # without the task the critic's values are not read: the value comparison is missing, shut
+    assert not beats_baselines(world_model_check(knows, acted, following, rewards, continues,
+                                                 constants))  # fmt: skip
     copies = _Oracle(tiny_policy, current, frames, rewards, continues.clamp(0.02, 0.98))
-    m = world_model_check(copies, acted, following, rewards, continues, constants)
+    m = world_model_check(copies, acted, following, rewards, continues, constants, task=TASK)
     assert m["world/code_accuracy"] == m["world/code_accuracy_copy"]
     assert not beats_baselines(m)
     # the frame right, the reward no better than the constant: still shut
     guesses = _Oracle(tiny_policy, real, following, torch.full_like(rewards, constants.reward),
                       continues)
     assert not beats_baselines(world_model_check(guesses, acted, following, rewards, continues,
-                                                 constants))  # fmt: skip
+                                                 constants, task=TASK))  # fmt: skip
+    # codes, reward and continue right, but frames the critic reads unlike the real next ones
+    # (noise): the imagined rows' bootstrap values would be wrong, so still shut
+    noise = np.random.default_rng(5).integers(0, 256, following.shape, dtype=np.uint8)
+    misread = _Oracle(tiny_policy, real, noise, rewards, continues.clamp(0.02, 0.98))
+    m = world_model_check(misread, acted, following, rewards, continues, constants, task=TASK)
+    assert m["world/value_error"] > m["world/value_error_copy"] and not beats_baselines(m)
 
 
 def test_bad_rows_fail_in_one_line(tiny_policy, transitions, acted):
@@ -164,7 +174,8 @@ def test_the_verdict_is_on_the_mean_of_the_window():
     it; a metric some check lacks (the constants before any were fitted) stays out."""
     win = {"world/code_accuracy": 0.5, "world/code_accuracy_copy": 0.3, "world/psnr": 21.0,
            "world/psnr_copy": 20.0, "world/reward_mse": 0.1, "world/reward_mse_constant": 0.2,
-           "world/continue_logloss": 0.2, "world/continue_logloss_constant": 0.4}  # fmt: skip
+           "world/continue_logloss": 0.2, "world/continue_logloss_constant": 0.4,
+           "world/value_error": 0.05, "world/value_error_copy": 0.1}  # fmt: skip
     lose = {**win, "world/code_accuracy": 0.1}
     assert pooled([win, lose])["world/code_accuracy"] == pytest.approx(0.3)
     assert not beats_baselines(pooled([lose, lose, lose, win]))  # 0.2 against 0.3

@@ -81,7 +81,8 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
                 "crafter/score", "imagination/row_weight_mean", "world/code_accuracy",
                 "world/code_accuracy_copy", "world/psnr", "world/psnr_copy", "world/reward_mse",
                 "world/reward_mse_constant", "world/continue_logloss",
-                "world/continue_logloss_constant"):  # fmt: skip
+                "world/continue_logloss_constant", "world/value_error",
+                "world/value_error_copy"):  # fmt: skip
         assert key in metrics, key
     assert metrics["imagination/gate_open"] == 1.0  # gate open: imagined rows every iteration
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
