@@ -20,6 +20,9 @@ predicts::
                            next frame, both with s_t, a_t as the      value does not change")
                            newest history step)
 
+``world/value_error_reconstruction`` (logged, not compared) is the critic on the real next frame's
+VQ reconstruction: the part of ``value_error`` the tokenizer alone makes.
+
 The last row is what imagined advantages are built on: a lambda-return bootstraps from the
 critic's value of imagined frames, so a world model whose frames the critic reads differently
 from the real ones turns the imagined rows' advantages into noise, however many codes it gets
@@ -140,6 +143,11 @@ def world_model_check(
         v_imagined = policy.state_values(img.frames, task, after).float().cpu()
         out["world/value_error"] = float((v_imagined - v_next).abs().mean())
         out["world/value_error_copy"] = float((act.values.float().cpu() - v_next).abs().mean())
+        # logged, not compared: the part of value_error the VQ alone makes (the critic on the
+        # real next frame's reconstruction), apart from the dynamics the model got wrong
+        recon = decode_codes(policy, real.to(policy.device))
+        v_recon = policy.state_values(recon, task, after).float().cpu()
+        out["world/value_error_reconstruction"] = float((v_recon - v_next).abs().mean())
     if constants.transitions:
         out["world/reward_mse_constant"] = float((constants.reward - rewards).square().mean())
         rate = torch.full_like(continues, constants.continue_rate)

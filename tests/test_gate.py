@@ -141,6 +141,9 @@ def test_a_world_model_that_knows_the_env_passes_and_a_copying_one_does_not(
     m = world_model_check(knows, acted, following, rewards, continues, constants, task=TASK)
     assert m["world/code_accuracy"] == 1.0 and m["world/reward_mse"] == 0.0
     assert m["world/value_error"] == 0.0 < m["world/value_error_copy"]
+    # the VQ's part: the critic on the real next frames' reconstructions (not a comparison)
+    assert m["world/value_error_reconstruction"] > 0.0
+    assert "world/value_error_reconstruction" not in {k for c in COMPARISONS for k in c[:2]}
     assert beats_baselines(m), m
     # without the task the critic's values are not read: the value comparison is missing, shut
     assert not beats_baselines(world_model_check(knows, acted, following, rewards, continues,

@@ -82,7 +82,7 @@ def test_debug_run_logs_metrics_and_artifacts(trained):
                 "world/code_accuracy_copy", "world/psnr", "world/psnr_copy", "world/reward_mse",
                 "world/reward_mse_constant", "world/continue_logloss",
                 "world/continue_logloss_constant", "world/value_error",
-                "world/value_error_copy"):  # fmt: skip
+                "world/value_error_copy", "world/value_error_reconstruction"):  # fmt: skip
         assert key in metrics, key
     assert metrics["imagination/gate_open"] == 1.0  # gate open: imagined rows every iteration
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss/total")]
