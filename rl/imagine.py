@@ -115,10 +115,16 @@ def frame_codes(policy: RigPolicy, frames: np.ndarray | Tensor) -> Tensor:
 
 
 def decode_codes(policy: RigPolicy, codes: Tensor) -> Tensor:
-    """(B, G) code ids -> (B, H, W, 3) uint8 frames: ``round((clamp(y, -1, 1) + 1) * 127.5)``."""
+    """(B, G) code ids -> (B, H, W, 3) uint8 frames through the policy's VQ (:func:`vq_decode`)."""
     if codes.ndim != 2 or codes.shape[1] != policy.image_tokens:
         raise ValueError(f"codes must be (B, {policy.image_tokens}), got {tuple(codes.shape)}")
-    vq = policy.model.model.vqmodel
+    return vq_decode(policy.model.model.vqmodel, codes)
+
+
+def vq_decode(vq: nn.Module, codes: Tensor) -> Tensor:
+    """(B, G) code ids -> (B, H, W, 3) uint8 frames: ``round((clamp(y, -1, 1) + 1) * 127.5)`` of
+    a Janus VQ's decode. The one decode of the project (imagination, the gate, the tokenizer's
+    reconstructions), so every figure decodes alike."""
     with torch.no_grad():
         # vqmodel.decode's three steps, the decoder's convolutions on a channels-last input:
         # oneDNN's fast layout on CPU (1.3x the decode here), the same values to float rounding
@@ -191,4 +197,5 @@ def next_frame_logits(policy: RigPolicy, act_out: ActOutput, next_codes: Tensor)
 __all__ = [
     "PSNR_CAP", "ImagineOutput", "WorldHeads", "code_embeds", "code_log_probs", "code_logits",
     "decode_codes", "frame_codes", "next_frame_logits", "psnr", "sample_frame", "teacher_forced",
+    "vq_decode",
 ]  # fmt: skip

@@ -220,17 +220,17 @@ def reconstruct(
     vq: JanusVQVAE, frames: np.ndarray, batch_size: int = 64
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(reconstructions (N, H, W, 3) uint8, codes (N, G) int64)`` through ``vq.encode`` and
-    ``vq.decode``, rounded as ``rl.imagine.decode_codes`` does."""
+    ``rl.imagine.vq_decode`` (the decode imagination uses)."""
     import torch
+
+    from rl.imagine import vq_decode
 
     outs, codes = [], []
     with torch.no_grad():
         for i in range(0, len(frames), batch_size):
             x = to_pixels(frames[i : i + batch_size])
             c = vq.encode(x).image_tokens.view(len(x), -1)
-            y = vq.decode(c)
-            y = ((y.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-            outs.append(y.permute(0, 2, 3, 1).to(torch.uint8).numpy())
+            outs.append(vq_decode(vq, c).numpy())
             codes.append(c.numpy())
     return np.concatenate(outs), np.concatenate(codes).astype(np.int64)
 
