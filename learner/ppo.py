@@ -156,10 +156,9 @@ def minibatch_terms(
             cfg.clip_eps, cfg.reasoning_weight, cfg.reduction, prox, cfg.behaviour_cap,
             kl_coeff if suffix == "" else 0.0,
         )  # fmt: skip
-        v_weight, v_per_row = weight, per_row  # the value term's: value_weights_or_weights
-        if suffix and mb.value_weights is not None:
-            v_weight = mb.value_weights[rows].mean()
-            v_per_row = mb.value_weights[rows] / v_weight.clamp_min(1e-12)
+        v_weights = mb.value_weights_or_weights[rows]  # the value term's (value_weight)
+        v_weight = v_weights.mean()
+        v_per_row = v_weights / v_weight.clamp_min(1e-12) if suffix else None
         v, mv = losses.value_loss(res["values"][rows], act.values[rows], mb.returns[rows],
                                   cfg.value_clip, v_per_row)  # fmt: skip
         terms["policy"] = terms["policy"] + weight * share("policy" + suffix, pg)
