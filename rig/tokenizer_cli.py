@@ -58,6 +58,15 @@ def train(
             help="with --crop: fraction of the budget (at the end) trained on whole frames",
         ),
     ] = 0.25,
+    foreground: Annotated[
+        float,
+        typer.Option(
+            "--foreground",
+            min=0.0,
+            help="weight of the reconstruction error over the pixels that move (differ from the "
+            "frames' median); 0: plain MSE, which may drop a small object",
+        ),
+    ] = 1.0,
     minutes: Annotated[
         float | None, typer.Option("--minutes", min=0.0, help="wall-clock budget of training")
     ] = None,
@@ -128,7 +137,7 @@ def train(
     data = vqlib.Frames(train_frames, heldout, source)
     settings = vqlib.TrainSettings(
         steps=steps, batch_size=batch_size, lr=lr, target_psnr=target_psnr, crop=crop,
-        full_tail=full_tail, eval_every=eval_every, max_seconds=None if minutes is None else 60.0 * minutes, seed=seed,
+        full_tail=full_tail, foreground=foreground, eval_every=eval_every, max_seconds=None if minutes is None else 60.0 * minutes, seed=seed,
     )  # fmt: skip
     console.print(
         f"VQ of preset {preset}: {model.config.num_patches}x{model.config.num_patches} codes per "
@@ -182,6 +191,7 @@ def train(
     )
     typer.echo(
         f"held-out PSNR {held['psnr']:.2f} dB{verdict}, 10th percentile {held['psnr_p10']:.2f} dB, "
+        f"on the moving pixels {held['psnr_foreground']:.2f} dB, "
         f"{int(held['codes_used'])}/{model.config.num_embeddings} codes used; "
         f"{report['steps_done']} steps in {report['train_seconds']:.0f} s"
     )
@@ -201,7 +211,8 @@ class _Progress:
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
         if "heldout/psnr" in metrics:
-            self._psnr = f"{metrics['heldout/psnr']:.2f} dB"
+            self._psnr = (f"{metrics['heldout/psnr']:.2f} dB (moving "
+                          f"{metrics['heldout/psnr_foreground']:.2f} dB)")  # fmt: skip
         self._bar(step, status=f"loss {metrics['loss']:.4f} | held-out PSNR {self._psnr}")
 
     def __exit__(self, *exc):
