@@ -59,22 +59,27 @@ from rl.policy import ActOutput, RigPolicy
 # -- policy specs: what builds the policy inside each runner -----------------------------------
 
 
-def _preset_policy(preset: str, seed: int, head_hidden: int, codec) -> RigPolicy:
-    return RigPolicy.from_preset(preset, codec, seed=seed, head_hidden=head_hidden)
+def _preset_policy(preset: str, seed: int, head_hidden: int, sees: str, codec) -> RigPolicy:
+    return RigPolicy.from_preset(preset, codec, seed=seed, head_hidden=head_hidden, sees=sees)
 
 
-def _checkpoint_policy(path: str, head_hidden: int | None, codec) -> RigPolicy:
-    return RigPolicy.load(path, codec, head_hidden)
+def _checkpoint_policy(path: str, head_hidden: int | None, sees: str | None, codec) -> RigPolicy:
+    return RigPolicy.load(path, codec, head_hidden, sees)
 
 
-def preset_policy(preset: str = "tiny", seed: int = 0, head_hidden: int = 0) -> Callable:
+def preset_policy(
+    preset: str = "tiny", seed: int = 0, head_hidden: int = 0, sees: str = "frames"
+) -> Callable:
     """Policy factory: a freshly initialised ``preset`` (weights identical for a seed)."""
-    return functools.partial(_preset_policy, preset, seed, head_hidden)
+    return functools.partial(_preset_policy, preset, seed, head_hidden, sees)
 
 
-def checkpoint_policy(path: str, head_hidden: int | None = None) -> Callable:
-    """Policy factory: ``RigPolicy.load(path, codec, head_hidden)``, a checkpoint directory."""
-    return functools.partial(_checkpoint_policy, path, head_hidden)
+def checkpoint_policy(
+    path: str, head_hidden: int | None = None, sees: str | None = None
+) -> Callable:
+    """Policy factory: ``RigPolicy.load(path, codec, head_hidden, sees)``, a checkpoint
+    directory."""
+    return functools.partial(_checkpoint_policy, path, head_hidden, sees)
 
 
 # -- settings and the RLlib config built from them ---------------------------------------------

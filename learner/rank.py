@@ -36,11 +36,12 @@ def build_policy(config: Config, codec):
     runners and actors get its weights, tokenizer included, with the first publish."""
     from rl.policy import RigPolicy
 
-    if config.policy.init_from:
-        policy = RigPolicy.load(config.policy.init_from, codec, config.policy.head_hidden)
+    p = config.policy
+    if p.init_from:
+        policy = RigPolicy.load(p.init_from, codec, p.head_hidden, p.sees)
     else:
         policy = RigPolicy.from_preset(
-            config.policy.preset, codec, config.run.seed, config.policy.head_hidden
+            p.preset, codec, config.run.seed, p.head_hidden, p.sees or "frames"
         )
     if policy.image_size != config.env.size:
         raise UserError(

@@ -121,6 +121,12 @@ class PolicyConfig(Section):
     head_hidden: int = Field(
         ge=0, le=65536, description="hidden ReLU units of the value and action heads; 0: linear"
     )
+    sees: Literal["frames", "reconstructions"] | None = Field(
+        default=None, description="what the vision path reads: the frames, or their "
+        "reconstructions through the policy's VQ (IRIS's choice: real and imagined frames then "
+        "come from one distribution; needs a trained tokenizer, policy.vq); null: an init_from "
+        "checkpoint's own, else frames",
+    )
 
     @field_validator("preset")
     @classmethod
@@ -130,6 +136,15 @@ class PolicyConfig(Section):
         if value not in available_presets() and not value.endswith((".yaml", ".yml")):
             raise ValueError(f"unknown policy preset {value!r}; available: {available_presets()}")
         return value
+
+    @model_validator(mode="after")
+    def _reconstructions_need_a_tokenizer(self) -> PolicyConfig:
+        if self.sees == "reconstructions" and self.vq is None and self.init_from is None:
+            raise ValueError(
+                "sees=reconstructions reads frames through the policy's VQ, and a preset's is "
+                "untrained; give a trained one with policy.vq=<rig tokenizer train folder>"
+            )
+        return self
 
 
 class RolloutConfig(Section):

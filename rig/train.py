@@ -85,9 +85,10 @@ def policy_factory(config: Config):
     """A picklable zero-argument-but-codec factory for the runners' and actors' policy."""
     from actors.rollout import checkpoint_policy, preset_policy
 
-    if config.policy.init_from:
-        return checkpoint_policy(config.policy.init_from, config.policy.head_hidden)
-    return preset_policy(config.policy.preset, config.run.seed, config.policy.head_hidden)
+    p = config.policy
+    if p.init_from:
+        return checkpoint_policy(p.init_from, p.head_hidden, p.sees)
+    return preset_policy(p.preset, config.run.seed, p.head_hidden, p.sees or "frames")
 
 
 def act_kwargs(config: Config) -> dict[str, Any]:

@@ -71,6 +71,7 @@ from rl.imagine import (
     code_embeds,
     code_logits,
     decode_codes,
+    frame_codes,
     sample_frame,
 )  # fmt: skip
 from rl.tokenizer import SegmentIds, segment_ids
@@ -84,6 +85,11 @@ LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
 ACTION_HEAD_KEYS = {"action_head.weight"}
 HEADS_FILE = "rig_heads.safetensors"
+
+SEES = ("frames", "reconstructions")
+"""What the vision path reads (``policy.sees``): each frame as given, or its reconstruction
+through the policy's own VQ, ``decode(encode(x))`` (:meth:`RigPolicy.reconstruct`). Kept in the
+heads file's metadata, since the heads were fitted to one of them."""
 READS_TRUNK_ONLY = ("model.generation_head.", "lm_head.")
 """``self.model``'s parameters that read the trunk's hidden states and feed nothing back into them
 (the next-frame codes enter through the generation embeddings and aligner, not the head; a tied
@@ -384,6 +390,11 @@ class RigPolicy(nn.Module):
         head_hidden: width of the one hidden ReLU layer of the value head and of the action
             head (each its own), between the standardised frame read-out and the output; 0:
             both heads linear (``rl.heads``; config ``policy.head_hidden``).
+        sees: ``"frames"``, or ``"reconstructions"``: every image the vision path reads (the
+            current frame, the history's, imagined ones) goes through the policy's VQ first
+            (:meth:`reconstruct`), as IRIS's actor-critic reads its tokenizer's
+            reconstructions. Then the critic and the actor read real and imagined frames from
+            one distribution: the VQ's outputs (``policy.sees``; docs/imagination.md).
     """
 
     def __init__(
@@ -392,9 +403,14 @@ class RigPolicy(nn.Module):
         tok: PreTrainedTokenizerBase,
         codec: ActionCodec,
         head_hidden: int = 0,
+        sees: str = "frames",
     ):
         super().__init__()
         from rl.model import image_tokens_per_frame
+
+        if sees not in SEES:
+            raise ValueError(f"sees must be one of {SEES}, got {sees!r}")
+        self.sees = sees
 
         self.model = model
         self.tok = tok
@@ -431,7 +447,8 @@ class RigPolicy(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, name: str, codec: ActionCodec, seed: int = 0, head_hidden: int = 0
+        cls, name: str, codec: ActionCodec, seed: int = 0, head_hidden: int = 0,
+        sees: str = "frames",
     ) -> RigPolicy:
         """A randomly initialised policy of preset ``name`` with the built-in tokenizer."""
         from rl.model import build_model, load_preset
@@ -439,7 +456,7 @@ class RigPolicy(nn.Module):
 
         tok = build_tokenizer()
         torch.manual_seed(seed)
-        return cls(build_model(load_preset(name), tok), tok, codec, head_hidden)
+        return cls(build_model(load_preset(name), tok), tok, codec, head_hidden, sees)
 
     @classmethod
     def from_model(
@@ -448,12 +465,14 @@ class RigPolicy(nn.Module):
         tok: PreTrainedTokenizerBase,
         codec: ActionCodec,
         head_hidden: int = 0,
+        sees: str = "frames",
     ) -> RigPolicy:
-        return cls(model, tok, codec, head_hidden)
+        return cls(model, tok, codec, head_hidden, sees)
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, codec: ActionCodec, head_hidden: int | None = None
+        cls, path: str | os.PathLike, codec: ActionCodec, head_hidden: int | None = None,
+        sees: str | None = None,
     ) -> RigPolicy:
         """A policy from a checkpoint directory (``save``'s, or a plain supervised Janus one).
 
@@ -462,9 +481,11 @@ class RigPolicy(nn.Module):
         (``policy.heads_loaded`` says which; a fresh action head is zero: the checkpoint's own
         policy). A heads file from before the action head loads with a fresh one.
         ``head_hidden``: the heads' hidden width (:class:`RigPolicy`); None takes the heads
-        file's (0 without one); a number the file disagrees with is refused. Every failure is
-        an ``rl.model.CheckpointError`` naming the file."""
-        from safetensors import SafetensorError
+        file's (0 without one); a number the file disagrees with is refused. ``sees``
+        (:data:`SEES`): None takes the heads file's (``"frames"`` without one or before it was
+        recorded); a value overrides it (the heads then read what they were not fitted to).
+        Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         from rl.model import CheckpointError, load_pretrained_dir
@@ -475,6 +496,8 @@ class RigPolicy(nn.Module):
         if file.is_file():
             try:
                 state = load_file(str(file))
+                with safe_open(str(file), "pt") as handle:
+                    saved_sees = (handle.metadata() or {}).get("sees", "frames")
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"corrupted heads file {file}: {err}") from None
             saved = saved_head_hidden(state)
@@ -485,7 +508,11 @@ class RigPolicy(nn.Module):
                     f"the file to start with fresh heads)"
                 )
             head_hidden = saved
-        policy = cls(model, tok, codec, head_hidden or 0)
+            if saved_sees not in SEES:
+                raise CheckpointError(f"{file} says its heads read {saved_sees!r}, not one of "
+                                      f"{SEES}")  # fmt: skip
+            sees = saved_sees if sees is None else sees
+        policy = cls(model, tok, codec, head_hidden or 0, sees or "frames")
         policy.record = record
         policy.heads_loaded = False
         if state is not None:
@@ -531,7 +558,8 @@ class RigPolicy(nn.Module):
                  if not k.startswith("model.")}  # fmt: skip
         return save_pretrained_dir(
             self.model, self.tok, path, extra, overwrite=overwrite,
-            extra_files={HEADS_FILE: lambda file: save_file(heads, str(file))},
+            extra_files={HEADS_FILE: lambda file: save_file(heads, str(file),
+                                                            {"sees": self.sees})},
         )  # fmt: skip
 
     @property
@@ -589,10 +617,19 @@ class RigPolicy(nn.Module):
         x = x.to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W)
         return x.to(dtype)
 
+    def reconstruct(self, frames: np.ndarray | Tensor) -> Tensor:
+        """(N, H, W, 3) uint8 -> (N, H, W, 3) uint8 ``decode(encode(frames))`` through the
+        policy's VQ: what the vision path reads when ``sees == "reconstructions"``. An imagined
+        frame is already a decode; its reconstruction is close to it but not always equal (the
+        encoder may pick a neighbouring code), and it is reconstructed like any frame, so every
+        image the transformer reads went through the same encoder and decoder."""
+        return decode_codes(self, frame_codes(self, frames))
+
     def embed(self, ids: Tensor, codes: Tensor, images: Tensor) -> Tensor:
         """LM input embeddings (B, T, D) of a sequence: text ids through the input embedding,
         VQ codes (where ``codes``) through the generation path, and the SigLIP features of
-        ``images`` (N, H, W, 3) uint8 at the ``<image>`` placeholders, in row-major order."""
+        ``images`` (N, H, W, 3) uint8 at the ``<image>`` placeholders, in row-major order
+        (each image's :meth:`reconstruct` when the policy ``sees`` reconstructions)."""
         m = self.model.model
         embeds = m.get_input_embeddings()(ids.masked_fill(codes, self.ids.pad))
         if bool(codes.any()):
@@ -606,6 +643,8 @@ class RigPolicy(nn.Module):
                 f"frames of {self.image_tokens} tokens were given"
             )
         if len(images):
+            if self.sees == "reconstructions":
+                images = self.reconstruct(images)
             feats = m.get_image_features(self.pixel_values(images), return_dict=True)
             feats = feats.pooler_output.to(embeds.dtype)  # (N, G, D)
             embeds = embeds.masked_scatter(place[..., None], feats.reshape(-1))

@@ -90,6 +90,8 @@ def test_every_preset_validates():
         (["imagination.min_accuracy=0.3"], "imagination: min_accuracy was replaced by gate (earned, open or closed) and gate_rows"),
         (["imagination.gate_rows=0"], "imagination: gate earned needs gate_rows > 0"),
         (["imagination.gate=maybe"], "imagination.gate: Input should be 'earned', 'open' or 'closed' (got 'maybe')"),
+        (["policy.sees=reconstructions"], "command line: policy: sees=reconstructions reads frames through the policy's VQ, and a preset's is untrained; give a trained one with policy.vq=<rig tokenizer train folder>"),
+        (["policy.sees=pixels"], "policy.sees: Input should be 'frames' or 'reconstructions' (got 'pixels')"),
     ],
 )
 def test_bad_overrides(capsys, args, expected):

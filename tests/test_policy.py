@@ -533,3 +533,52 @@ def test_heads_that_read_the_reasoning_state_load_fresh_with_a_warning(tmp_path)
         loaded = RigPolicy.load(path, crafter_codec())
     torch.testing.assert_close(loaded.world.reward[-1].weight, policy.world.reward[-1].weight)
     assert not loaded.value_head.out.weight.any() and not loaded.action_head.weight.any()
+
+
+def test_a_policy_that_sees_reconstructions_reads_every_frame_through_its_vq(tmp_path):
+    """``sees="reconstructions"``: act, evaluate and state_values read decode(encode(x)) of the
+    current and the history's frames, exactly what a policy that sees frames does given those
+    reconstructions; evaluate still recomputes act; the choice survives save and load (a heads
+    file without it means frames) and an explicit ``sees`` overrides the file's."""
+    from safetensors.torch import load_file, save_file
+
+    from envs.crafter_env import crafter_codec
+    from rl.policy import HEADS_FILE, RigPolicy
+
+    sees = RigPolicy.from_preset("tiny", crafter_codec(), seed=3, sees="reconstructions").eval()
+    plain = RigPolicy.from_preset("tiny", crafter_codec(), seed=3).eval()
+    with torch.no_grad():
+        sees.value_head.out.weight.normal_()
+        sees.action_head.weight.normal_(0.0, 0.5)
+    plain.load_state_dict(sees.state_dict())
+    x, past = frames(3, 9), frames(3, 10)
+    r, r_past = sees.reconstruct(x), sees.reconstruct(past)
+    assert r.shape == x.shape and r.dtype == torch.uint8 and not torch.equal(r, torch.as_tensor(x))
+    history = History.empty(3, 1, 64)
+    history.push(past, np.array([1, 2, 3]))
+    seen_history = History.empty(3, 1, 64)
+    seen_history.push(r_past, np.array([1, 2, 3]))
+
+    a = sees.act(x, TASK, 4, 1.0, torch.Generator().manual_seed(9), history=history)
+    b = plain.act(r, TASK, 4, 1.0, torch.Generator().manual_seed(9), history=seen_history)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.actions, b.actions)
+    torch.testing.assert_close(a.log_probs, b.log_probs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.values, b.values, atol=1e-4, rtol=1e-4)
+    assert torch.equal(a.frames.cpu(), torch.as_tensor(x))  # the rows keep the env's frames
+    with torch.no_grad():
+        res = sees.evaluate(a)
+    mask = a.token_mask
+    torch.testing.assert_close(res["log_probs"][mask], a.log_probs[mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["values"], a.values, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sees.state_values(x, TASK, history),
+                               plain.state_values(r, TASK, seen_history), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain.state_values(x, TASK, history), a.values, atol=1e-3)
+
+    path = sees.save(tmp_path / "ckpt")
+    assert RigPolicy.load(path, crafter_codec()).sees == "reconstructions"
+    assert RigPolicy.load(path, crafter_codec(), sees="frames").sees == "frames"
+    file = str(path / HEADS_FILE)
+    save_file(load_file(file), file)  # a heads file from before the choice was recorded
+    assert RigPolicy.load(path, crafter_codec()).sees == "frames"
+    with pytest.raises(ValueError, match="sees must be one of"):
+        RigPolicy.from_preset("tiny", crafter_codec(), sees="pixels")
