@@ -191,7 +191,8 @@ def train(
     )
     typer.echo(
         f"held-out PSNR {held['psnr']:.2f} dB{verdict}, 10th percentile {held['psnr_p10']:.2f} dB, "
-        f"on the moving pixels {held['psnr_foreground']:.2f} dB, "
+        f"on the moving pixels {held['psnr_foreground']:.2f} dB, code consistency "
+        f"{held['code_consistency']:.2f}, "
         f"{int(held['codes_used'])}/{model.config.num_embeddings} codes used; "
         f"{report['steps_done']} steps in {report['train_seconds']:.0f} s"
     )

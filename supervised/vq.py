@@ -254,10 +254,28 @@ def foreground_psnr(pred: np.ndarray, target: np.ndarray, back: np.ndarray) -> n
     return np.where(n > 0, value, np.nan)
 
 
+def code_consistency(frames: np.ndarray, codes: np.ndarray) -> float:
+    """Share of the patches whose content (the exact pixels a code covers) occurs more than once
+    in ``frames`` (N, H, W, 3) that carry the code their content gets most often (``codes``
+    (N, g * g), row-major): 1 when a code is a function of its patch. An encoder that reads the
+    whole frame may code one patch differently by what lies elsewhere; then a world model has to
+    predict codes of unchanged patches as a hash of the rest. NaN when no content repeats."""
+    n, g = len(frames), round(codes.shape[1] ** 0.5)
+    f = frames.shape[1] // g
+    patches = frames.reshape(n, g, f, g, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n * g * g, -1)
+    _, content, seen = np.unique(patches, axis=0, return_inverse=True, return_counts=True)
+    content = content.ravel()
+    pairs, count = np.unique(np.stack([content, codes.ravel()], 1), axis=0, return_counts=True)
+    top = np.zeros(len(seen), np.int64)
+    np.maximum.at(top, pairs[:, 0], count)  # each content's most common code's count
+    repeated = seen > 1
+    return float(top[repeated].sum() / seen[repeated].sum()) if repeated.any() else float("nan")
+
+
 def evaluate(vq: JanusVQVAE, frames: np.ndarray) -> dict[str, float]:
     """Held-out metrics: mean, 10th percentile and minimum per-frame PSNR, the mean PSNR over
-    the moving pixels (:func:`foreground_psnr` against the frames' own :func:`background`), and
-    codebook use."""
+    the moving pixels (:func:`foreground_psnr` against the frames' own :func:`background`),
+    :func:`code_consistency` and codebook use."""
     recon, codes = reconstruct(vq, frames)
     values = psnr(recon, frames)
     moving = foreground_psnr(recon, frames, background(frames))
@@ -269,6 +287,7 @@ def evaluate(vq: JanusVQVAE, frames: np.ndarray) -> dict[str, float]:
         "psnr_p10": float(np.percentile(values, 10)),
         "psnr_min": float(values.min()),
         "psnr_foreground": float(np.nanmean(moving)) if np.isfinite(moving).any() else PSNR_CAP,
+        "code_consistency": code_consistency(frames, codes),
         "codes_used": float((counts > 0).sum()),
         "perplexity": float(math.exp(entropy)),
     }

@@ -61,6 +61,24 @@ def test_foreground_psnr_reads_only_the_pixels_that_move():
     assert np.array_equal(vqlib.background(frames), back)
 
 
+def test_code_consistency_counts_repeated_patches_with_their_usual_code():
+    """The share of repeated patch contents coded by their content's most common code, against
+    a count by hand: 2x2 frames of 2 px patches (4 codes each)."""
+    a, b, c = (np.full((2, 2, 3), v, np.uint8) for v in (0, 100, 200))
+    def frame(t0, t1, t2, t3):  # four 2x2 tiles, row-major, into one 4x4 frame
+        return np.concatenate([np.concatenate([t0, t1], 1), np.concatenate([t2, t3], 1)], 0)
+    frames = np.stack([frame(a, a, b, c), frame(a, a, b, b), frame(a, b, a, a)])
+    assert frames.shape == (3, 4, 4, 3)
+    codes = np.array([[7, 7, 1, 9], [7, 8, 1, 1], [6, 1, 7, 7]])
+    # content a: 7 patches, codes 7,7,7,8,6,7,7 -> 5 usual; b: 4 patches, codes 1,1,1,1 -> 4;
+    # c occurs once and is left out
+    assert vqlib.code_consistency(frames, codes) == pytest.approx(9 / 11)
+    by_content = np.where(frames[:, ::2, ::2, 0] == 0, 7, 1).reshape(3, 4)  # one code per content
+    assert vqlib.code_consistency(frames, by_content) == 1.0
+    unique = np.arange(48, dtype=np.uint8).reshape(1, 4, 4, 3)  # no content repeats
+    assert np.isnan(vqlib.code_consistency(unique, codes[:1]))
+
+
 def test_split_holds_out_whole_episodes():
     episode = np.repeat(np.arange(5), 10)
     frames = np.arange(50)[:, None, None, None].repeat(2, 1).astype(np.uint8)
