@@ -931,6 +931,33 @@ def test_frame_signal_critic_probes():
     assert ridge <= 1.0 and -1.0 < exact <= 1.0
 
 
+def test_world_probe_reads_cells_and_fits_a_read_out_that_beats_copying():
+    """benchmarks/world_probe.py: transitions never end an episode (the ball is one row lower in
+    s' than in s, the paddle moved by the action), ``cells`` finds the ball and the paddle
+    where the env drew them, and on a tiny budget the three predictors are scored on the
+    held-out rows."""
+    from benchmarks import world_probe as wp
+
+    s, a, s2 = wp.transitions(40, seed=2)
+    assert s.shape == s2.shape == (40, 64, 64, 3) and set(a) <= {0, 1, 2}
+    ball, ball2 = wp.cells(s, 0), wp.cells(s2, 0)
+    assert np.array_equal(ball2, ball + 8)  # one 8-cell row down, same column
+    paddle, paddle2 = wp.cells(s, 2) % 8, wp.cells(s2, 2) % 8
+    assert np.array_equal(paddle2, np.clip(paddle + a - 1, 0, 7))
+    assert (wp.cells(s, 2) // 8 == 7).all()
+
+    import envs
+    from rl.policy import RigPolicy
+
+    policy = RigPolicy.from_preset("tiny", envs.get_codec(envs.make("rig/Catch-v0", 64)), 0)
+    rows = wp.probe(policy.eval(), 160, 20, heldout=32)
+    assert list(rows) == ["copy the current codes", "MLP on the trunk's frame state + action",
+                          "MLP on the 8x8 board + action (control)"]  # fmt: skip
+    for row in rows.values():
+        assert set(row) == {"code_accuracy", "ball_cell", "paddle_cell"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+
+
 def test_crafter_features_probe_labels_and_features():
     """benchmarks/crafter_features.py: the 9 x 7 tile labels are crafter's semantic map around
     the player in the frame's row-major layout (the centre tile is always the player), the
