@@ -197,6 +197,9 @@ def train(
         f"{report['steps_done']} steps in {report['train_seconds']:.0f} s"
     )
     typer.echo(f"tokenizer folder: {out} ({vqlib.VQ_FILE}, {vqlib.REPORT_FILE})")
+    warning = vqlib.foreground_warning(held)
+    if warning is not None:
+        typer.echo(warning, err=True)
 
 
 class _Progress:

@@ -79,6 +79,16 @@ def test_code_consistency_counts_repeated_patches_with_their_usual_code():
     assert np.isnan(vqlib.code_consistency(unique, codes[:1]))
 
 
+def test_a_tokenizer_that_draws_the_moving_pixels_badly_is_warned_about():
+    """The figures of Catch's two tokenizers: the one that lost the ball (23.1 dB, 10.0 dB on
+    the moving pixels) is warned about, the one that keeps it (31.7, 29.1) is not."""
+    lost = vqlib.foreground_warning({"psnr": 23.1, "psnr_foreground": 10.0})
+    assert lost is not None and lost.startswith("warning: the moving pixels reconstruct at 10.0 dB")
+    assert "13.1 dB below" in lost and "\n" not in lost
+    assert vqlib.foreground_warning({"psnr": 31.7, "psnr_foreground": 29.1}) is None
+    assert vqlib.foreground_warning({"psnr": 31.5, "psnr_foreground": 34.5}) is None
+
+
 def test_split_holds_out_whole_episodes():
     episode = np.repeat(np.arange(5), 10)
     frames = np.arange(50)[:, None, None, None].repeat(2, 1).astype(np.uint8)
@@ -216,3 +226,20 @@ def test_cli_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     code = main(["tokenizer", "train", *args, "--no-track", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_cli_trains_and_reports_the_moving_pixels_and_code_consistency(tmp_path, capsys):
+    """`rig tokenizer train` end to end on a few expert frames: exit 0, the last lines name the
+    moving pixels' PSNR and the code consistency, and report.json holds them."""
+    import json
+
+    from rig.cli import main
+
+    out = tmp_path / "vq"
+    code = main(["tokenizer", "train", "--frames-from-env", "40", "--steps", "3",
+                 "--eval-every", "2", "--no-track", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and "on the moving pixels" in printed and "code consistency" in printed
+    held = json.loads((out / vqlib.REPORT_FILE).read_text())["heldout"]
+    assert {"psnr", "psnr_foreground", "code_consistency"} <= set(held)
+    assert json.loads((out / vqlib.REPORT_FILE).read_text())["settings"]["foreground"] == 1.0
