@@ -90,6 +90,7 @@ SEES = ("frames", "reconstructions")
 """What the vision path reads (``policy.sees``): each frame as given, or its reconstruction
 through the policy's own VQ, ``decode(encode(x))`` (:meth:`RigPolicy.reconstruct`). Kept in the
 heads file's metadata, since the heads were fitted to one of them."""
+
 READS_TRUNK_ONLY = ("model.generation_head.", "lm_head.")
 """``self.model``'s parameters that read the trunk's hidden states and feed nothing back into them
 (the next-frame codes enter through the generation embeddings and aligner, not the head; a tied
