@@ -9,6 +9,10 @@ in the real next frame's cells (8x8 board cells). Predictors:
 * an MLP (one hidden ReLU layer of 512) from the standardised decision state (the current
   frame's image columns of the untrained trunk, pooled: what the value and action heads read,
   ``RigPolicy.state_features``) and the action, to the 16 codes (each its own softmax);
+* a read-out shaped to live in the policy, shared by the code positions: for code g,
+  ``relu(W s + C s_g + U a + P_g) -> V`` logits, where ``s_g`` is code g's own frame column
+  (the tiny preset's state is its 16 columns) and ``P_g`` a position embedding (2.5M
+  parameters against the MLP's 6.3M);
 * the same MLP on the 8x8 board itself (a control: everything the next frame depends on).
 
 Compare with what the world model in the sequence reaches (the generation head after
@@ -101,6 +105,44 @@ def fit_codes(inputs: torch.Tensor, codes: torch.Tensor, train: int, steps: int,
         return net(inputs[train:]).view(-1, G, vocab).argmax(-1)
 
 
+class CodeReadout(torch.nn.Module):
+    """Next-frame code logits (B, G, V) from the standardised state (B, G * C: G frame columns
+    of C features each, in code order) and the action (B,): one hidden ReLU layer shared by the
+    code positions, fed by the whole state, the code's own column, the action and the
+    position."""
+
+    def __init__(self, features: int, codes: int, actions: int, vocab: int, hidden: int = 512):
+        super().__init__()
+        self.codes = codes
+        self.state = torch.nn.Linear(features, hidden)
+        self.own = torch.nn.Linear(features // codes, hidden)
+        self.action = torch.nn.Embedding(actions, hidden)
+        self.position = torch.nn.Parameter(torch.zeros(codes, hidden))
+        self.out = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        h = (self.state(state)[:, None] + self.own(state.view(len(state), self.codes, -1))
+             + self.action(action)[:, None] + self.position)  # fmt: skip
+        return self.out(torch.relu(h))
+
+
+def fit_readout(state: torch.Tensor, action: torch.Tensor, codes: torch.Tensor, train: int,
+                steps: int, vocab: int, seed: int = 0) -> torch.Tensor:  # fmt: skip
+    """:class:`CodeReadout` fitted as :func:`fit_codes`; its argmax codes on the rest."""
+    torch.manual_seed(seed)
+    net = CodeReadout(state.shape[1], codes.shape[1], 3, vocab)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(steps):
+        idx = torch.randint(train, (128,))
+        logits = net(state[idx], action[idx]).reshape(-1, vocab)
+        loss = torch.nn.functional.cross_entropy(logits, codes[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return net(state[train:], action[train:]).argmax(-1)
+
+
 def score(policy, predicted: torch.Tensor, codes: torch.Tensor, real: np.ndarray) -> dict:
     """Code accuracy and the ball's and paddle's cell accuracy of the decoded predictions."""
     from rl.imagine import decode_codes
@@ -114,7 +156,7 @@ def score(policy, predicted: torch.Tensor, codes: torch.Tensor, real: np.ndarray
 
 
 def probe(policy, n: int, steps: int, heldout: int = 1024) -> dict[str, dict]:
-    """The three predictors' scores on ``heldout`` of ``n`` transitions."""
+    """The four predictors' scores on ``heldout`` of ``n`` transitions."""
     from rl.imagine import frame_codes
 
     s, a, s2 = transitions(n)
@@ -131,6 +173,9 @@ def probe(policy, n: int, steps: int, heldout: int = 1024) -> dict[str, dict]:
         "copy the current codes": score(policy, now[train:], test, real),
         "MLP on the trunk's frame state + action": score(
             policy, fit_codes(torch.cat([state, action], 1), target, train, steps, vocab), test, real
+        ),
+        "shared read-out, own column + state + action": score(
+            policy, fit_readout(state, torch.as_tensor(a), target, train, steps, vocab), test, real
         ),
         "MLP on the 8x8 board + action (control)": score(
             policy, fit_codes(torch.cat([board, action], 1), target, train, steps, vocab), test, real

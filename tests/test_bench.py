@@ -934,7 +934,7 @@ def test_frame_signal_critic_probes():
 def test_world_probe_reads_cells_and_fits_a_read_out_that_beats_copying():
     """benchmarks/world_probe.py: transitions never end an episode (the ball is one row lower in
     s' than in s, the paddle moved by the action), ``cells`` finds the ball and the paddle
-    where the env drew them, and on a tiny budget the three predictors are scored on the
+    where the env drew them, and on a tiny budget the four predictors are scored on the
     held-out rows."""
     from benchmarks import world_probe as wp
 
@@ -952,6 +952,7 @@ def test_world_probe_reads_cells_and_fits_a_read_out_that_beats_copying():
     policy = RigPolicy.from_preset("tiny", envs.get_codec(envs.make("rig/Catch-v0", 64)), 0)
     rows = wp.probe(policy.eval(), 160, 20, heldout=32)
     assert list(rows) == ["copy the current codes", "MLP on the trunk's frame state + action",
+                          "shared read-out, own column + state + action",
                           "MLP on the 8x8 board + action (control)"]  # fmt: skip
     for row in rows.values():
         assert set(row) == {"code_accuracy", "ball_cell", "paddle_cell"}
