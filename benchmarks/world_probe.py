@@ -84,25 +84,31 @@ def frame_states(policy, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
+def fit(net: torch.nn.Module, predict, codes: torch.Tensor, train: int, steps: int) -> torch.Tensor:
+    """Train ``net`` on rows ``[:train]`` (``predict(rows)`` -> (n, G, V) logits of ``codes``
+    (n, G)), ``steps`` Adam steps of batch 128; returns its argmax codes on the rest (m, G)."""
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    for _ in range(steps):
+        idx = torch.randint(train, (128,))
+        logits = predict(idx)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return predict(torch.arange(train, len(codes))).argmax(-1)
+
+
 def fit_codes(inputs: torch.Tensor, codes: torch.Tensor, train: int, steps: int,
               vocab: int, seed: int = 0) -> torch.Tensor:  # fmt: skip
-    """An MLP (512 ReLU) from ``inputs[:train]`` to ``codes[:train]`` (n, G), ``steps`` Adam
-    steps of batch 128; returns its argmax codes on the rest (m, G)."""
+    """An MLP (512 ReLU) from ``inputs`` to ``codes`` (n, G), :func:`fit` on the first
+    ``train`` rows; its argmax codes on the rest (m, G)."""
     torch.manual_seed(seed)
     G = codes.shape[1]
     net = torch.nn.Sequential(
         torch.nn.Linear(inputs.shape[1], 512), torch.nn.ReLU(), torch.nn.Linear(512, G * vocab)
     )
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(steps):
-        idx = torch.randint(train, (128,))
-        logits = net(inputs[idx]).view(-1, vocab)
-        loss = torch.nn.functional.cross_entropy(logits, codes[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return net(inputs[train:]).view(-1, G, vocab).argmax(-1)
+    return fit(net, lambda rows: net(inputs[rows]).view(-1, G, vocab), codes, train, steps)
 
 
 class CodeReadout(torch.nn.Module):
@@ -128,19 +134,10 @@ class CodeReadout(torch.nn.Module):
 
 def fit_readout(state: torch.Tensor, action: torch.Tensor, codes: torch.Tensor, train: int,
                 steps: int, vocab: int, seed: int = 0) -> torch.Tensor:  # fmt: skip
-    """:class:`CodeReadout` fitted as :func:`fit_codes`; its argmax codes on the rest."""
+    """:class:`CodeReadout` fitted by :func:`fit`; its argmax codes on the rest."""
     torch.manual_seed(seed)
     net = CodeReadout(state.shape[1], codes.shape[1], 3, vocab)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    for _ in range(steps):
-        idx = torch.randint(train, (128,))
-        logits = net(state[idx], action[idx]).reshape(-1, vocab)
-        loss = torch.nn.functional.cross_entropy(logits, codes[idx].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return net(state[train:], action[train:]).argmax(-1)
+    return fit(net, lambda rows: net(state[rows], action[rows]), codes, train, steps)
 
 
 def score(policy, predicted: torch.Tensor, codes: torch.Tensor, real: np.ndarray) -> dict:

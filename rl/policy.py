@@ -487,7 +487,6 @@ class RigPolicy(nn.Module):
         recorded); a value overrides it (the heads then read what they were not fitted to).
         Every failure is an ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
 
         from rl.model import CheckpointError, load_pretrained_dir
 
@@ -496,8 +495,9 @@ class RigPolicy(nn.Module):
         state = None
         if file.is_file():
             try:
-                state = load_file(str(file))
-                with safe_open(str(file), "pt") as handle:
+                with safe_open(str(file), "pt") as handle:  # tensors and metadata, one read
+                    keys = handle.keys()  # noqa: SIM118 (a safe_open handle is not iterable)
+                    state = {key: handle.get_tensor(key) for key in keys}
                     saved_sees = (handle.metadata() or {}).get("sees", "frames")
             except (SafetensorError, OSError) as err:
                 raise CheckpointError(f"corrupted heads file {file}: {err}") from None
