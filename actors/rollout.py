@@ -59,27 +59,23 @@ from rl.policy import ActOutput, RigPolicy
 # -- policy specs: what builds the policy inside each runner -----------------------------------
 
 
-def _preset_policy(preset: str, seed: int, head_hidden: int, sees: str, codec) -> RigPolicy:
-    return RigPolicy.from_preset(preset, codec, seed=seed, head_hidden=head_hidden, sees=sees)
+def _preset_policy(preset: str, seed: int, codec, **heads: Any) -> RigPolicy:
+    return RigPolicy.from_preset(preset, codec, seed=seed, **heads)
 
 
-def _checkpoint_policy(path: str, head_hidden: int | None, sees: str | None, codec) -> RigPolicy:
-    return RigPolicy.load(path, codec, head_hidden, sees)
+def _checkpoint_policy(path: str, codec, **heads: Any) -> RigPolicy:
+    return RigPolicy.load(path, codec, **heads)
 
 
-def preset_policy(
-    preset: str = "tiny", seed: int = 0, head_hidden: int = 0, sees: str = "frames"
-) -> Callable:
-    """Policy factory: a freshly initialised ``preset`` (weights identical for a seed)."""
-    return functools.partial(_preset_policy, preset, seed, head_hidden, sees)
+def preset_policy(preset: str = "tiny", seed: int = 0, **heads: Any) -> Callable:
+    """Policy factory: a freshly initialised ``preset`` (weights identical for a seed);
+    ``heads``: ``RigPolicy``'s head options (``head_hidden``, ``sees``, ``frame_head``)."""
+    return functools.partial(_preset_policy, preset, seed, **heads)
 
 
-def checkpoint_policy(
-    path: str, head_hidden: int | None = None, sees: str | None = None
-) -> Callable:
-    """Policy factory: ``RigPolicy.load(path, codec, head_hidden, sees)``, a checkpoint
-    directory."""
-    return functools.partial(_checkpoint_policy, path, head_hidden, sees)
+def checkpoint_policy(path: str, **heads: Any) -> Callable:
+    """Policy factory: ``RigPolicy.load(path, codec, **heads)``, a checkpoint directory."""
+    return functools.partial(_checkpoint_policy, path, **heads)
 
 
 # -- settings and the RLlib config built from them ---------------------------------------------

@@ -38,11 +38,9 @@ def build_policy(config: Config, codec):
 
     p = config.policy
     if p.init_from:
-        policy = RigPolicy.load(p.init_from, codec, p.head_hidden, p.sees)
+        policy = RigPolicy.load(p.init_from, codec, **p.heads())
     else:
-        policy = RigPolicy.from_preset(
-            p.preset, codec, config.run.seed, p.head_hidden, p.sees or "frames"
-        )
+        policy = RigPolicy.from_preset(p.preset, codec, config.run.seed, **p.heads())
     if policy.image_size != config.env.size:
         raise UserError(
             f"the policy sees {policy.image_size}px frames but env.size is "

@@ -185,7 +185,8 @@ def train(
         cfg = load_config(config, [*(overrides or []), *extra])
     flag = "--init-from" if init_from is not None else "policy.init_from"
     if cfg.policy.init_from is not None:  # before any folder exists: a bad one leaves nothing
-        _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id, cfg.policy.head_hidden)
+        _check_init_from(Path(cfg.policy.init_from), flag, cfg.env.id, cfg.policy.head_hidden,
+                         cfg.policy.frame_head)  # fmt: skip
     if cfg.policy.vq is not None:  # a missing tokenizer is named before any folder exists
         from supervised.vq import vq_file
 
@@ -266,15 +267,17 @@ def export(
     typer.echo(f"exported {checkpoint} -> {path}")
 
 
-def _check_init_from(path: Path, flag: str, env_id: str, head_hidden: int | None = None) -> None:
+def _check_init_from(path: Path, flag: str, env_id: str, head_hidden: int | None = None,
+                     frame_head: int | None = None) -> None:  # fmt: skip
     """A clear one-line error, up front, for a missing, broken or foreign checkpoint directory
     (its heads file included), one trained on another env than ``env_id`` (the rule
-    ``rig sft --init-from`` applies, ``sft_cli._trained_env``), or heads of another hidden width
-    than ``head_hidden`` (``policy.head_hidden``)."""
+    ``rig sft --init-from`` applies, ``sft_cli._trained_env``), heads of another hidden width
+    than ``head_hidden`` (``policy.head_hidden``) or a frame head of another width than
+    ``frame_head`` (``policy.frame_head``; a checkpoint without one gets a fresh one)."""
     from safetensors import safe_open
 
     from rl.model import CheckpointError, check_pretrained_dir
-    from rl.policy import HEAD_INNER_KEY, HEADS_FILE
+    from rl.policy import FRAME_HEAD_KEY, HEAD_INNER_KEY, HEADS_FILE
 
     try:
         record, _ = check_pretrained_dir(path)
@@ -286,6 +289,7 @@ def _check_init_from(path: Path, flag: str, env_id: str, head_hidden: int | None
             with safe_open(str(heads), framework="pt") as f:
                 keys = set(f.keys())
                 saved = f.get_slice(HEAD_INNER_KEY).get_shape()[0] if HEAD_INNER_KEY in keys else 0
+                frame = f.get_slice(FRAME_HEAD_KEY).get_shape()[1] if FRAME_HEAD_KEY in keys else 0
         except Exception as err:  # safetensors' own SafetensorError, OSError
             raise UserError(f"{flag}: corrupted heads file {heads}: {err}") from None
         if head_hidden is not None and saved != head_hidden:
@@ -293,6 +297,11 @@ def _check_init_from(path: Path, flag: str, env_id: str, head_hidden: int | None
                 f"{flag} {path} has heads with hidden width {saved} but policy.head_hidden is "
                 f"{head_hidden}; set policy.head_hidden={saved} to load them (or start from a "
                 f"checkpoint without {HEADS_FILE})"
+            )
+        if frame and frame_head is not None and frame != frame_head:
+            raise UserError(
+                f"{flag} {path} has a frame head of width {frame} but policy.frame_head is "
+                f"{frame_head}; set policy.frame_head={frame} (or null) to load it"
             )
     trained_on = sft_cli._trained_env(record or {})
     if trained_on is not None and trained_on != env_id:

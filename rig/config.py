@@ -127,6 +127,19 @@ class PolicyConfig(Section):
         "come from one distribution; needs a trained tokenizer, policy.vq); null: an init_from "
         "checkpoint's own, else frames",
     )
+    frame_head: int | None = Field(
+        default=None, ge=0, le=65536, description="hidden ReLU units of the next-frame read-out "
+        "(rl.heads.FrameHead: the decision state and the action to the generation head's code "
+        "logits); 0: the generation head alone; null: an init_from checkpoint's own, else 0",
+    )
+
+    def heads(self) -> dict[str, Any]:
+        """The head options of ``RigPolicy.load`` (for ``init_from``: null keeps the
+        checkpoint's) or of ``RigPolicy.from_preset`` (null is the default)."""
+        heads = {"head_hidden": self.head_hidden, "sees": self.sees, "frame_head": self.frame_head}
+        if self.init_from is None:
+            heads.update(sees=self.sees or "frames", frame_head=self.frame_head or 0)
+        return heads
 
     @field_validator("preset")
     @classmethod

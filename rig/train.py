@@ -87,8 +87,8 @@ def policy_factory(config: Config):
 
     p = config.policy
     if p.init_from:
-        return checkpoint_policy(p.init_from, p.head_hidden, p.sees)
-    return preset_policy(p.preset, config.run.seed, p.head_hidden, p.sees or "frames")
+        return checkpoint_policy(p.init_from, **p.heads())
+    return preset_policy(p.preset, config.run.seed, **p.heads())
 
 
 def act_kwargs(config: Config) -> dict[str, Any]:

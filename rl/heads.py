@@ -195,4 +195,57 @@ class ActionHead(nn.Module):
         return out.scatter_add(1, self.child_tokens[nodes], picked)
 
 
-__all__ = ["ActionHead", "RunningStandardize", "ValueHead", "frozen_statistics"]
+class FrameHead(nn.Module):
+    """The next frame's code logits read from the standardised decision state and the action:
+    offsets (B, G, V) that the generation head's logits for the G codes after ``<Imagine:>`` add
+    (``RigPolicy.frame_offsets``; config ``policy.frame_head``, its hidden width).
+
+    For code g: ``out(relu(W z + C z_g + U[a] + P_g))``, where ``z`` (B, F) is the standardised
+    state the value and action heads read (``RigPolicy.state_features``: ``cells`` pooled frame
+    columns of F / cells features each), ``z_g`` the column of the cell that holds code g, ``a``
+    the action and ``P_g`` a learned position. One hidden layer of ``inner`` ReLU units shared by
+    the code positions; ``out`` is zero-initialised, so a checkpoint's world model is unchanged
+    until it trains.
+
+    Why. The generation head reads the trunk's state after ``<Imagine:>``; with the trunk frozen
+    or from scratch that state is dominated by what every frame shares, and on Catch its dreams
+    put the ball in its cell 5-11% of the time. The same trunk's frame columns plus the action
+    predict 92% of Catch's next codes and the ball's cell 96% of the time through this read-out
+    (benchmarks/world_probe.py, docs/benchmarks.md "session 43"): the information is there,
+    the read-out after ``<Imagine:>`` is what loses it, as it was for the value before the heads
+    read the frame's columns. IRIS and DreamerV3 likewise predict the next latent from the
+    current one and the action directly. The offsets are added, not substituted, so the
+    generation head still conditions each code on the codes sampled before it.
+    """
+
+    def __init__(self, features: int, cells: int, codes: int, actions: int, vocab: int,
+                 inner: int):  # fmt: skip
+        super().__init__()
+        if inner <= 0:
+            raise ValueError(f"the frame head's hidden width must be > 0, got {inner}")
+        if features % cells:
+            raise ValueError(f"{features} features do not split into {cells} cells")
+        side, cside = round(codes**0.5), round(cells**0.5)
+        if side * side != codes or cside * cside != cells:
+            raise ValueError(f"{codes} codes and {cells} cells must both be square grids")
+        self.cells = cells
+        self.state = nn.Linear(features, inner)
+        self.own = nn.Linear(features // cells, inner, bias=False)
+        self.action = nn.Embedding(actions, inner)
+        self.position = nn.Parameter(torch.zeros(codes, inner))
+        self.out = nn.Linear(inner, vocab)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        g = torch.arange(codes)  # code g sits at (g // side, g % side); its cell, row-major:
+        cell = (g // side) * cside // side * cside + (g % side) * cside // side
+        self.register_buffer("cell", cell, persistent=False)
+
+    def forward(self, z: Tensor, actions: Tensor) -> Tensor:
+        """(B, F) standardised states, (B,) action indices -> (B, G, V) float32 logit offsets."""
+        z = z.to(self.out.weight.dtype)
+        own = self.own(z.view(len(z), self.cells, -1))[:, self.cell]  # (B, G, inner)
+        h = self.state(z)[:, None] + own + self.action(actions.long())[:, None] + self.position
+        return self.out(torch.relu(h)).float()
+
+
+__all__ = ["ActionHead", "FrameHead", "RunningStandardize", "ValueHead", "frozen_statistics"]

@@ -160,15 +160,18 @@ def sample_frame(
     stream: _Stream,
     temperature: float,
     generator: torch.Generator | None = None,
+    offsets: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Feed ``<Imagine:>`` to a decoding stream (``rl.policy._Stream``, its rows just past an
-    action), then sample G codes one by one, each fed back through the generation embeddings.
+    action), then sample G codes one by one, each fed back through the generation embeddings;
+    ``offsets`` (B, G, V), the frame head's (``RigPolicy.frame_offsets``), add to code g's logits.
     Returns the codes (B, G) int64, their log-probs (B, G) float32 under the tempered softmax,
     and the hidden state (B, D) after the last code (the world heads' input)."""
     h = stream.feed_marker(policy.ids.imagine)  # (B, D) at <Imagine:>: predicts code 0
     codes, logps = [], []
-    for _ in range(policy.image_tokens):
-        logp = torch.log_softmax(code_logits(policy, h) / temperature, -1)  # (B, V)
+    for g in range(policy.image_tokens):
+        logits = code_logits(policy, h) if offsets is None else code_logits(policy, h) + offsets[:, g]
+        logp = torch.log_softmax(logits / temperature, -1)  # (B, V)
         code = torch.multinomial(logp.exp(), 1, generator=generator)  # (B, 1)
         codes.append(code.squeeze(1))
         logps.append(logp.gather(1, code).squeeze(1))
@@ -182,10 +185,15 @@ def teacher_forced(
     """One forward (no cache, with gradients) over the act sequence + ``<Imagine:>`` + the
     given codes (B, G). Returns generation-head logits (B, G, V) float32, where ``[:, g]`` is
     read at position ``P + L + g`` and predicts ``next_codes[:, g]``, and the hidden state
-    (B, D) after the last code (for :class:`WorldHeads`). ``RigPolicy.evaluate(batch,
-    next_codes)`` gives the same from the learner's one forward."""
+    (B, D) after the last code (for :class:`WorldHeads`), the frame head's offsets added.
+    ``RigPolicy.evaluate(batch, next_codes)`` gives the same from the learner's one forward."""
+    from rl.heads import frozen_statistics
+
     hidden, _, start = policy.forward_sequence(act_out, next_codes)
-    return code_logits(policy, hidden[:, start : start + policy.image_tokens]), hidden[:, -1]
+    logits = code_logits(policy, hidden[:, start : start + policy.image_tokens])
+    with frozen_statistics(policy):  # a diagnostic forward: the heads' statistics stay
+        offsets = policy.frame_offsets(policy.decision_state(hidden, act_out), act_out.actions)
+    return logits if offsets is None else logits + offsets, hidden[:, -1]
 
 
 def next_frame_logits(policy: RigPolicy, act_out: ActOutput, next_codes: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from rl.constrained import ActionTrie, build_action_trie
-from rl.heads import ActionHead, ValueHead
+from rl.heads import ActionHead, FrameHead, ValueHead
 from rl.imagine import (
     ImagineOutput,
     WorldHeads,
@@ -84,6 +84,7 @@ if TYPE_CHECKING:
 LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
 ACTION_HEAD_KEYS = {"action_head.weight"}
+FRAME_HEAD_KEY = "frame_head.out.weight"  # (V_vq, frame_head): the frame head's output layer
 HEADS_FILE = "rig_heads.safetensors"
 
 SEES = ("frames", "reconstructions")
@@ -105,6 +106,12 @@ def saved_head_hidden(heads: dict[str, Tensor]) -> int:
     with: 0 (linear heads) unless they hold the hidden layer."""
     inner = heads.get(HEAD_INNER_KEY)
     return int(inner.shape[0]) if inner is not None else 0
+
+
+def saved_frame_head(heads: dict[str, Tensor]) -> int:
+    """The frame head's hidden width (``RigPolicy(frame_head=)``) a heads file holds; 0: none."""
+    out = heads.get(FRAME_HEAD_KEY)
+    return int(out.shape[1]) if out is not None else 0
 
 
 def positions(mask: Tensor) -> Tensor:
@@ -322,15 +329,17 @@ class _Stream:
     """B rows decoding in lockstep over one KV cache. Remembers every column it was fed (ids,
     attention, which are VQ codes) so the sequence can be stored and re-read by ``evaluate``."""
 
-    def __init__(self, policy: RigPolicy, ids: Tensor, mask: Tensor, codes: Tensor, images: Tensor):
+    def __init__(self, policy: RigPolicy, ids: Tensor, mask: Tensor, codes: Tensor, images: Tensor,
+                 col: Tensor | None = None):  # fmt: skip
         self.policy = policy
         embeds = policy.embed(ids, codes, images)
         hidden, self.cache = policy.hidden(None, mask, positions(mask), use_cache=True,
                                            inputs_embeds=embeds)  # fmt: skip
         self.h = hidden[:, -1]  # (B, D) the state that predicts the next column
-        last = torch.full((len(ids),), ids.shape[1] - 1, device=hidden.device)  # <reasoning>
+        if col is None:  # a prompt: its last column is the first <reasoning>
+            col = torch.full((len(ids),), ids.shape[1] - 1, device=hidden.device)
         # (B, F) what the heads read (RigPolicy.state_features), not the whole (B, P, D) prompt
-        self.frame = frame_features(hidden, last, policy.image_tokens, policy.head_grid)
+        self.frame = frame_features(hidden, col, policy.image_tokens, policy.head_grid)
         self.cols: list[tuple[Tensor, Tensor, Tensor]] = [(ids, mask, codes)]
         self.mask = mask
 
@@ -396,6 +405,9 @@ class RigPolicy(nn.Module):
             (:meth:`reconstruct`), as IRIS's actor-critic reads its tokenizer's
             reconstructions. Then the critic and the actor read real and imagined frames from
             one distribution: the VQ's outputs (``policy.sees``; docs/imagination.md).
+        frame_head: hidden width of the next-frame read-out (``rl.heads.FrameHead``: the
+            decision state and the action to offsets of the generation head's code logits;
+            config ``policy.frame_head``); 0: the generation head alone predicts the codes.
     """
 
     def __init__(
@@ -405,6 +417,7 @@ class RigPolicy(nn.Module):
         codec: ActionCodec,
         head_hidden: int = 0,
         sees: str = "frames",
+        frame_head: int = 0,
     ):
         super().__init__()
         from rl.model import image_tokens_per_frame
@@ -435,6 +448,12 @@ class RigPolicy(nn.Module):
         self.action_head = ActionHead(*self.trie.choice_edges(), features,
                                       self.head_hidden).to(param.device)  # fmt: skip
         self.world = WorldHeads(hidden).to(param.device)
+        if frame_head < 0:
+            raise ValueError(f"frame_head must be >= 0, got {frame_head}")
+        self.frame_head = FrameHead(
+            features, self.head_grid**2, self.image_tokens, len(codec),
+            int(model.config.vq_config.num_embeddings), frame_head,
+        ).to(param.device) if frame_head else None  # fmt: skip
         # Reasoning may not write markers other than <end>, nor ids past the tokenizer.
         banned = torch.zeros(self.vocab_size, dtype=torch.bool)
         banned[len(tok) :] = True
@@ -449,7 +468,7 @@ class RigPolicy(nn.Module):
     @classmethod
     def from_preset(
         cls, name: str, codec: ActionCodec, seed: int = 0, head_hidden: int = 0,
-        sees: str = "frames",
+        sees: str = "frames", frame_head: int = 0,
     ) -> RigPolicy:
         """A randomly initialised policy of preset ``name`` with the built-in tokenizer."""
         from rl.model import build_model, load_preset
@@ -457,7 +476,7 @@ class RigPolicy(nn.Module):
 
         tok = build_tokenizer()
         torch.manual_seed(seed)
-        return cls(build_model(load_preset(name), tok), tok, codec, head_hidden, sees)
+        return cls(build_model(load_preset(name), tok), tok, codec, head_hidden, sees, frame_head)
 
     @classmethod
     def from_model(
@@ -467,13 +486,14 @@ class RigPolicy(nn.Module):
         codec: ActionCodec,
         head_hidden: int = 0,
         sees: str = "frames",
+        frame_head: int = 0,
     ) -> RigPolicy:
-        return cls(model, tok, codec, head_hidden, sees)
+        return cls(model, tok, codec, head_hidden, sees, frame_head)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, codec: ActionCodec, head_hidden: int | None = None,
-        sees: str | None = None,
+        sees: str | None = None, frame_head: int | None = None,
     ) -> RigPolicy:
         """A policy from a checkpoint directory (``save``'s, or a plain supervised Janus one).
 
@@ -485,7 +505,9 @@ class RigPolicy(nn.Module):
         file's (0 without one); a number the file disagrees with is refused. ``sees``
         (:data:`SEES`): None takes the heads file's (``"frames"`` without one or before it was
         recorded); a value overrides it (the heads then read what they were not fitted to).
-        Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        ``frame_head``: the frame head's width; None takes the heads file's (0 without one or
+        before it existed); a width the file holds another of is refused, one it holds none of
+        starts fresh (zero: the same world model). Every failure is an ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError, safe_open
 
         from rl.model import CheckpointError, load_pretrained_dir
@@ -513,7 +535,14 @@ class RigPolicy(nn.Module):
                 raise CheckpointError(f"{file} says its heads read {saved_sees!r}, not one of "
                                       f"{SEES}")  # fmt: skip
             sees = saved_sees if sees is None else sees
-        policy = cls(model, tok, codec, head_hidden or 0, sees or "frames")
+            saved_frame = saved_frame_head(state)
+            if saved_frame and frame_head is not None and frame_head != saved_frame:
+                raise CheckpointError(
+                    f"{file} holds a frame head of width {saved_frame} but frame_head is "
+                    f"{frame_head}; set policy.frame_head={saved_frame} to load it"
+                )
+            frame_head = saved_frame if frame_head is None else frame_head
+        policy = cls(model, tok, codec, head_hidden or 0, sees or "frames", frame_head or 0)
         policy.record = record
         policy.heads_loaded = False
         if state is not None:
@@ -525,6 +554,8 @@ class RigPolicy(nn.Module):
                               "fresh (the world heads are loaded)", stacklevel=2)  # fmt: skip
             for key in ACTION_HEAD_KEYS - set(state):  # saved before rl.heads.ActionHead:
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
+            if FRAME_HEAD_KEY not in state:  # none saved: a fresh one (zero: the same codes)
+                state.update({k: v for k, v in heads.items() if k.startswith("frame_head.")})
             read = state.get("value_head.out.weight")
             if read is not None and HEAD_INNER_KEY not in state \
                     and read.shape[-1] == model.config.text_config.hidden_size \
@@ -711,6 +742,15 @@ class RigPolicy(nn.Module):
                             self.ids.reasoning).to(full.device)  # fmt: skip
         return self.state_features(full, col)
 
+    def frame_offsets(self, state: Tensor, actions: Tensor) -> Tensor | None:
+        """(B, F) standardised states (:meth:`state_features`), (B,) action indices -> (B, G, V)
+        float32 offsets the frame head adds to the generation head's logits of the G codes
+        after ``<Imagine:>`` (``rl.heads.FrameHead``); None without a frame head. Every path
+        that scores codes adds them: the KV-cached sampler, ``evaluate`` and the SFT scorer."""
+        if self.frame_head is None:
+            return None
+        return self.frame_head(state, actions.to(state.device))
+
     def action_log_softmax(
         self, logits: Tensor, nodes: Tensor, state: Tensor, temperature: float
     ) -> Tensor:
@@ -770,7 +810,7 @@ class RigPolicy(nn.Module):
             raise ValueError(f"temperature must be positive, got {t}")
         out, stream = self._act(frames, task, max_reasoning_tokens, temperature, generator,
                                 history, lookahead, feed_last=True)  # fmt: skip
-        return out, self._imagine_on(stream, t, generator)
+        return out, self._imagine_on(stream, t, generator, out.actions)
 
     def _act(
         self,
@@ -810,7 +850,8 @@ class RigPolicy(nn.Module):
                 stream, state, max_reasoning_tokens, temperature, generator, feed_last=True
             )
             proposals.append(step.actions)
-            codes, _, _ = sample_frame(self, stream, temperature, generator)
+            offsets = self.frame_offsets(state, step.actions)  # from the real frame's state
+            codes, _, _ = sample_frame(self, stream, temperature, generator, offsets)
             imagined.append(decode_codes(self, codes))
             stream.feed_marker(self.ids.end)
             if i == lookahead - 1:
@@ -1043,7 +1084,9 @@ class RigPolicy(nn.Module):
                "choice_mask": choice}  # fmt: skip
         if next_codes is not None:
             G = self.image_tokens
-            out["next_frame_logits"] = code_logits(self, full[:, start : start + G])
+            logits = code_logits(self, full[:, start : start + G])
+            offsets = self.frame_offsets(state, batch.actions)
+            out["next_frame_logits"] = logits if offsets is None else logits + offsets
             out["reward_pred"], out["continue_logit"] = self.world(full[:, -1])
         return out
 
@@ -1078,17 +1121,22 @@ class RigPolicy(nn.Module):
         :meth:`act_imagine` does both on one KV cache.)"""
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
-        stream = _Stream(self, *self._written(batch), batch.images().to(self.device))
-        return self._imagine_on(stream, temperature, generator)
+        col = value_columns(batch.prompt_ids, batch.prompt_mask, batch.prompt_codes,
+                            self.ids.reasoning).to(self.device)  # fmt: skip
+        stream = _Stream(self, *self._written(batch), batch.images().to(self.device), col)
+        return self._imagine_on(stream, temperature, generator, batch.actions)
 
     def _imagine_on(
-        self, stream: _Stream, temperature: float, generator: torch.Generator | None
+        self, stream: _Stream, temperature: float, generator: torch.Generator | None,
+        actions: Tensor,
     ) -> ImagineOutput:
-        """Sample the next frame on ``stream`` (its rows just past an action), decode it and read
-        the world heads after its last code."""
+        """Sample the next frame on ``stream`` (its rows just past ``actions`` (B,)), the frame
+        head reading the stream's decision state, decode it and read the world heads after its
+        last code."""
         from rl.losses import symexp
 
-        sampled, log_probs, h = sample_frame(self, stream, temperature, generator)
+        offsets = self.frame_offsets(self.value_head.norm(stream.frame), actions)
+        sampled, log_probs, h = sample_frame(self, stream, temperature, generator, offsets)
         reward_pred, cont_logit = self.world(h)
         return ImagineOutput(
             codes=sampled,

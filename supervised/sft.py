@@ -97,6 +97,10 @@ class SftBatch:
     ids: Tensor  # (B, T) int64 text ids, or VQ code ids at IMAGE / prompt-code columns
     kinds: Tensor  # (B, T) int64 NONE, REASONING, ACTION or IMAGE: what the loss counts
     nodes: Tensor  # (B, T) int64 trie node before each ACTION token (0 elsewhere)
+    # Each run of G IMAGE columns (a proposal's imagined frame, then the next frame), row by
+    # row in column order: its row (S,) and the action it follows (S,), what the frame head reads
+    frame_rows: Tensor
+    frame_actions: Tensor
 
 
 def text_ids(policy: RigPolicy, text: str, cache: dict[str, list[int]] | None = None) -> list[int]:
@@ -160,6 +164,7 @@ def build_batch(
 
     # -- prompts: act's prompt + the lookahead chain, left-padded ----------------------------
     rows: list[tuple[list[int], list[bool], list[int], list[int]]] = []  # ids, codes, kind, node
+    frames: list[tuple[int, int]] = []  # (row, action) of each trained frame, in column order
     for b, e in enumerate(examples):
         ids = base_ids[b][base_mask[b]].tolist()
         codes, kinds, nodes = [False] * len(ids), [NONE] * len(ids), [0] * len(ids)
@@ -172,9 +177,13 @@ def build_batch(
             ids += [*r_ids, p.action, *a_ids, p.imagine, *c, *tail]
             codes += [False] * (len(r_ids) + 2 + len(a_ids)) + [True] * G + [False] * len(tail)
             code_kind = IMAGE if d.codes_loss else NONE
+            if d.codes_loss:
+                frames.append((b, d.action))
             kinds += [*r_kinds, NONE, *a_kinds, NONE, *[code_kind] * G, *[NONE] * len(tail)]
             nodes += [0] * (len(r_ids) + 1) + a_nodes + [0] * (1 + G + len(tail))
         rows.append((ids, codes, kinds, nodes))
+        if e.decision.codes_loss:  # the next frame closes the row
+            frames.append((b, e.decision.action))
     P = max(len(r[0]) for r in rows)
 
     # -- the decision: act's lockstep columns (<action> in one column for every row) -----------
@@ -235,8 +244,10 @@ def build_batch(
     )
     marker = torch.full((B, 1), p.imagine, device=dev)
     ids = torch.cat([act.prompt_ids, act.tokens, marker, next_codes], 1)
+    rows_, actions_ = zip(*frames, strict=True) if frames else ((), ())
     return SftBatch(act, next_codes, ids, tensor(all_kinds, torch.int64),
-                    tensor(all_nodes, torch.int64))  # fmt: skip
+                    tensor(all_nodes, torch.int64), tensor(list(rows_), torch.int64),
+                    tensor(list(actions_), torch.int64))  # fmt: skip
 
 
 # -- the loss -------------------------------------------------------------------------------------
@@ -262,8 +273,13 @@ def token_log_probs(policy: RigPolicy, batch: SftBatch) -> dict[int, tuple[Tenso
         elif kind == ACTION:  # as act samples it: the action head reads the step's state
             rows = sel.nonzero()[:, 0]
             logp = policy.action_log_softmax(policy.logits(h), nodes[sel], state[rows], 1.0)
-        else:
-            logp = torch.log_softmax(code_logits(policy, h), -1)
+        else:  # as act and imagine sample them: the frame head reads the step's state and
+            # the action the frame follows; G codes per frame, frames in the order of ``sel``
+            logits = code_logits(policy, h)
+            offsets = policy.frame_offsets(state[batch.frame_rows], batch.frame_actions)
+            if offsets is not None:
+                logits = logits + offsets.flatten(0, 1)
+            logp = torch.log_softmax(logits, -1)
         t = target[sel]
         out[kind] = (logp.gather(1, t[:, None]).squeeze(1), logp.detach().argmax(-1) == t)
     return out
