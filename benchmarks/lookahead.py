@@ -103,6 +103,8 @@ def bench_lookahead(
     threads: int = 1,
     max_reasoning_tokens: int | None = None,
     temperature: float | None = None,
+    review: str = "sample",
+    imagine_temperature: float | None = None,
 ) -> dict[str, Any]:
     """Play ``checkpoint`` at every lookahead on the worlds of ``seed``; write results.json, the
     reports and the plot to ``out``; returns the results. Bad input is a ``UserError``."""
@@ -110,13 +112,14 @@ def bench_lookahead(
     from benchmarks.learning import eval_digest
     from rig.config import load_config
     from rig.runs import ensure_writable_dir
-    from rig.sft_cli import prepare_eval
+    from rig.sft_cli import _check_review, prepare_eval
 
     lookaheads = parse_lookaheads(",".join(map(str, lookaheads)))
     if episodes < 1 or num_envs < 1 or seed < 0 or threads < 1:
         raise UserError("--episodes, --num-envs and --threads must be >= 1, --seed >= 0")
     if config is not None and not Path(config).is_file():
         raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
+    _check_review(review)
     cfg = load_config(config, list(overrides))
     import torch
 
@@ -124,7 +127,8 @@ def bench_lookahead(
     policy, env_id, size, kwargs, settings = prepare_eval(
         Path(checkpoint), cfg, env, episodes=episodes, num_envs=num_envs,
         lookahead=max(lookaheads), max_reasoning_tokens=max_reasoning_tokens,
-        temperature=temperature, psnr_every=NO_IMAGINE, seed=seed,
+        temperature=temperature, psnr_every=NO_IMAGINE, seed=seed, review=review,
+        imagine_temperature=imagine_temperature,
     )  # fmt: skip
     out = Path(out or f"runs/bench-lookahead-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
@@ -173,6 +177,8 @@ def bench_lookahead(
                    "num_envs": num_envs, "seed": seed, "threads": threads,
                    "task": settings.task, "max_reasoning_tokens": settings.max_reasoning_tokens,
                    "temperature": settings.temperature, "history": settings.history,
+                   "review": settings.review, "gamma": settings.gamma,
+                   "imagine_temperature": settings.imagine_temperature,
                    "scored": env_id == CRAFTER},
         "lookaheads": rows,
         "out": str(out),
@@ -236,7 +242,8 @@ def header(result: dict[str, Any]) -> str:
     return (f"{c['checkpoint']} on {c['env']} ({c['size']}px), {c['episodes']} episodes per "
             f"lookahead on {c['num_envs']} envs, env seed {c['seed']} for every n (the same "
             f"worlds); up to {c['max_reasoning_tokens']} reasoning tokens, temperature "
-            f"{c['temperature']}, {c['threads']} torch thread(s)")  # fmt: skip
+            f"{c['temperature']}, {c['threads']} torch thread(s); review "
+            f"{c.get('review', 'sample')}")  # fmt: skip
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:

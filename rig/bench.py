@@ -457,6 +457,11 @@ def lookahead(
         "--max-reasoning-tokens", min=0, help="default: the checkpoint's, else config")] = None,
     temperature: Annotated[float | None, typer.Option(
         "--temperature", min=1e-6, help="default: policy.temperature")] = None,
+    review: Annotated[str, typer.Option(
+        "--review", help="sample (RIG's lookahead) or value (best of n candidates by the "
+        "world model and critic, rl/review.py)")] = "sample",
+    imagine_temperature: Annotated[float | None, typer.Option(
+        "--imagine-temperature", min=1e-6, help="--review value's code sampler")] = None,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads")] = 1,
     out: Annotated[Path | None, typer.Option(
         "--out", help="results folder (default runs/bench-lookahead-<time>)")] = None,
@@ -468,7 +473,7 @@ def lookahead(
     result = bench.bench_lookahead(
         checkpoint, bench.parse_lookaheads(lookaheads), episodes, num_envs, seed, out, env,
         config, overrides or [], threads, max_reasoning_tokens=max_reasoning_tokens,
-        temperature=temperature,
+        temperature=temperature, review=review, imagine_temperature=imagine_temperature,
     )  # fmt: skip
     _report(bench, result, json_path)
 

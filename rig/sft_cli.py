@@ -82,6 +82,7 @@ def _trained_settings(record: dict[str, Any]) -> dict[str, Any]:
     env, policy = config.get("env") or {}, config.get("policy") or {}
     settings = {"env_id": env.get("id"), "env_kwargs": env.get("kwargs"), "size": env.get("size")}
     settings.update({k: policy.get(k) for k in ("task", "history", "max_reasoning_tokens")})
+    settings["gamma"] = (config.get("ppo") or {}).get("gamma")  # review "value"'s discount
     return {k: v for k, v in settings.items() if v is not None}
 
 
@@ -335,7 +336,7 @@ def prepare_eval(
             max_reasoning_tokens, trained.get("max_reasoning_tokens"),
             cfg.policy.max_reasoning_tokens) if cap is not None),  # 0 is a cap, not unset
         temperature=cfg.policy.temperature if temperature is None else temperature,
-        **settings,
+        **{"gamma": trained.get("gamma", cfg.ppo.gamma), **settings},
     )  # fmt: skip
     try:
         policy.check_context(
@@ -353,6 +354,13 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="an HF policy checkpoint dir")],
     episodes: Annotated[int, typer.Option("--episodes", min=1, help="finished episodes")] = 4,
     lookahead: Annotated[int, typer.Option("--lookahead", min=0, help="lookahead n")] = 0,
+    review: Annotated[str, typer.Option(
+        "--review", help="how a lookahead decides: sample (RIG's: proposals, <review>, a sampled "
+        "action) or value (n candidates, the one whose imagined outcome r + gamma c V is best)",
+    )] = "sample",
+    imagine_temperature: Annotated[float | None, typer.Option(
+        "--imagine-temperature", min=1e-6, help="--review value's code sampler "
+        "(default: --temperature)")] = None,
     num_envs: Annotated[int, typer.Option("--num-envs", min=1, help="envs in parallel")] = 4,
     history: Annotated[
         int | None, typer.Option("--history", min=0, help="past steps (default: the checkpoint's)")
@@ -385,6 +393,7 @@ def evaluate(
     from rig.config import load_config
 
     cfg = load_config(config, overrides or [])
+    _check_review(review)
     out = _out_dir(out, cfg, "eval")
 
     import torch
@@ -400,6 +409,7 @@ def evaluate(
         checkpoint, cfg, env, episodes=episodes, num_envs=num_envs, lookahead=lookahead,
         history=history, max_reasoning_tokens=max_reasoning_tokens, temperature=temperature,
         psnr_every=psnr_every, seed=seed, max_steps=max_steps, video_size=video_size,
+        review=review, imagine_temperature=imagine_temperature,
     )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
@@ -424,9 +434,17 @@ def evaluate(
         line += f", Crafter score {s['score']:.2f}%"
     if p.get("frames"):
         line += f"; imagined-frame PSNR {p['mean']:.2f} dB over {p['frames']} frames"
-    typer.echo(line + f" (lookahead {lookahead}, {result.steps} env steps, {result.seconds:.0f} s)")
+    how = f"lookahead {lookahead}" + (f", review {review}" if lookahead else "")
+    typer.echo(line + f" ({how}, {result.steps} env steps, {result.seconds:.0f} s)")
     typer.echo(f"report: {report}; video: {out / ev.VIDEO}")
     typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id})")
+
+
+def _check_review(review: str) -> None:
+    from supervised.evaluate import REVIEWS
+
+    if review not in REVIEWS:
+        raise UserError(f"--review must be one of {', '.join(REVIEWS)}, got {review!r}")
 
 
 __all__ = ["EvalInputs", "evaluate", "prepare_eval", "sft"]

@@ -31,11 +31,21 @@ if TYPE_CHECKING:
 REPORT = "report.json"
 VIDEO = "video.mp4"
 
+REVIEWS = ("sample", "value")
+"""How a lookahead n > 0 decides: ``sample``, RIG's (n proposals and their imagined frames in
+the sequence, then ``<review>`` and a sampled action, ``RigPolicy.act``); ``value``, the world
+model and the critic choose among n sampled candidates by ``r + gamma * c * V(imagined frame)``
+(``rl.review``)."""
+
+
 @dataclass
 class EvalSettings:
     episodes: int = 4
     num_envs: int = 4
     lookahead: int = 0
+    review: str = "sample"  # REVIEWS
+    gamma: float = 0.99  # review "value"'s discount (the checkpoint's ppo.gamma when it has one)
+    imagine_temperature: float | None = None  # review "value"'s code sampler; None: temperature
     history: int = 0
     task: str = "survive and unlock as many achievements as you can"
     max_reasoning_tokens: int = 64
@@ -83,6 +93,8 @@ def evaluate_policy(
     from rl.policy import History
 
     s = settings
+    if s.review not in REVIEWS:
+        raise ValueError(f"review must be one of {REVIEWS}, got {s.review!r}")
     n = s.num_envs
     venv = make_vector(env_id, n, size=size, vectorization=vectorization, **env_kwargs)
     writer = None
@@ -99,6 +111,19 @@ def evaluate_policy(
 
         def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
             nonlocal imagined, calls
+            if s.review == "value" and s.lookahead > 0:
+                from rl.review import review_by_value
+
+                review = review_by_value(
+                    policy, obs, s.task, s.lookahead, s.max_reasoning_tokens, s.temperature,
+                    generator, history=history, gamma=s.gamma,
+                    imagine_temperature=s.imagine_temperature,
+                )  # fmt: skip
+                imagined = None  # the chosen candidate's dream is what the PSNR compares
+                if calls % s.psnr_every == 0:
+                    imagined = review.imagined.frames.cpu().numpy()
+                calls += 1
+                return review.actions.cpu().numpy()
             out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
                              history=history, lookahead=s.lookahead)  # fmt: skip
             imagined = None
@@ -160,4 +185,4 @@ def write_report(result: EvalResult, out: Path, extra: dict[str, Any]) -> Path:
     return path
 
 
-__all__ = ["EvalResult", "EvalSettings", "evaluate_policy", "metrics_of", "psnr", "write_report"]
+__all__ = ["REVIEWS", "EvalResult", "EvalSettings", "evaluate_policy", "metrics_of", "psnr", "write_report"]

@@ -1137,6 +1137,22 @@ def test_lookahead_benchmark_plays_one_checkpoint_on_the_same_worlds(
     assert (out / "lookahead.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_lookahead_with_review_by_value_plays_candidates(rig_main, capsys, tmp_path,
+                                                         catch_checkpoint):  # fmt: skip
+    """``--review value``: lookahead n plays the best of n imagined candidates (rl/review.py),
+    recorded in the results and in each n's rig eval report."""
+    out = tmp_path / "out"
+    args = ["lookahead", "--checkpoint", str(catch_checkpoint), "--lookaheads", "0,2",
+            "--episodes", "2", "--num-envs", "2", "--review", "value",
+            "--imagine-temperature", "0.5", "--out", str(out)]  # fmt: skip
+    printed, result = _run(rig_main, capsys, tmp_path, args)
+    assert "review value" in printed
+    c = result["config"]
+    assert c["review"] == "value" and c["imagine_temperature"] == 0.5 and c["gamma"] == 0.99
+    for row in result["lookaheads"]:
+        assert row["settings"]["review"] == "value" and row["episodes"] == 2
+
+
 def test_lookahead_difference_resamples_the_shared_worlds_as_pairs():
     """The interval of the difference to n = 0 resamples worlds, not each side on its own: a
     policy exactly 1 better on every world, however differently its episodes finished, differs
@@ -1168,6 +1184,7 @@ def test_lookahead_difference_resamples_the_shared_worlds_as_pairs():
         (["--lookaheads", "1,2"], "--lookaheads must include 0"),
         (["--lookaheads", "0,1,1"], "--lookaheads names a lookahead twice"),
         (["--json", "no/such/x.json"], "--json: folder no/such does not exist"),
+        (["--review", "vote"], "--review must be one of sample, value, got 'vote'"),
     ],
 )  # fmt: skip
 def test_lookahead_bad_input_is_one_line_and_exit_2(rig_main, capsys, tmp_path, args, expected):
