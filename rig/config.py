@@ -241,6 +241,11 @@ class ImaginationConfig(Section):
     num_gpus_per_actor: float = Field(
         ge=0, description="Ray GPUs each imagination actor reserves; > 0 imagines on the GPU"
     )
+    updates: int = Field(
+        default=0, ge=0, le=64, description="extra PPO updates per iteration on imagined rows "
+        "only, each on a fresh imagined batch from the weights the one before left, while the "
+        "gate is open (Dyna's planning steps: more policy updates per real env step)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -234,16 +234,7 @@ class Trainer:
         ``wait`` False: the runners' sync is queued behind their samples in flight (the worker
         thread keeps the order) and its result is checked later (:meth:`_synced`)."""
         start = time.perf_counter()
-        if self.group:  # rank 0's full weights, already packed as NumPy buffers
-            from actors.weights import unpack_state
-
-            packed = self.learner.published_state_dict()
-            state = unpack_state(packed)
-        else:
-            state = self.engine.published_state_dict()
-        self._check_finite({}, state)  # never hand runners (or a checkpoint) non-finite weights
-        if self.group:
-            self.policy.load_state_dict(state)
+        state, packed = self._weights()
         version = self.counters.version
         # rollout.weight_sync collective: the inference actors get the tensors by a broadcast
         # from this process (actors/collective.py); imagination actors the object store still
@@ -262,6 +253,22 @@ class Trainer:
         if self.imagination is not None:
             self.imagination.sync_weights(state, version)
         return time.perf_counter() - start
+
+    def _weights(self) -> tuple[dict[str, Any], Any]:
+        """The learner's full weights (checked finite), and with a learner group rank 0's
+        packed NumPy buffers of them (else None); a group's copy here gets them too."""
+        packed = None
+        if self.group:  # rank 0's full weights, already packed as NumPy buffers
+            from actors.weights import unpack_state
+
+            packed = self.learner.published_state_dict()
+            state = unpack_state(packed)
+        else:
+            state = self.engine.published_state_dict()
+        self._check_finite({}, state)  # never hand runners (or a checkpoint) non-finite weights
+        if self.group:
+            self.policy.load_state_dict(state)
+        return state, packed
 
     def _synced(self, wait: bool = True) -> None:
         """Raise the error of any runner sync that failed; ``wait``: for all of them to end."""
@@ -377,7 +384,9 @@ class Trainer:
         from rl.policy import History
 
         cfg, c = self.config, self.counters
-        fresh = batch.versions >= c.version - cfg.ppo.max_policy_lag
+        # an iteration publishes 1 + imagination.updates versions at most: a sample in flight
+        # is at most max_policy_lag iterations old
+        fresh = batch.versions >= c.version - cfg.ppo.max_policy_lag * (1 + cfg.imagination.updates)
         dropped = int((~fresh).sum())
         c.dropped_stale += dropped
         keep = torch.as_tensor(np.flatnonzero(fresh))
@@ -470,6 +479,30 @@ class Trainer:
         self.counters.imagined_steps += steps
         return exp, metrics, (frames, imagined)
 
+    def imagined_updates(self, real) -> dict[str, float]:
+        """``imagination.updates`` more PPO updates, each on imagined rows only: the imagination
+        actors get the learner's weights, imagine from this iteration's real start states, and
+        the learner updates on that (Dyna's planning steps: the policy improves more per real
+        env step than one update of real + imagined rows allows). Each update is a version."""
+        c, n = self.counters, self.config.imagination.updates
+        rows, kl, off, checked = 0, 0.0, 0.0, 0.0
+        for _ in range(n):
+            self.imagination.sync_weights(self._weights()[0], c.version)
+            exp, _, _ = self.imagined_experience(real)
+            if not bool((exp.versions == c.version).all()):  # on-policy or not at all
+                raise RuntimeError(f"imagined rows of weights {exp.versions.unique().tolist()} "
+                                   f"for an update of weights {c.version}")  # fmt: skip
+            m = self.learner.update(exp, self.generator, c.version, 0.0, False)
+            self._check_finite(m)
+            rows += len(exp)
+            kl += m.get("policy/approx_kl_imagined", 0.0) / n
+            off = max(off, m.get("sync/logp_abs_diff_max", 0.0))  # actor vs learner log-probs
+            checked += m.get("sync/logp_rows_checked", 0.0)
+            c.version += 1
+        return {"imagination/extra_updates": float(n), "imagination/extra_rows": float(rows),
+                "imagination/extra_approx_kl": kl, "imagination/extra_sync_diff_max": off,
+                "imagination/extra_sync_rows_checked": checked}  # fmt: skip
+
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""
         from rl.experience import Experience
@@ -531,6 +564,8 @@ class Trainer:
                     len(exp) * cfg.ppo.epochs / max(time.perf_counter() - t_learn, 1e-9)
                 )
             c.version += 1
+            if parts and gate_open and self.imagination is not None and not frozen:
+                metrics.update(self.imagined_updates(real))
             # queued behind the samples in flight: they finish on the weights they started with
             metrics["sync/seconds"] = self._publish(wait=False)
             if not inflight:  # max_policy_lag 0: the next sample waits for these weights

@@ -113,13 +113,33 @@ def test_an_untrained_world_model_keeps_the_earned_gate_shut(tmp_path, monkeypat
     baselines every iteration, loses, and nothing is imagined (its rows would not be used)."""
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--config", DEBUG, *FAST, "imagination.gate=earned",
-                 "train.iterations=2"]) == 0  # fmt: skip
+                 "train.iterations=2", "imagination.updates=2"]) == 0  # fmt: skip
     client, run = mlflow_run(only_run(tmp_path))
     gate = client.get_metric_history(run.info.run_id, "imagination/gate_open")
     assert [m.value for m in gate] == [0.0, 0.0]
     metrics = run.data.metrics
     assert metrics["counters/imagined_steps"] == 0 and "imagination/steps_per_s" not in metrics
     assert metrics["world/code_accuracy"] < metrics["world/code_accuracy_copy"]
+    assert "imagination/extra_updates" not in metrics  # no imagined updates behind a shut gate
+
+
+def test_imagined_updates_follow_the_real_one_each_on_fresh_dreams_of_the_new_weights(in_tmp):
+    """imagination.updates 2: each iteration updates on real + imagined rows, then twice on
+    imagined rows only, each imagined by the weights the update before left (the learner's sync
+    check finds the imagination actor's log-probs equal to its own), each a weight version;
+    samples in flight (max_policy_lag 1) are not dropped as stale for it."""
+    code = main(["train", "--config", DEBUG, *FAST, "train.iterations=2", "imagination.updates=2",
+                 "ppo.max_policy_lag=1"])  # fmt: skip
+    assert code == 0
+    run_dir = only_run(in_tmp)
+    client, run = mlflow_run(run_dir)
+    metrics = run.data.metrics
+    counters = json.loads((run_dir / "checkpoints" / "iter_000002" / "counters.json").read_text())
+    assert counters["version"] == 1 + 2 * 3 and counters["dropped_stale"] == 0
+    assert counters["imagined_steps"] == 2 * 3 * 2 * 2  # iterations x rounds x starts x horizon
+    assert metrics["imagination/extra_updates"] == 2 and metrics["imagination/extra_rows"] == 8
+    assert metrics["imagination/extra_sync_rows_checked"] == 8  # every imagined row, both rounds
+    assert metrics["imagination/extra_sync_diff_max"] < 1e-3
 
 
 def test_resume_continues_counters_and_the_mlflow_run(trained, capsys, monkeypatch):
