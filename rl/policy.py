@@ -507,7 +507,8 @@ class RigPolicy(nn.Module):
         recorded); a value overrides it (the heads then read what they were not fitted to).
         ``frame_head``: the frame head's width; None takes the heads file's (0 without one or
         before it existed); a width the file holds another of is refused, one it holds none of
-        starts fresh (zero: the same world model). Every failure is an ``rl.model.CheckpointError`` naming the file."""
+        starts fresh (zero: the same world model). Every failure is an
+        ``rl.model.CheckpointError`` naming the file."""
         from safetensors import SafetensorError, safe_open
 
         from rl.model import CheckpointError, load_pretrained_dir
