@@ -91,6 +91,7 @@ def evaluate_policy(
     from rig.play import _VideoWriter
     from rig.tracking import side_by_side
     from rl.policy import History
+    from rl.review import review_by_value
 
     s = settings
     if s.review not in REVIEWS:
@@ -111,26 +112,22 @@ def evaluate_policy(
 
         def act(obs: np.ndarray, infos: dict[str, Any]) -> np.ndarray:
             nonlocal imagined, calls
+            measured = calls % s.psnr_every == 0
+            calls += 1
             if s.review == "value" and s.lookahead > 0:
-                from rl.review import review_by_value
-
                 review = review_by_value(
                     policy, obs, s.task, s.lookahead, s.max_reasoning_tokens, s.temperature,
                     generator, history=history, gamma=s.gamma,
                     imagine_temperature=s.imagine_temperature,
                 )  # fmt: skip
-                imagined = None  # the chosen candidate's dream is what the PSNR compares
-                if calls % s.psnr_every == 0:
-                    imagined = review.imagined.frames.cpu().numpy()
-                calls += 1
-                return review.actions.cpu().numpy()
-            out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
-                             history=history, lookahead=s.lookahead)  # fmt: skip
-            imagined = None
-            if calls % s.psnr_every == 0:
-                imagined = policy.imagine(out, s.temperature, generator).frames.cpu().numpy()
-            calls += 1
-            return out.actions.cpu().numpy()
+                actions, dream = review.actions, review.imagined.frames  # the chosen one's
+            else:
+                out = policy.act(obs, s.task, s.max_reasoning_tokens, s.temperature, generator,
+                                 history=history, lookahead=s.lookahead)  # fmt: skip
+                actions = out.actions
+                dream = policy.imagine(out, s.temperature, generator).frames if measured else None
+            imagined = dream.cpu().numpy() if measured else None
+            return actions.cpu().numpy()
 
         def on_step(step: Step) -> None:
             done = np.logical_or(step.terminated, step.truncated)
