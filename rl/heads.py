@@ -198,7 +198,8 @@ class ActionHead(nn.Module):
 class FrameHead(nn.Module):
     """The next frame's code logits read from the standardised decision state and the action:
     offsets (B, G, V) that the generation head's logits for the G codes after ``<Imagine:>`` add
-    (``RigPolicy.frame_offsets``; config ``policy.frame_head``, its hidden width).
+    (``RigPolicy.frame_offsets``; config ``policy.frame_head``, its hidden width), and offsets
+    (B, 2) that the world heads' reward and continue outputs add (:meth:`outcome`).
 
     For code g: ``out(relu(W z + C z_g + U[a] + P_g))``, where ``z`` (B, F) is the standardised
     state the value and action heads read (``RigPolicy.state_features``: ``cells`` pooled frame
@@ -216,6 +217,15 @@ class FrameHead(nn.Module):
     read the frame's columns. IRIS and DreamerV3 likewise predict the next latent from the
     current one and the action directly. The offsets are added, not substituted, so the
     generation head still conditions each code on the codes sampled before it.
+
+    The outcome (:meth:`outcome`): ``outcome(relu(W z + U[a]))``, the same hidden layer
+    without a code's own column and position, read out to the reward (symlog) and continue
+    logit that ``WorldHeads`` compute after the last imagined code; zero at first. Why: those
+    heads read the trunk's state after the imagined codes, where (as at ``<Imagine:>``) what
+    the frame changes is a small part; on Catch, at the step that decides catch or miss, the
+    review's q of a safe and an unsafe action differed by 0.08 (docs/benchmarks.md, session
+    44). The reward of a transition is a function of the state and the action (MuZero's
+    dynamics function predicts it from the two), both of which this layer reads directly.
     """
 
     def __init__(self, features: int, cells: int, codes: int, actions: int, vocab: int,
@@ -234,8 +244,10 @@ class FrameHead(nn.Module):
         self.action = nn.Embedding(actions, inner)
         self.position = nn.Parameter(torch.zeros(codes, inner))
         self.out = nn.Linear(inner, vocab)
-        nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        self.outcome_out = nn.Linear(inner, 2)
+        for layer in (self.out, self.outcome_out):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
         g = torch.arange(codes)  # code g sits at (g // side, g % side); its cell, row-major:
         cell = (g // side) * cside // side * cside + (g % side) * cside // side
         self.register_buffer("cell", cell, persistent=False)
@@ -246,6 +258,13 @@ class FrameHead(nn.Module):
         own = self.own(z.view(len(z), self.cells, -1))[:, self.cell]  # (B, G, inner)
         h = self.state(z)[:, None] + own + self.action(actions.long())[:, None] + self.position
         return self.out(torch.relu(h)).float()
+
+    def outcome(self, z: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, F) standardised states, (B,) action indices -> offsets (B,) float32 to the reward
+        head's output (symlog space) and (B,) float32 to the continue head's logit."""
+        z = z.to(self.out.weight.dtype)
+        out = self.outcome_out(torch.relu(self.state(z) + self.action(actions.long()))).float()
+        return out[:, 0], out[:, 1]
 
 
 __all__ = ["ActionHead", "FrameHead", "RunningStandardize", "ValueHead", "frozen_statistics"]

@@ -185,7 +185,8 @@ def teacher_forced(
     """One forward (no cache, with gradients) over the act sequence + ``<Imagine:>`` + the
     given codes (B, G). Returns generation-head logits (B, G, V) float32, where ``[:, g]`` is
     read at position ``P + L + g`` and predicts ``next_codes[:, g]``, and the hidden state
-    (B, D) after the last code (for :class:`WorldHeads`), the frame head's offsets added.
+    (B, D) after the last code (``RigPolicy.world_outcome`` reads reward and continue from it),
+    the frame head's offsets added to the logits.
     ``RigPolicy.evaluate(batch, next_codes)`` gives the same from the learner's one forward."""
     from rl.heads import frozen_statistics
 

@@ -85,6 +85,7 @@ LEGACY_VALUE_KEYS = {"value_head.0.weight", "value_head.2.weight"}
 HEAD_INNER_KEY = "value_head.inner.0.weight"  # (head_hidden, features): the heads' hidden layer
 ACTION_HEAD_KEYS = {"action_head.weight"}
 FRAME_HEAD_KEY = "frame_head.out.weight"  # (V_vq, frame_head): the frame head's output layer
+OUTCOME_KEYS = {"frame_head.outcome_out.weight", "frame_head.outcome_out.bias"}
 HEADS_FILE = "rig_heads.safetensors"
 
 SEES = ("frames", "reconstructions")
@@ -557,6 +558,10 @@ class RigPolicy(nn.Module):
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
             if FRAME_HEAD_KEY not in state:  # none saved: a fresh one (zero: the same codes)
                 state.update({k: v for k, v in heads.items() if k.startswith("frame_head.")})
+            elif OUTCOME_KEYS <= set(heads) and not OUTCOME_KEYS & set(state):
+                # saved before the frame head read out the outcome: a fresh (zero) one, the
+                # same rewards and continues
+                state.update({k: heads[k] for k in OUTCOME_KEYS})
             read = state.get("value_head.out.weight")
             if read is not None and HEAD_INNER_KEY not in state \
                     and read.shape[-1] == model.config.text_config.hidden_size \
@@ -751,6 +756,18 @@ class RigPolicy(nn.Module):
         if self.frame_head is None:
             return None
         return self.frame_head(state, actions.to(state.device))
+
+    def world_outcome(self, hidden: Tensor, state: Tensor, actions: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, D) the trunk's state after the last code of a next frame, (B, F) standardised
+        decision states, (B,) actions -> the world heads' ``(reward_pred, continue_logit)``
+        (B,) float32, the frame head's outcome offsets added (``rl.heads.FrameHead.outcome``).
+        Every path that reads a transition's reward and continue goes through here: the
+        learner's ``evaluate``, ``imagine`` and ``act_imagine`` (so the gate and the review)."""
+        reward_pred, cont_logit = self.world(hidden)
+        if self.frame_head is None:
+            return reward_pred, cont_logit
+        reward_off, cont_off = self.frame_head.outcome(state, actions.to(state.device))
+        return reward_pred + reward_off, cont_logit + cont_off
 
     def action_log_softmax(
         self, logits: Tensor, nodes: Tensor, state: Tensor, temperature: float
@@ -1043,7 +1060,8 @@ class RigPolicy(nn.Module):
         (``rl.imagine.frame_codes``), the same forward goes on over ``<Imagine:>`` + those codes
         and also returns ``next_frame_logits`` (B, G, V_vq) float32 (``[:, g]`` predicts
         ``next_codes[:, g]``: the input of ``rl.losses.next_frame_loss``), and ``reward_pred``
-        and ``continue_logit`` (B,) from the world heads after the last code.
+        and ``continue_logit`` (B,) from the world heads after the last code
+        (:meth:`world_outcome`).
         """
         P, T = batch.prompt_length, batch.temperature
         tokens = batch.tokens.to(self.device)  # (B, L)
@@ -1088,7 +1106,8 @@ class RigPolicy(nn.Module):
             logits = code_logits(self, full[:, start : start + G])
             offsets = self.frame_offsets(state, batch.actions)
             out["next_frame_logits"] = logits if offsets is None else logits + offsets
-            out["reward_pred"], out["continue_logit"] = self.world(full[:, -1])
+            out["reward_pred"], out["continue_logit"] = self.world_outcome(
+                full[:, -1], state, batch.actions)
         return out
 
     @torch.no_grad()
@@ -1136,9 +1155,10 @@ class RigPolicy(nn.Module):
         last code."""
         from rl.losses import symexp
 
-        offsets = self.frame_offsets(self.value_head.norm(stream.frame), actions)
+        state = self.value_head.norm(stream.frame)
+        offsets = self.frame_offsets(state, actions)
         sampled, log_probs, h = sample_frame(self, stream, temperature, generator, offsets)
-        reward_pred, cont_logit = self.world(h)
+        reward_pred, cont_logit = self.world_outcome(h, state, actions)
         return ImagineOutput(
             codes=sampled,
             log_probs=log_probs,

@@ -29,6 +29,7 @@ def policy():
                                                         frame_head=WIDTH).eval()))  # fmt: skip
     with torch.no_grad():  # a trained-looking head: O(1) offsets that depend on state and action
         p.frame_head.out.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(4))
+        p.frame_head.outcome_out.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(6))
         p.value_head.norm.var.fill_(1e-3)  # standardised columns of order 1
     return p
 
@@ -120,6 +121,33 @@ def test_sft_scores_each_frame_after_its_own_action(policy, monkeypatch):
     assert float(scored[0, 1].max()) < -100 and float(scored[:, 2].min()) > -1e-3
 
 
+def test_reward_and_continue_add_the_outcome_read_out_on_every_path(policy):
+    """``imagine``/``act_imagine`` (so the gate and the review) and the learner's ``evaluate``
+    give one reward and continue per transition, the outcome offsets of the real frame's state
+    and the row's action added to the world heads' reading after the last code."""
+    x = frames(4, seed=7)
+    out, img = policy.act_imagine(x, TASK, 6, 1.0, torch.Generator().manual_seed(2),
+                                  imagine_temperature=0.7)  # fmt: skip
+    with torch.no_grad():
+        res = policy.evaluate(out, img.codes)
+        again = policy.imagine(out, 0.7, torch.Generator().manual_seed(9))
+        _, h_last = teacher_forced(policy, out, img.codes)
+        alone_r, alone_c = policy.world(h_last)
+        state = policy.decision_state(policy.forward_sequence(out)[0], out)
+        other = policy.frame_head.outcome(state, (out.actions + 1) % len(policy.codec.vocab))[0]
+        reward_off, continue_off = policy.frame_head.outcome(state, out.actions)
+    torch.testing.assert_close(res["reward_pred"], img.reward_pred, atol=1e-4, rtol=0)
+    torch.testing.assert_close(res["continue_logit"], img.continue_logit, atol=1e-4, rtol=0)
+    torch.testing.assert_close(img.reward_pred, alone_r + reward_off, atol=1e-4, rtol=0)
+    torch.testing.assert_close(img.continue_logit, alone_c + continue_off, atol=1e-4, rtol=0)
+    assert float(reward_off.abs().min()) > 1e-3 and float(continue_off.abs().min()) > 1e-3
+    assert float((other - reward_off).abs().max()) > 0.1  # it reads the action
+    # imagine() on the act output reads the same state (its own codes: another draw)
+    with torch.no_grad():
+        res = policy.evaluate(out, again.codes)
+    torch.testing.assert_close(res["reward_pred"], again.reward_pred, atol=1e-4, rtol=0)
+
+
 def test_the_frame_head_is_saved_and_a_checkpoint_without_one_gets_a_fresh_one(policy, tmp_path):
     from rl.model import CheckpointError
 
@@ -136,6 +164,15 @@ def test_the_frame_head_is_saved_and_a_checkpoint_without_one_gets_a_fresh_one(p
     fresh = RigPolicy.load(old, crafter_codec(), frame_head=8)
     assert fresh.frame_head.out.in_features == 8 and not bool(fresh.frame_head.out.weight.any())
     assert RigPolicy.load(old, crafter_codec()).frame_head is None
+    # saved before the outcome read-out: the frame head loads, its outcome layer starts at 0
+    from safetensors.torch import load_file, save_file
+
+    heads = load_file(str(path / HEADS_FILE))
+    save_file({k: v for k, v in heads.items() if "outcome_out" not in k}, str(path / HEADS_FILE),
+              metadata={"sees": "frames"})  # fmt: skip
+    before = RigPolicy.load(path, crafter_codec())
+    torch.testing.assert_close(before.frame_head.out.weight, policy.frame_head.out.weight)
+    assert not bool(before.frame_head.outcome_out.weight.any())
     assert (old / HEADS_FILE).is_file()
     with pytest.raises(ValueError, match="frame_head must be >= 0"):
         RigPolicy.from_preset("tiny", crafter_codec(), frame_head=-1)
