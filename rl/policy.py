@@ -558,7 +558,7 @@ class RigPolicy(nn.Module):
                 state[key] = heads[key]  # the fresh head is zero, i.e. the same policy
             if FRAME_HEAD_KEY not in state:  # none saved: a fresh one (zero: the same codes)
                 state.update({k: v for k, v in heads.items() if k.startswith("frame_head.")})
-            elif OUTCOME_KEYS <= set(heads) and not OUTCOME_KEYS & set(state):
+            elif set(heads) >= OUTCOME_KEYS and not OUTCOME_KEYS & set(state):
                 # saved before the frame head read out the outcome: a fresh (zero) one, the
                 # same rewards and continues
                 state.update({k: heads[k] for k in OUTCOME_KEYS})
