@@ -105,6 +105,7 @@ def bench_lookahead(
     temperature: float | None = None,
     review: str = "sample",
     imagine_temperature: float | None = None,
+    review_depth: int = 1,
 ) -> dict[str, Any]:
     """Play ``checkpoint`` at every lookahead on the worlds of ``seed``; write results.json, the
     reports and the plot to ``out``; returns the results. Bad input is a ``UserError``."""
@@ -119,7 +120,7 @@ def bench_lookahead(
         raise UserError("--episodes, --num-envs and --threads must be >= 1, --seed >= 0")
     if config is not None and not Path(config).is_file():
         raise UserError(f"--config {config}: no such file (rig presets live in configs/)")
-    _check_review(review)
+    _check_review(review, review_depth)
     cfg = load_config(config, list(overrides))
     import torch
 
@@ -128,7 +129,7 @@ def bench_lookahead(
         Path(checkpoint), cfg, env, episodes=episodes, num_envs=num_envs,
         lookahead=max(lookaheads), max_reasoning_tokens=max_reasoning_tokens,
         temperature=temperature, psnr_every=NO_IMAGINE, seed=seed, review=review,
-        imagine_temperature=imagine_temperature,
+        imagine_temperature=imagine_temperature, review_depth=review_depth,
     )  # fmt: skip
     out = Path(out or f"runs/bench-lookahead-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()):
@@ -179,6 +180,7 @@ def bench_lookahead(
                    "temperature": settings.temperature, "history": settings.history,
                    "review": settings.review, "gamma": settings.gamma,
                    "imagine_temperature": settings.imagine_temperature,
+                   "review_depth": settings.review_depth,
                    "scored": env_id == CRAFTER},
         "lookaheads": rows,
         "out": str(out),
@@ -243,7 +245,9 @@ def header(result: dict[str, Any]) -> str:
             f"lookahead on {c['num_envs']} envs, env seed {c['seed']} for every n (the same "
             f"worlds); up to {c['max_reasoning_tokens']} reasoning tokens, temperature "
             f"{c['temperature']}, {c['threads']} torch thread(s); review "
-            f"{c.get('review', 'sample')}")  # fmt: skip
+            f"{c.get('review', 'sample')}"
+            + (f", {c['review_depth']} imagined steps per candidate"
+               if c.get("review_depth", 1) > 1 else ""))  # fmt: skip
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:

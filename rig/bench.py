@@ -462,6 +462,8 @@ def lookahead(
         "world model and critic, rl/review.py)")] = "sample",
     imagine_temperature: Annotated[float | None, typer.Option(
         "--imagine-temperature", min=1e-6, help="--review value's code sampler")] = None,
+    review_depth: Annotated[int, typer.Option(
+        "--review-depth", help="--review value: imagined steps per candidate")] = 1,
     threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads")] = 1,
     out: Annotated[Path | None, typer.Option(
         "--out", help="results folder (default runs/bench-lookahead-<time>)")] = None,
@@ -474,6 +476,7 @@ def lookahead(
         checkpoint, bench.parse_lookaheads(lookaheads), episodes, num_envs, seed, out, env,
         config, overrides or [], threads, max_reasoning_tokens=max_reasoning_tokens,
         temperature=temperature, review=review, imagine_temperature=imagine_temperature,
+        review_depth=review_depth,
     )  # fmt: skip
     _report(bench, result, json_path)
 

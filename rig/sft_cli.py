@@ -361,6 +361,9 @@ def evaluate(
     imagine_temperature: Annotated[float | None, typer.Option(
         "--imagine-temperature", min=1e-6, help="--review value's code sampler "
         "(default: --temperature)")] = None,
+    review_depth: Annotated[int, typer.Option(
+        "--review-depth", help="--review value: imagined steps per candidate before the "
+        "critic judges (1: the next frame's r + gamma c V)")] = 1,
     num_envs: Annotated[int, typer.Option("--num-envs", min=1, help="envs in parallel")] = 4,
     history: Annotated[
         int | None, typer.Option("--history", min=0, help="past steps (default: the checkpoint's)")
@@ -393,7 +396,7 @@ def evaluate(
     from rig.config import load_config
 
     cfg = load_config(config, overrides or [])
-    _check_review(review)
+    _check_review(review, review_depth)
     out = _out_dir(out, cfg, "eval")
 
     import torch
@@ -409,7 +412,7 @@ def evaluate(
         checkpoint, cfg, env, episodes=episodes, num_envs=num_envs, lookahead=lookahead,
         history=history, max_reasoning_tokens=max_reasoning_tokens, temperature=temperature,
         psnr_every=psnr_every, seed=seed, max_steps=max_steps, video_size=video_size,
-        review=review, imagine_temperature=imagine_temperature,
+        review=review, imagine_temperature=imagine_temperature, review_depth=review_depth,
     )  # fmt: skip
 
     out.mkdir(parents=True, exist_ok=True)
@@ -440,11 +443,14 @@ def evaluate(
     typer.echo(f"MLflow: {tracker.tracking_uri} (run {tracker.run_id})")
 
 
-def _check_review(review: str) -> None:
+def _check_review(review: str, depth: int = 1) -> None:
     from supervised.evaluate import REVIEWS
 
     if review not in REVIEWS:
         raise UserError(f"--review must be one of {', '.join(REVIEWS)}, got {review!r}")
+    if depth < 1:
+        raise UserError(f"--review-depth must be >= 1 (1: judge the next imagined frame), "
+                        f"got {depth}")  # fmt: skip
 
 
 __all__ = ["EvalInputs", "evaluate", "prepare_eval", "sft"]

@@ -15,6 +15,16 @@ Here the review is done by the world model and the critic, which RL did train::
 
 This is best-of-n with the world model as the verifier: n = 1 is the policy itself, and more
 candidates buy a better decision with compute at test time, the shape of RIG's test-time scaling.
+
+``depth`` d > 1 looks further before judging: from each candidate's imagined frame the policy
+goes on acting in its own world model for d - 1 more steps, and
+
+    q_i = r_0 + gamma c_0 (r_1 + gamma c_1 (... + gamma c_{d-1} V(s_d)))
+
+(the imagined rollout's discounted predicted rewards, each step weighted by the predicted
+continues before it, then the critic). Where the critic of an imagined frame is the weak part
+(a state one move from lost looks like one one move from safe), the reward head at the end of
+the imagined episode decides instead; the price is d imagined steps per candidate.
 Candidates are sampled (not every action enumerated), so it works for any action space; on a
 small one they repeat. It is a test-time procedure: the action taken is not a sample of the
 recorded distribution, so RL keeps acting with ``act`` (``policy.lookahead``).
@@ -40,7 +50,7 @@ class Review:
     actions: Tensor  # (B,) int64 the chosen candidates' actions
     chosen: Tensor  # (B,) int64 index of the chosen candidate in 0..n-1
     candidates: Tensor  # (B, n) int64 every candidate's action
-    q: Tensor  # (B, n) float32 r + gamma * c * V(imagined) of each candidate
+    q: Tensor  # (B, n) float32 each candidate's imagined return (module docstring)
     act: ActOutput  # the chosen candidates' act rows (B rows)
     imagined: ImagineOutput  # the chosen candidates' imagined next frames (B rows)
 
@@ -62,12 +72,16 @@ def review_by_value(
     history: History | None = None,
     gamma: float = 0.99,
     imagine_temperature: float | None = None,
+    depth: int = 1,
 ) -> Review:
     """Sample ``candidates`` actions per frame (B, H, W, 3), imagine each one's next frame, and
-    choose the one with the highest ``r + gamma * c * V(imagined frame)`` (module docstring).
+    choose the one with the highest ``r + gamma * c * V(imagined frame)``, or with ``depth``
+    > 1 the highest return of a ``depth``-step imagined rollout (module docstring).
     ``imagine_temperature``: the code sampler's (default ``temperature``)."""
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     frames_t = frames if isinstance(frames, Tensor) else torch.as_tensor(np.asarray(frames))
@@ -79,8 +93,18 @@ def review_by_value(
     out, img = policy.act_imagine(_repeat(frames_t, n), tasks, max_reasoning_tokens, temperature,
                                   generator, history=copies,
                                   imagine_temperature=imagine_temperature)  # fmt: skip
-    values = policy.state_values(img.frames, tasks, History.after(out))  # V(s') on each dream
-    q = (img.reward + gamma * img.continue_prob * values).view(B, n).float()
+    q = img.reward.float()
+    weight = gamma * img.continue_prob.float()  # of what follows, discounted
+    last, frames_k = out, img.frames
+    for _ in range(depth - 1):  # the policy goes on in its own world model
+        last, dream = policy.act_imagine(frames_k, tasks, max_reasoning_tokens, temperature,
+                                         generator, history=History.after(last),
+                                         imagine_temperature=imagine_temperature)  # fmt: skip
+        q = q + weight * dream.reward.float()
+        weight = weight * gamma * dream.continue_prob.float()
+        frames_k = dream.frames
+    values = policy.state_values(frames_k, tasks, History.after(last))  # V on the last dream
+    q = (q + weight * values.float()).view(B, n)
     chosen = q.argmax(1)
     rows = torch.arange(B, device=chosen.device) * n + chosen
     picked = ImagineOutput(**{k: (v[rows] if isinstance(v, Tensor) else v)

@@ -46,6 +46,7 @@ class EvalSettings:
     review: str = "sample"  # REVIEWS
     gamma: float = 0.99  # review "value"'s discount (the checkpoint's ppo.gamma when it has one)
     imagine_temperature: float | None = None  # review "value"'s code sampler; None: temperature
+    review_depth: int = 1  # review "value"'s imagined steps per candidate (rl.review)
     history: int = 0
     task: str = "survive and unlock as many achievements as you can"
     max_reasoning_tokens: int = 64
@@ -96,6 +97,8 @@ def evaluate_policy(
     s = settings
     if s.review not in REVIEWS:
         raise ValueError(f"review must be one of {REVIEWS}, got {s.review!r}")
+    if s.review_depth < 1:
+        raise ValueError(f"review_depth must be >= 1, got {s.review_depth}")
     n = s.num_envs
     venv = make_vector(env_id, n, size=size, vectorization=vectorization, **env_kwargs)
     writer = None
@@ -118,7 +121,7 @@ def evaluate_policy(
                 review = review_by_value(
                     policy, obs, s.task, s.lookahead, s.max_reasoning_tokens, s.temperature,
                     generator, history=history, gamma=s.gamma,
-                    imagine_temperature=s.imagine_temperature,
+                    imagine_temperature=s.imagine_temperature, depth=s.review_depth,
                 )  # fmt: skip
                 actions, dream = review.actions, review.imagined.frames  # the chosen one's
             else:

@@ -1144,13 +1144,15 @@ def test_lookahead_with_review_by_value_plays_candidates(rig_main, capsys, tmp_p
     out = tmp_path / "out"
     args = ["lookahead", "--checkpoint", str(catch_checkpoint), "--lookaheads", "0,2",
             "--episodes", "2", "--num-envs", "2", "--review", "value",
-            "--imagine-temperature", "0.5", "--out", str(out)]  # fmt: skip
+            "--imagine-temperature", "0.5", "--review-depth", "2", "--out", str(out)]  # fmt: skip
     printed, result = _run(rig_main, capsys, tmp_path, args)
-    assert "review value" in printed
+    assert "review value, 2 imagined steps per candidate" in printed
     c = result["config"]
     assert c["review"] == "value" and c["imagine_temperature"] == 0.5 and c["gamma"] == 0.99
+    assert c["review_depth"] == 2
     for row in result["lookaheads"]:
         assert row["settings"]["review"] == "value" and row["episodes"] == 2
+        assert row["settings"]["review_depth"] == 2
 
 
 def test_lookahead_difference_resamples_the_shared_worlds_as_pairs():
@@ -1185,6 +1187,7 @@ def test_lookahead_difference_resamples_the_shared_worlds_as_pairs():
         (["--lookaheads", "0,1,1"], "--lookaheads names a lookahead twice"),
         (["--json", "no/such/x.json"], "--json: folder no/such does not exist"),
         (["--review", "vote"], "--review must be one of sample, value, got 'vote'"),
+        (["--review-depth", "0"], "--review-depth must be >= 1 (1: judge the next imagined frame), got 0"),
     ],
 )  # fmt: skip
 def test_lookahead_bad_input_is_one_line_and_exit_2(rig_main, capsys, tmp_path, args, expected):

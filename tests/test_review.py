@@ -67,6 +67,32 @@ def test_the_critic_on_the_dream_decides(tiny_policy, monkeypatch):
     assert not bool((review.actions[~proposed] == target).any())
 
 
+def test_a_deeper_review_sums_the_imagined_rollouts_discounted_return(tiny_policy):
+    """depth 3: each candidate's q is r_0 + g c_0 (r_1 + g c_1 (r_2 + g c_2 V(s_3))) of the
+    policy acting on in its own dreams, recomputed here step by step with the same draws."""
+    policy, B, n, g = tiny_policy, 2, 3, 0.9
+    x = frames(B, seed=5)
+    review = review_by_value(policy, x, TASK, n, 4, 1.0, torch.Generator().manual_seed(3),
+                             gamma=g, imagine_temperature=0.5, depth=3)  # fmt: skip
+    gen = torch.Generator().manual_seed(3)
+    rep = torch.as_tensor(x).repeat_interleave(n, 0)
+    out, img = policy.act_imagine(rep, TASK, 4, 1.0, gen, imagine_temperature=0.5)
+    steps = [img]
+    for _ in range(2):
+        out, img = policy.act_imagine(img.frames, TASK, 4, 1.0, gen, history=History.after(out),
+                                      imagine_temperature=0.5)  # fmt: skip
+        steps.append(img)
+    q = policy.state_values(img.frames, TASK, History.after(out))
+    for step in reversed(steps):
+        q = step.reward + g * step.continue_prob * q
+    torch.testing.assert_close(review.q, q.view(B, n), atol=1e-4, rtol=1e-4)
+    assert torch.equal(review.chosen, review.q.argmax(1))
+    shallow = review_by_value(policy, x, TASK, n, 4, 1.0, torch.Generator().manual_seed(3),
+                              gamma=g, imagine_temperature=0.5)  # fmt: skip
+    assert torch.equal(shallow.candidates, review.candidates)  # the same first draws
+    assert float((shallow.q - review.q).abs().max()) > 1e-3  # but judged further on
+
+
 def test_one_candidate_is_the_policy_itself_and_bad_settings_are_refused(tiny_policy):
     x = frames(2, seed=4)
     review = review_by_value(tiny_policy, x, TASK, 1, 4, 1.0, torch.Generator().manual_seed(2))
@@ -76,6 +102,8 @@ def test_one_candidate_is_the_policy_itself_and_bad_settings_are_refused(tiny_po
         review_by_value(tiny_policy, x, TASK, 0)
     with pytest.raises(ValueError, match="gamma must be in"):
         review_by_value(tiny_policy, x, TASK, 2, gamma=1.5)
+    with pytest.raises(ValueError, match="depth must be >= 1"):
+        review_by_value(tiny_policy, x, TASK, 2, depth=0)
 
 
 def test_eval_with_review_by_value_plays_and_reports(tiny_policy):
