@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,11 @@ from rl.heads import RunningStandardize, frozen_statistics
 from rl.policy import RigPolicy
 
 GRAD_NORM_ROWS = 16
+
+WORLD_MODEL_ONLY = ("world.", "frame_head.", "model.model.generation_head.")
+"""Parameters that only the world-model terms train (they read the trunk and feed nothing back
+into the policy): an update without real rows (``imagination.updates``) has no such term, and
+they rest through it (:func:`_resting`)."""
 """Rows of one minibatch per update on which each term's gradient norm is measured (one
 forward and one backward per term on them: about a tenth of an update of 128-row minibatches)."""
 
@@ -390,7 +397,30 @@ def ppo_update(
     this update's weight of the KL penalty to the behaviour policy (``minibatch_terms``).
     ``actor_frozen`` (``ppo.freeze_actor_iterations``): the policy, entropy and KL terms are
     weighted 0 and the KL stop is off: the value and world-model terms train (the action head
-    gets no gradient; a trunk that is not frozen still moves with the world-model terms)."""
+    gets no gradient; a trunk that is not frozen still moves with the world-model terms).
+    An update without real rows (``imagination.updates``) leaves the parameters only the
+    world-model terms train (:data:`WORLD_MODEL_ONLY`) as they are, at ZeRO 0 (:func:`_resting`)."""
+    # an update on imagined rows alone has no world-model term: those parameters rest
+    rest = getattr(engine.config, "zero_stage", 0) == 0 and not bool((~exp.imagined).any())
+    with _resting(policy, WORLD_MODEL_ONLY if rest else ()):
+        return _update(engine, policy, reference, exp, cfg, generator, version, dp, trunk_once,
+                       kl_coeff, actor_frozen)  # fmt: skip
+
+
+def _update(
+    engine: Any,
+    policy: RigPolicy,
+    reference: RigPolicy | None,
+    exp: Experience,
+    cfg: PPOConfig,
+    generator: torch.Generator,
+    version: int,
+    dp: DataParallel | None,
+    trunk_once: bool | None,
+    kl_coeff: float,
+    actor_frozen: bool,
+) -> dict[str, float]:
+    """:func:`ppo_update`'s body."""
     if actor_frozen:
         cfg = frozen_actor(cfg)
         kl_coeff = 0.0
@@ -454,6 +484,28 @@ def ppo_update(
     out["learner/kl_stopped"] = float(stopped)
     out["learner/grad_norm"] = grad_norm
     return out
+
+
+@contextmanager
+def _resting(policy: RigPolicy, prefixes: tuple[str, ...]) -> Iterator[None]:
+    """The trainable parameters named ``prefixes...`` take no gradient (``requires_grad``
+    off) inside, so the optimiser steps past them.
+
+    Why: an update without a term for them must leave them alone, but AdamW moves a parameter
+    whose gradient is zero by its momentum, and DeepSpeed (ZeRO 0) gives every trainable
+    parameter the autograd graph did not reach a zero gradient (for its all-reduce); torch's
+    AdamW skips a parameter without one. Under ZeRO 1-3 the optimiser steps the flat partition
+    of every parameter, so this is done at ZeRO 0 only (see the caller)."""
+    idle = [p for name, p in policy.named_parameters()
+            if p.requires_grad and name.startswith(prefixes)]  # fmt: skip
+    for p in idle:
+        p.requires_grad_(False)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p in idle:
+            p.requires_grad_(True)
 
 
 def frozen_actor(cfg: PPOConfig) -> PPOConfig:

@@ -199,6 +199,59 @@ def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
     assert not torch.equal(state0["value_head.out.weight"], tiny_policy.value_head.out.weight)
 
 
+def test_an_update_on_imagined_rows_alone_leaves_the_world_model_as_it_is(tiny_policy):
+    """``imagination.updates``: after an update on real rows (the optimiser now has momentum),
+    one on imagined rows alone has no world-model term. DeepSpeed (ZeRO 0) gives the parameters
+    the loss did not reach zero gradients, on which AdamW would move them by momentum: the
+    world heads and the generation head must stay bit for bit, the value and action heads move."""
+    import copy
+
+    pytest.importorskip("deepspeed")
+    from learner.engine import DeepSpeedEngine, LearnerConfig
+    from learner.ppo import WORLD_MODEL_ONLY, PPOConfig, ppo_update
+    from rl.imagine import frame_codes
+    from rl.losses import LOSS_NAMES
+
+    policy = copy.deepcopy(tiny_policy)
+    policy.model.model.vqmodel.requires_grad_(False)
+    engine = DeepSpeedEngine(policy, LearnerConfig(
+        zero_stage=0, precision="fp32", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+        grad_accum_steps=1, grad_clip=1.0, warmup_steps=0, device="cpu",
+    ))  # fmt: skip
+    frames = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    gen = torch.Generator().manual_seed(3)
+    act = policy.act(frames, "eat", 2, 1.0, gen)
+    real = real_experience(
+        act, np.array([0.0, 1.0, 0.0, 0.5], np.float32), np.zeros(4, bool), np.zeros(4, bool),
+        np.array([0, 0, 1, 1]), torch.tensor([0.1, -0.1]),
+        frame_codes(policy, np.roll(frames, 1, axis=0)), np.zeros(4, np.int64), 0.99, 0.95,
+    )  # fmt: skip
+    cfg = PPOConfig(
+        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
+        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
+        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
+        loss_scales={n: 1.0 for n in LOSS_NAMES},
+    )  # fmt: skip
+    ppo_update(engine, policy, None, real, cfg, torch.Generator().manual_seed(0), 0)
+    img_act = policy.act(frames, "eat", 2, 1.0, gen)
+    imagined = imagined_experience(img_act, torch.tensor([0.0, 0.5, 0.1, 0.2]),
+                                   torch.tensor([0.9, 0.8, 0.9, 0.9]), torch.tensor([0.1, 0.2]),
+                                   2, 1, 0.5, 0.99, 0.95, policy.image_tokens)  # fmt: skip
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    ppo_update(engine, policy, None, imagined, cfg, torch.Generator().manual_seed(0), 1)
+    after = policy.state_dict()
+    world = [k for k in after if k.startswith(WORLD_MODEL_ONLY)]
+    assert any(k.startswith("world.") for k in world) and any("generation_head" in k for k in world)
+    assert all(torch.equal(before[k], after[k]) for k in world)
+    assert not torch.equal(before["value_head.out.weight"], after["value_head.out.weight"])
+    assert not torch.equal(before["action_head.weight"], after["action_head.weight"])
+    assert all(p.requires_grad for k, p in policy.named_parameters() if k.startswith(WORLD_MODEL_ONLY))
+    # and an update with real rows trains them again
+    rested = policy.world.reward[2].weight.detach().clone()
+    ppo_update(engine, policy, None, real, cfg, torch.Generator().manual_seed(0), 2)
+    assert not torch.equal(rested, policy.world.reward[2].weight)
+
+
 class _SliceableAct(_Act):
     def __getitem__(self, rows):
         return _SliceableAct(self.values[rows].tolist())
