@@ -48,8 +48,9 @@ start when it starts to move.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -366,6 +367,22 @@ def proximal_log_probs(policy: RigPolicy, exp: Experience, chunk: int) -> torch.
     return torch.cat(out)
 
 
+def _rests_the_world_model(update: Callable[..., dict[str, float]]) -> Callable[..., dict[str, float]]:
+    """An update without real rows (``imagination.updates``) has no world-model term: the
+    parameters only those terms train (:data:`WORLD_MODEL_ONLY`) rest through it, at ZeRO 0
+    (:func:`_resting`)."""
+
+    @functools.wraps(update)
+    def wrapper(engine: Any, policy: RigPolicy, reference: RigPolicy | None, exp: Experience,
+                *args: Any, **kwargs: Any) -> dict[str, float]:  # fmt: skip
+        rest = getattr(engine.config, "zero_stage", 0) == 0 and not bool((~exp.imagined).any())
+        with _resting(policy, WORLD_MODEL_ONLY if rest else ()):
+            return update(engine, policy, reference, exp, *args, **kwargs)
+
+    return wrapper
+
+
+@_rests_the_world_model
 def ppo_update(
     engine: Any,
     policy: RigPolicy,
@@ -400,27 +417,6 @@ def ppo_update(
     gets no gradient; a trunk that is not frozen still moves with the world-model terms).
     An update without real rows (``imagination.updates``) leaves the parameters only the
     world-model terms train (:data:`WORLD_MODEL_ONLY`) as they are, at ZeRO 0 (:func:`_resting`)."""
-    # an update on imagined rows alone has no world-model term: those parameters rest
-    rest = getattr(engine.config, "zero_stage", 0) == 0 and not bool((~exp.imagined).any())
-    with _resting(policy, WORLD_MODEL_ONLY if rest else ()):
-        return _update(engine, policy, reference, exp, cfg, generator, version, dp, trunk_once,
-                       kl_coeff, actor_frozen)  # fmt: skip
-
-
-def _update(
-    engine: Any,
-    policy: RigPolicy,
-    reference: RigPolicy | None,
-    exp: Experience,
-    cfg: PPOConfig,
-    generator: torch.Generator,
-    version: int,
-    dp: DataParallel | None,
-    trunk_once: bool | None,
-    kl_coeff: float,
-    actor_frozen: bool,
-) -> dict[str, float]:
-    """:func:`ppo_update`'s body."""
     if actor_frozen:
         cfg = frozen_actor(cfg)
         kl_coeff = 0.0

@@ -155,6 +155,31 @@ def test_ppo_update_on_real_and_imagined_rows(tiny_policy):
     assert all(torch.equal(ref_state[k], tiny_policy.state_dict()[k]) for k in ref_state)
 
 
+def _four_real_rows(policy, frames: np.ndarray, generator) -> Experience:
+    """Real experience of 4 rows: ``policy`` acting on ``frames``, two chunks of two steps."""
+    from rl.imagine import frame_codes
+
+    act = policy.act(frames, "eat", 2, 1.0, generator)
+    return real_experience(
+        act, np.array([0.0, 1.0, 0.0, 0.5], np.float32), np.zeros(4, bool), np.zeros(4, bool),
+        np.array([0, 0, 1, 1]), torch.tensor([0.1, -0.1]),
+        frame_codes(policy, np.roll(frames, 1, axis=0)), np.zeros(4, np.int64), 0.99, 0.95,
+    )  # fmt: skip
+
+
+def _four_row_config():
+    """Two epochs of one 4-row minibatch, every loss term on."""
+    from learner.ppo import PPOConfig
+    from rl.losses import LOSS_NAMES
+
+    return PPOConfig(
+        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
+        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
+        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
+        loss_scales={n: 1.0 for n in LOSS_NAMES},
+    )  # fmt: skip
+
+
 def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
     """Two PPO steps of the tiny policy through DeepSpeed with ZeRO 0, 1 and 2 (CPU, gloo): the
     second step's loss (which depends on the first update) and the weights agree."""
@@ -162,23 +187,11 @@ def test_policy_update_is_the_same_under_zero_0_1_2(tiny_policy):
 
     pytest.importorskip("deepspeed")
     from learner.engine import DeepSpeedEngine, LearnerConfig
-    from learner.ppo import PPOConfig, ppo_update
-    from rl.imagine import frame_codes
-    from rl.losses import LOSS_NAMES
+    from learner.ppo import ppo_update
 
     frames = np.random.default_rng(2).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
-    act = tiny_policy.act(frames, "eat", 2, 1.0, torch.Generator().manual_seed(2))
-    exp = real_experience(
-        act, np.array([0.0, 1.0, 0.0, 0.5], np.float32), np.zeros(4, bool), np.zeros(4, bool),
-        np.array([0, 0, 1, 1]), torch.tensor([0.1, -0.1]),
-        frame_codes(tiny_policy, np.roll(frames, 1, axis=0)), np.zeros(4, np.int64), 0.99, 0.95,
-    )  # fmt: skip
-    cfg = PPOConfig(
-        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
-        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
-        loss_scales={n: 1.0 for n in LOSS_NAMES},
-    )  # fmt: skip
+    exp = _four_real_rows(tiny_policy, frames, torch.Generator().manual_seed(2))
+    cfg = _four_row_config()
     results = []
     for stage in (0, 1, 2):
         policy = copy.deepcopy(tiny_policy)
@@ -208,9 +221,7 @@ def test_an_update_on_imagined_rows_alone_leaves_the_world_model_as_it_is(tiny_p
 
     pytest.importorskip("deepspeed")
     from learner.engine import DeepSpeedEngine, LearnerConfig
-    from learner.ppo import WORLD_MODEL_ONLY, PPOConfig, ppo_update
-    from rl.imagine import frame_codes
-    from rl.losses import LOSS_NAMES
+    from learner.ppo import WORLD_MODEL_ONLY, ppo_update
 
     policy = copy.deepcopy(tiny_policy)
     policy.model.model.vqmodel.requires_grad_(False)
@@ -220,18 +231,7 @@ def test_an_update_on_imagined_rows_alone_leaves_the_world_model_as_it_is(tiny_p
     ))  # fmt: skip
     frames = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
     gen = torch.Generator().manual_seed(3)
-    act = policy.act(frames, "eat", 2, 1.0, gen)
-    real = real_experience(
-        act, np.array([0.0, 1.0, 0.0, 0.5], np.float32), np.zeros(4, bool), np.zeros(4, bool),
-        np.array([0, 0, 1, 1]), torch.tensor([0.1, -0.1]),
-        frame_codes(policy, np.roll(frames, 1, axis=0)), np.zeros(4, np.int64), 0.99, 0.95,
-    )  # fmt: skip
-    cfg = PPOConfig(
-        gamma=0.99, lam=0.95, clip_eps=0.2, value_clip=None, epochs=2, minibatch_size=4,
-        reasoning_weight=0.5, reduction="sequence", kl_estimator="k3",
-        normalize_advantages=True, max_policy_lag=1, sync_check_rows=64,
-        loss_scales={n: 1.0 for n in LOSS_NAMES},
-    )  # fmt: skip
+    real, cfg = _four_real_rows(policy, frames, gen), _four_row_config()
     ppo_update(engine, policy, None, real, cfg, torch.Generator().manual_seed(0), 0)
     img_act = policy.act(frames, "eat", 2, 1.0, gen)
     imagined = imagined_experience(img_act, torch.tensor([0.0, 0.5, 0.1, 0.2]),
