@@ -296,7 +296,10 @@ def normalize(exp: Experience) -> Experience:
     """Advantages standardised over the batch, each kind of data on its own: real rows to mean 0,
     std 1; imagined rows to mean 0, divided by the larger of their own std and the real rows'.
     A world model that predicts nearly the same return everywhere gives imagined advantages of
-    tiny spread; divided by that spread alone, its noise would reach the real rows' weight."""
+    tiny spread; divided by that spread alone, its noise would reach the real rows' weight.
+    A batch of imagined rows alone (``imagination.updates``) takes the real rows' std from
+    ``exp.real_advantage_std``, the real rows it was dreamt beside, so its rows are scaled as
+    they were in the update on real + imagined rows."""
     adv = exp.advantages.clone()
     real, imagined = ~exp.imagined, exp.imagined
     real_std = None
@@ -304,6 +307,8 @@ def normalize(exp: Experience) -> Experience:
         a = adv[real]
         real_std = a.std()
         adv[real] = (a - a.mean()) / (real_std + 1e-8)
+    elif exp.real_advantage_std is not None:
+        real_std = torch.tensor(float(exp.real_advantage_std))
     if int(imagined.sum()) > 1:
         a = adv[imagined]
         scale = a.std() if real_std is None else torch.maximum(a.std(), real_std)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -486,9 +487,12 @@ class Trainer:
         env step than one update of real + imagined rows allows). Each update is a version."""
         c, n = self.counters, self.config.imagination.updates
         rows, kl, off, checked = 0, 0.0, 0.0, 0.0
+        scale = float(real.advantages.std()) if len(real) > 1 else None
         for _ in range(n):
             self.imagination.sync_weights(self._weights()[0], c.version)
             exp, _, _ = self.imagined_experience(real)
+            if scale is not None:  # scaled as in the update beside the real rows (ppo.normalize)
+                exp = dataclasses.replace(exp, real_advantage_std=scale)
             if not bool((exp.versions == c.version).all()):  # on-policy or not at all
                 raise RuntimeError(f"imagined rows of weights {exp.versions.unique().tolist()} "
                                    f"for an update of weights {c.version}")  # fmt: skip
@@ -501,7 +505,8 @@ class Trainer:
             c.version += 1
         return {"imagination/extra_updates": float(n), "imagination/extra_rows": float(rows),
                 "imagination/extra_approx_kl": kl, "imagination/extra_sync_diff_max": off,
-                "imagination/extra_sync_rows_checked": checked}  # fmt: skip
+                "imagination/extra_sync_rows_checked": checked,
+                **({} if scale is None else {"imagination/extra_real_advantage_std": scale})}  # fmt: skip
 
     def run(self, tracker, progress=None) -> dict[str, float]:
         """Iterate to ``train.iterations``; returns the last iteration's metrics."""

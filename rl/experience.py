@@ -64,6 +64,10 @@ class Experience:
     # (N, L) float32 log-probs of the sampled tokens under the learner's weights at the start of
     # the update (decoupled PPO's proximal policy, ``ppo.decoupled``): set by the learner.
     prox_log_probs: Tensor | None = None
+    # the raw advantages' std of the real rows this batch of imagined rows was dreamt beside
+    # (``imagination.updates``: an update on imagined rows alone scales them as the update on
+    # real + imagined rows did, ``learner.ppo.normalize``); None: the batch's own real rows'
+    real_advantage_std: float | None = None
 
     def __len__(self) -> int:
         return len(self.advantages)
@@ -75,8 +79,8 @@ class Experience:
 
     def rows(self, index: Tensor) -> Experience:
         def pick(x):  # the trunk's states live on the learner's device, the rest on the CPU
-            if x is None:
-                return None
+            if x is None or isinstance(x, float):  # per batch, not per row
+                return x
             return x[index.to(x.device)] if isinstance(x, Tensor) else x[index]
 
         return Experience(**{f.name: pick(getattr(self, f.name)) for f in fields(Experience)})
@@ -89,7 +93,8 @@ class Experience:
             if f.name == "value_weights":  # None on a part means its ``weights``
                 if any(p.value_weights is not None for p in parts):
                     out[f.name] = torch.cat([p.value_weights_or_weights for p in parts])
-            elif f.name not in ("act", "trunk", "prox_log_probs"):  # per update, after the concat
+            elif f.name not in ("act", "trunk", "prox_log_probs", "real_advantage_std"):
+                # (those are set per update, after the concat)
                 out[f.name] = _cat_or_none(f.name, [getattr(p, f.name) for p in parts])
         return Experience(**out)
 

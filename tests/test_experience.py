@@ -759,3 +759,14 @@ def test_imagined_advantages_are_not_blown_up_by_a_tiny_spread():
     exp.advantages, exp.imagined = torch.cat([real_adv, wide]), exp.imagined
     adv = normalize(exp).advantages
     torch.testing.assert_close(adv[4:], (wide - wide.mean()) / wide.std(), rtol=1e-5, atol=1e-6)
+    # imagined rows alone (imagination.updates) take the real rows' spread they were dreamt beside
+    alone = exp.rows(torch.arange(4, 8))
+    alone.advantages = tiny.clone()
+    assert alone.real_advantage_std is None and normalize(alone).advantages.abs().max() > 0.5
+    alone.advantages, alone.real_advantage_std = tiny.clone(), float(real_adv.std())
+    again = alone.rows(torch.arange(4))  # a minibatch keeps it
+    assert again.real_advantage_std == alone.real_advantage_std
+    assert normalize(alone).advantages.abs().max() < 1e-3
+    alone.advantages = wide.clone()  # wider than the real rows': its own std, as beside them
+    torch.testing.assert_close(normalize(alone).advantages, (wide - wide.mean()) / wide.std(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip

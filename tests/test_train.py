@@ -140,6 +140,9 @@ def test_imagined_updates_follow_the_real_one_each_on_fresh_dreams_of_the_new_we
     assert metrics["imagination/extra_updates"] == 2 and metrics["imagination/extra_rows"] == 8
     assert metrics["imagination/extra_sync_rows_checked"] == 8  # every imagined row, both rounds
     assert metrics["imagination/extra_sync_diff_max"] < 1e-3
+    # the imagined-only updates scale their advantages by the real rows' spread (ppo.normalize)
+    assert metrics["imagination/extra_real_advantage_std"] == pytest.approx(
+        metrics["advantage/std"], rel=1e-4)
 
 
 def test_resume_continues_counters_and_the_mlflow_run(trained, capsys, monkeypatch):
