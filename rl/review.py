@@ -41,6 +41,7 @@ from torch import Tensor
 
 from rl.imagine import ImagineOutput
 from rl.policy import ActOutput, History, RigPolicy
+from rl.returns import lambda_returns
 
 
 @dataclass
@@ -93,18 +94,18 @@ def review_by_value(
     out, img = policy.act_imagine(_repeat(frames_t, n), tasks, max_reasoning_tokens, temperature,
                                   generator, history=copies,
                                   imagine_temperature=imagine_temperature)  # fmt: skip
-    q = img.reward.float()
-    weight = gamma * img.continue_prob.float()  # of what follows, discounted
-    last, frames_k = out, img.frames
+    dreams, last = [img], out
     for _ in range(depth - 1):  # the policy goes on in its own world model
-        last, dream = policy.act_imagine(frames_k, tasks, max_reasoning_tokens, temperature,
-                                         generator, history=History.after(last),
+        last, dream = policy.act_imagine(dreams[-1].frames, tasks, max_reasoning_tokens,
+                                         temperature, generator, history=History.after(last),
                                          imagine_temperature=imagine_temperature)  # fmt: skip
-        q = q + weight * dream.reward.float()
-        weight = weight * gamma * dream.continue_prob.float()
-        frames_k = dream.frames
-    values = policy.state_values(frames_k, tasks, History.after(last))  # V on the last dream
-    q = (q + weight * values.float()).view(B, n)
+        dreams.append(dream)
+    values = policy.state_values(dreams[-1].frames, tasks, History.after(last))  # V(s_d)
+    rewards = torch.stack([d.reward.float() for d in dreams])  # (d, B * n) time-major
+    continues = torch.stack([d.continue_prob.float() for d in dreams])
+    # lambda 1: r_0 + gamma c_0 (r_1 + ... + gamma c_{d-1} V(s_d)); the values are unused
+    q = lambda_returns(rewards, torch.zeros_like(rewards), continues, values.float(), gamma,
+                       1.0)[0].view(B, n)  # fmt: skip
     chosen = q.argmax(1)
     rows = torch.arange(B, device=chosen.device) * n + chosen
     picked = ImagineOutput(**{k: (v[rows] if isinstance(v, Tensor) else v)
