@@ -227,6 +227,12 @@ class ImaginationConfig(Section):
         description="earned: imagined rows enter the loss once the world model beats its "
         "baselines on fresh real data (rl/gate.py); open: always; closed: never (logged only)"
     )
+    gate_checks: list[Literal["codes", "psnr", "reward", "continue", "value"]] = Field(
+        default=["codes", "psnr", "reward", "continue", "value"], min_length=1,
+        description="the baselines the world model must beat for gate earned (rl/gate.py): "
+        "codes and psnr (copy the frame), reward and continue (constants), value (the critic on "
+        "the dream against 'the value does not change'); every check is logged either way",
+    )
     gate_rows: int = Field(
         ge=0, description="fresh real transitions the world model is checked on per iteration; 0: none"
     )
@@ -259,6 +265,8 @@ class ImaginationConfig(Section):
     def _gate_checks(self) -> ImaginationConfig:
         if self.gate == "earned" and self.horizon > 0 and self.gate_rows == 0:
             raise ValueError("gate earned needs gate_rows > 0 (the transitions it is checked on)")
+        if len(set(self.gate_checks)) != len(self.gate_checks):
+            raise ValueError(f"gate_checks names a check twice: {self.gate_checks}")
         return self
 
 

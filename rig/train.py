@@ -541,7 +541,8 @@ class Trainer:
                 metrics.update(check)
                 c.world_checks = [*c.world_checks, check][-cfg.imagination.gate_window :]
                 gate_open = gate_open or (gate == "earned"
-                                          and beats_baselines(pooled(c.world_checks)))  # fmt: skip
+                                          and beats_baselines(pooled(c.world_checks),
+                                                              cfg.imagination.gate_checks))  # fmt: skip
             # a shut gate (earned, not yet) imagines nothing: its rows would not be used
             if real is not None and self.imagination is not None and (gate_open or gate == "closed"):
                 imagined, m, images = self.imagined_experience(real)

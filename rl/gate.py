@@ -30,9 +30,9 @@ right (on Catch at 10k env steps: 0.7 of the codes right, the imagined rows' val
 
 The two constants are fitted on earlier iterations' real transitions only
 (:class:`RunningConstants`), so every comparison is on data neither side trained on. The gate
-is open on an iteration when the model beats all five baselines (:func:`beats_baselines`) on
-the mean of the last ``imagination.gate_window`` checks (:func:`pooled`); while it is shut no
-imagined row enters the loss (``imagination.gate``).
+is open on an iteration when the model beats the baselines of ``imagination.gate_checks`` (all
+five by default; :func:`beats_baselines`) on the mean of the last ``imagination.gate_window``
+checks (:func:`pooled`); while it is shut no imagined row enters the loss (``imagination.gate``).
 """
 
 from __future__ import annotations
@@ -50,14 +50,16 @@ from rl.imagine import decode_codes, frame_codes, psnr
 if TYPE_CHECKING:
     from rl.policy import ActOutput, RigPolicy
 
-# (model metric, baseline metric, True when higher is better)
-COMPARISONS = (
-    ("world/code_accuracy", "world/code_accuracy_copy", True),
-    ("world/psnr", "world/psnr_copy", True),
-    ("world/reward_mse", "world/reward_mse_constant", False),
-    ("world/continue_logloss", "world/continue_logloss_constant", False),
-    ("world/value_error", "world/value_error_copy", False),
-)
+# each check's name (``imagination.gate_checks``) -> (model metric, baseline metric, True when
+# higher is better)
+CHECKS = {
+    "codes": ("world/code_accuracy", "world/code_accuracy_copy", True),
+    "psnr": ("world/psnr", "world/psnr_copy", True),
+    "reward": ("world/reward_mse", "world/reward_mse_constant", False),
+    "continue": ("world/continue_logloss", "world/continue_logloss_constant", False),
+    "value": ("world/value_error", "world/value_error_copy", False),
+}
+COMPARISONS = tuple(CHECKS.values())
 _EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] in the log loss
 
 
@@ -165,10 +167,14 @@ def pooled(checks: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([c[k] for c in checks])) for k in sorted(keys)}
 
 
-def beats_baselines(metrics: dict[str, float]) -> bool:
-    """Whether the checked world model beats every baseline of :data:`COMPARISONS` (strictly; a
-    comparison whose baseline is missing counts as not beaten)."""
-    for model, baseline, higher in COMPARISONS:
+def beats_baselines(metrics: dict[str, float], checks: Sequence[str] = tuple(CHECKS)) -> bool:
+    """Whether the checked world model beats the baseline of each of ``checks`` (names of
+    :data:`CHECKS`; all five by default) strictly; a comparison whose baseline is missing counts
+    as not beaten. Metrics of the checks left out are still logged, just not required."""
+    unknown = sorted(set(checks) - set(CHECKS))
+    if unknown or not checks:
+        raise ValueError(f"gate checks must be a non-empty subset of {list(CHECKS)}, got {list(checks)}")
+    for model, baseline, higher in (CHECKS[name] for name in checks):
         if model not in metrics or baseline not in metrics:
             return False
         if not (metrics[model] > metrics[baseline] if higher else metrics[model] < metrics[baseline]):
@@ -177,5 +183,5 @@ def beats_baselines(metrics: dict[str, float]) -> bool:
 
 
 __all__ = [
-    "COMPARISONS", "RunningConstants", "beats_baselines", "logloss", "pooled", "world_model_check",
+    "CHECKS", "COMPARISONS", "RunningConstants", "beats_baselines", "logloss", "pooled", "world_model_check",
 ]  # fmt: skip

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rl.gate import (
+    CHECKS,
     COMPARISONS,
     RunningConstants,
     beats_baselines,
@@ -87,6 +88,36 @@ def test_the_verdict_needs_every_baseline_beaten():
     for model, baseline, _ in COMPARISONS:
         assert not beats_baselines({**better, model: better[baseline]})  # a tie is not a win
         assert not beats_baselines({k: v for k, v in better.items() if k != baseline})
+
+
+def test_the_verdict_asks_only_the_named_checks():
+    """imagination.gate_checks: a check left out is not required (its metrics may even be
+    missing); the ones named still are; an unknown or empty list is an error."""
+    better = {}
+    for model, baseline, higher in COMPARISONS:
+        better[model], better[baseline] = (2.0, 1.0) if higher else (1.0, 2.0)
+    worse_value = {**better, "world/value_error": 3.0}
+    assert not beats_baselines(worse_value)
+    assert beats_baselines(worse_value, ["codes", "psnr", "reward", "continue"])
+    no_value = {k: v for k, v in better.items() if not k.startswith("world/value")}
+    assert beats_baselines(no_value, ["codes", "psnr", "reward", "continue"])
+    assert not beats_baselines({**worse_value, "world/psnr": 0.5}, ["codes", "psnr"])
+    assert beats_baselines({**worse_value, "world/psnr": 0.5}, ["codes"])
+    for bad in ([], ["codes", "pixels"]):
+        with pytest.raises(ValueError, match="gate checks"):
+            beats_baselines(better, bad)
+
+
+def test_the_config_takes_gate_checks_and_rejects_bad_ones():
+    from rig.config import load_config
+    from rig.errors import ConfigError
+
+    assert load_config(None).imagination.gate_checks == list(CHECKS)
+    cfg = load_config(None, ["imagination.gate_checks=[codes, reward]"])
+    assert cfg.imagination.gate_checks == ["codes", "reward"]
+    for bad in ("[]", "[codes, codes]", "[codes, pixels]"):
+        with pytest.raises(ConfigError, match="gate_checks"):
+            load_config(None, [f"imagination.gate_checks={bad}"])
 
 
 def test_an_untrained_world_model_does_not_pass(tiny_policy, transitions, acted):
