@@ -30,8 +30,15 @@ Written to ``--out``: ``results.json`` (both arms' digests and the comparison), 
 ``on/``, ``off/``: each arm's own learning-benchmark folder (results.json, curves.png, the run
 folders and logs).
 
+The arms and seeds can also run apart (two at once on two cores, each a ``rig bench learning
+--only rig`` folder, merged per arm with ``--merge``); ``--on DIR --off DIR`` then compares the
+finished folders and runs nothing (:func:`ablation_from_folders`): the two must agree on env,
+budget, threshold and every setting outside ``imagination.*``, with the horizon > 0 in "on"
+and 0 in "off".
+
     rig bench imagination-ablation -c configs/catch.yaml --set imagination.horizon=3 \\
         --set imagination.gate=open --steps 15360 --seeds 0,1,2
+    rig bench imagination-ablation --on runs/on-seeds012 --off runs/off-seeds012 --out runs/ab
     python benchmarks/imagination_ablation.py --set imagination.horizon=3 --steps 15360 --seeds 0
 """
 
@@ -94,7 +101,7 @@ def digest(result: dict[str, Any], horizon: int) -> dict[str, Any]:
     c, rig = result["config"], result["methods"]["rig"]
     runs = []
     for run in rig["runs"]:
-        run_out = Path(c["out"]) / f"rig-seed{run['seed']}"
+        run_out = _run_folder(run, Path(c["out"]))
         keep = ("seed", "ok", "error", "wall_s", "log", "curve", "steps_to_threshold",
                 "final_return")  # fmt: skip
         runs.append({**{k: run[k] for k in keep}, "imagination": imagination_stats(run_out)})
@@ -105,6 +112,13 @@ def digest(result: dict[str, Any], horizon: int) -> dict[str, Any]:
         "median": {k: median[k] for k in ("returns", "steps_to_threshold", "final_return",
                                           "wall_s")},
     }  # fmt: skip
+
+
+def _run_folder(run: dict[str, Any], out: Path) -> Path:
+    """The ``rig train`` output folder of one learning-benchmark run: beside its log (a merged
+    folder keeps each run's log where it ran), else ``out/rig-seed<seed>``."""
+    beside_log = Path(run.get("log") or "").with_suffix("")
+    return beside_log if run.get("log") and beside_log.is_dir() else out / f"rig-seed{run['seed']}"
 
 
 def _median(values: Sequence[float | None]) -> float | None:
@@ -205,6 +219,74 @@ def bench_imagination_ablation(
     return result
 
 
+def ablation_from_folders(on: str | Path, off: str | Path, out: str | Path | None = None
+                          ) -> dict[str, Any]:  # fmt: skip
+    """The comparison of two finished ``rig bench learning`` folders with rig runs (each one
+    arm, its seeds run apart and merged or not), written like :func:`bench_imagination_ablation`
+    writes its own (results.json and ablation.png to ``out``); runs nothing. The folders must
+    agree on env, budget, threshold and window, and on every resolved ``rig train`` setting
+    outside ``imagination.*``; "on" must have imagined (horizon > 0), "off" not (horizon 0).
+    Bad input is a ``UserError`` before ``out`` is made."""
+    loaded = {}
+    for arm, folder in (("on", Path(on)), ("off", Path(off))):
+        path = folder / "results.json"
+        try:
+            result = json.loads(path.read_text())
+            config, rig = result["config"], result["methods"]["rig"]
+            rig["runs"]  # noqa: B018 (the shape check)
+        except FileNotFoundError:
+            raise UserError(f"--{arm} {folder}: no results.json (give a folder that `rig bench "
+                            "learning --only rig --out` wrote)") from None  # fmt: skip
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"--{arm} {path}: not a learning benchmark's results with rig "
+                            "runs") from None  # fmt: skip
+        variant = learning._folder_variant(folder, config)
+        if variant is None:
+            raise UserError(f"--{arm} {folder}: its rig runs' resolved config is gone (no "
+                            "rig_variant, no rig-seed*/*/config.yaml); the arms cannot be "
+                            "checked to differ in imagination alone")  # fmt: skip
+        loaded[arm] = (folder, result, variant)
+    (on_dir, on_result, on_variant), (off_dir, off_result, off_variant) = loaded["on"], loaded["off"]
+    for key in learning.MERGE_SAME:
+        if on_result["config"].get(key) != off_result["config"].get(key):
+            raise UserError(f"--on {on_dir} has {key} {on_result['config'].get(key)!r}, --off "
+                            f"{off_dir} {off_result['config'].get(key)!r}: compare arms of one "
+                            "benchmark setting")  # fmt: skip
+    horizon = {arm: loaded[arm][2].get("imagination.horizon") for arm in ARMS}
+    if not horizon["on"]:
+        raise UserError(f"--on {on_dir} ran imagination.horizon {horizon['on']!r}: nothing was "
+                        "imagined in the on arm")  # fmt: skip
+    if horizon["off"] != 0:
+        raise UserError(f"--off {off_dir} ran imagination.horizon {horizon['off']!r}: the off "
+                        "arm must imagine nothing (imagination.horizon=0)")  # fmt: skip
+    outside = learning._variant_difference(
+        *({k: v for k, v in variant.items() if not k.startswith("imagination.")}
+          for variant in (on_variant, off_variant)))  # fmt: skip
+    if outside:
+        raise UserError(f"--on {on_dir} and --off {off_dir} differ beyond imagination "
+                        f"({outside}): the ablation compares imagination alone")  # fmt: skip
+    out = learning._fresh_out(out or f"runs/bench-imagination-ablation-"
+                                     f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
+    arms = {arm: digest(loaded[arm][1], horizon[arm]) for arm in ARMS}
+    c = on_result["config"]
+    seeds = sorted({run["seed"] for arm in ARMS for run in arms[arm]["runs"]})
+    result = {
+        "config": {"env": c["env"], "size": c["size"], "env_kwargs": c["env_kwargs"],
+                   "steps": c["steps"], "seeds": seeds, "config": c["config"],
+                   "overrides": c["overrides"], "threshold": c["threshold"],
+                   "window": c["window"], "threads": c.get("threads"),
+                   "gate": on_variant.get("imagination.gate"), "out": str(out),
+                   "from": {"on": str(on_dir), "off": str(off_dir)},
+                   "off_overrides": off_result["config"]["overrides"]},
+        "marks": learning.marks(c["steps"], learning.TABLE_MARKS),
+        "arms": arms,
+        "comparison": compare(arms, c["steps"]),
+    }  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out / "ablation.png")
+    return result
+
+
 # -- output --------------------------------------------------------------------------------------
 
 
@@ -259,8 +341,14 @@ def header(result: dict[str, Any]) -> str:
     return (f"{c['env']} ({c['size']}px), {c['steps']} real env steps per run "
             f"({plan['iterations']} iterations x {plan['steps_per_iteration']}), seeds "
             f"{','.join(map(str, c['seeds']))}; on: {command} (horizon {arms['on']['horizon']}, "
-            f"gate {c['gate']}); off: the same + {OFF}; median over seeds of the mean episode "
+            f"gate {c['gate']}); off: {_off_command(c)}; median over seeds of the mean episode "
             f"return (episode-weighted moving mean over >= {c['window']} episodes)")  # fmt: skip
+
+
+def _off_command(c: dict[str, Any]) -> str:
+    if "off_overrides" not in c:
+        return f"the same + {OFF}"
+    return " ".join(["rig train -c", c["config"], *c["off_overrides"]])
 
 
 def table_rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
@@ -314,8 +402,9 @@ def ratio_lines(result: dict[str, Any]) -> list[str]:
     failed = [f"{arm} seed {r['seed']}: {r['error']} (log {r['log']})"
               for arm in ARMS for r in result["arms"][arm]["runs"] if not r["ok"]]  # fmt: skip
     lines += [f"failed: {line}" for line in failed]
+    where = c.get("from") or {arm: f"{c['out']}/{arm}" for arm in ARMS}
     lines.append(f"results: {c['out']}/results.json, plot: {c['out']}/ablation.png "
-                 f"(each arm's runs: {c['out']}/on, {c['out']}/off)")  # fmt: skip
+                 f"(each arm's runs: {where['on']}, {where['off']})")  # fmt: skip
     return lines
 
 
@@ -325,7 +414,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None,
                         help="default runs/bench-imagination-ablation-<time>")  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--on", type=Path, default=None,
+                        help="a finished learning-benchmark folder of the on arm (with --off: "
+                        "compare, run nothing)")  # fmt: skip
+    parser.add_argument("--off", type=Path, default=None, help="the off arm's folder")
     args = parser.parse_args(argv)
+    if (args.on is None) != (args.off is None):
+        parser.error("--on and --off go together")
+    if args.on is not None:
+        return run_and_print(sys.modules[__name__], lambda: ablation_from_folders(
+            args.on, args.off, args.out), args.json)  # fmt: skip
     return run_and_print(sys.modules[__name__], lambda: bench_imagination_ablation(
         args.env, args.steps, learning.parse_seeds(args.seeds), args.config, args.overrides,
         args.threshold, args.out, args.threads,

@@ -522,12 +522,29 @@ def imagination_ablation(
     threads: Annotated[
         int, typer.Option("--threads", min=1, help="torch threads of every process")
     ] = 1,
+    on: Annotated[
+        Path | None,
+        typer.Option("--on", help="a finished `rig bench learning --only rig` folder of the on "
+                     "arm; with --off, compare the two and run nothing"),
+    ] = None,
+    off: Annotated[
+        Path | None, typer.Option("--off", help="the off arm's finished folder (with --on)")
+    ] = None,
     json_path: JsonOpt = None,
 ) -> None:
     """rig train with imagined rollouts vs the same with imagination.horizon=0: real env steps
-    to a return, final returns, the gate; a plot."""
+    to a return, final returns, the gate; a plot. With --on/--off: the same comparison of two
+    finished learning-benchmark folders (arms and seeds run apart, e.g. two at once)."""
     _check_json_path(json_path)
     bench = _benchmark("imagination_ablation")  # each run is a subprocess with its own Ray
+    if on is not None or off is not None:
+        if on is None or off is None:
+            raise UserError("--on and --off go together (the two arms' finished folders)")
+        if overrides:
+            raise UserError("--set does not apply with --on/--off: they compare finished runs "
+                            "(give the overrides to the `rig bench learning` runs)")  # fmt: skip
+        _report(bench, bench.ablation_from_folders(on, off, out), json_path)
+        return
     result = bench.bench_imagination_ablation(
         env, steps, bench.learning.parse_seeds(seeds), config, overrides or [], threshold, out,
         threads,

@@ -1299,6 +1299,60 @@ def test_ablation_runs_both_arms_on_the_same_seeds_and_real_budget(rig_main, cap
     assert "steps sampled, off: seed 3 16 real / 0 imagined" in printed
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the same arms' finished folders compared apart (--on/--off): the same figures, nothing run
+    again = tmp_path / "again"
+    printed2, apart = _run(rig_main, capsys, tmp_path, ["imagination-ablation", "--on",
+                           str(out / "on"), "--off", str(out / "off"), "--out", str(again)])  # fmt: skip
+    assert apart["comparison"] == result["comparison"] and apart["marks"] == result["marks"]
+    for arm in ablation.ARMS:
+        assert apart["arms"][arm]["runs"] == arms[arm]["runs"]  # the gate read from each run
+    assert apart["config"]["from"] == {"on": str(out / "on"), "off": str(out / "off")}
+    assert apart["config"]["gate"] == "open" and apart["config"]["seeds"] == [3]
+    assert "seed 3 first open at iteration 1 (8 real env steps), open 2 iterations" in printed2
+    assert (again / "ablation.png").is_file() and sorted(p.name for p in again.iterdir()) == [
+        "ablation.png", "results.json"]  # fmt: skip
+
+
+def _arm_folder(root, name: str, horizon: int, steps: int = 16, **variant) -> str:
+    """A finished learning-benchmark folder as --on/--off read it, runs left out."""
+    folder = root / name
+    folder.mkdir()
+    config = {"env": "rig/Catch-v0", "size": 32, "env_kwargs": {}, "steps": steps,
+              "threshold": 0.8, "window": 100, "config": "c.yaml", "overrides": [],
+              "rig_variant": {"imagination.horizon": horizon,
+                              "imagination.num_starts": 8 if horizon else 64,
+                              "ppo.epochs": 4, **variant}}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps({"config": config,
+                                                     "methods": {"rig": {"runs": []}}}))  # fmt: skip
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda r: (_arm_folder(r, "a", 2), str(r / "nowhere")), "--off "),
+        (lambda r: (_arm_folder(r, "a", 0), _arm_folder(r, "b", 0)), "nothing was imagined"),
+        (lambda r: (_arm_folder(r, "a", 2), _arm_folder(r, "b", 2)), "must imagine nothing"),
+        (lambda r: (_arm_folder(r, "a", 2), _arm_folder(r, "b", 0, steps=32)), "has steps 16"),
+        (lambda r: (_arm_folder(r, "a", 2), _arm_folder(r, "b", 0, **{"ppo.epochs": 10})),
+         "differ beyond imagination (ppo.epochs 4 / 10)"),
+    ],
+)  # fmt: skip
+def test_ablation_of_finished_folders_checks_they_differ_in_imagination_alone(
+    rig_main, capsys, tmp_path, make, expected
+):
+    on, off = make(tmp_path)
+    out = tmp_path / "out"
+    # the arms differ in imagination.num_starts too (_arm_folder), which is not an error: the
+    # last case names ppo.epochs, not that key, which sorts first
+    assert rig_main(["bench", "imagination-ablation", "--on", on, "--off", off,
+                     "--out", str(out)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert rig_main(["bench", "imagination-ablation", "--on", on, "--out", str(out)]) == 2
+    assert "--on and --off go together" in capsys.readouterr().err and not out.exists()
+
 
 @pytest.mark.parametrize(
     ("args", "expected"),
