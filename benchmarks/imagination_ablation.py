@@ -33,8 +33,8 @@ folders and logs).
 The arms and seeds can also run apart (two at once on two cores, each a ``rig bench learning
 --only rig`` folder, merged per arm with ``--merge``); ``--on DIR --off DIR`` then compares the
 finished folders and runs nothing (:func:`ablation_from_folders`): the two must agree on env,
-budget, threshold and every setting outside ``imagination.*``, with the horizon > 0 in "on"
-and 0 in "off".
+budget, threshold, seeds and every setting outside ``imagination.*``, with the horizon > 0 in
+"on" and 0 in "off".
 
     rig bench imagination-ablation -c configs/catch.yaml --set imagination.horizon=3 \\
         --set imagination.gate=open --steps 15360 --seeds 0,1,2
@@ -265,11 +265,17 @@ def ablation_from_folders(on: str | Path, off: str | Path, out: str | Path | Non
     if outside:
         raise UserError(f"--on {on_dir} and --off {off_dir} differ beyond imagination "
                         f"({outside}): the ablation compares imagination alone")  # fmt: skip
+    seeds = {arm: sorted(run["seed"] for run in loaded[arm][1]["methods"]["rig"]["runs"])
+             for arm in ARMS}  # fmt: skip
+    if seeds["on"] != seeds["off"]:
+        raise UserError(f"--on {on_dir} ran seeds {seeds['on']}, --off {off_dir} "
+                        f"{seeds['off']}: compare arms run on the same seeds (merge or run "
+                        "the missing ones)")  # fmt: skip
     out = learning._fresh_out(out or f"runs/bench-imagination-ablation-"
                                      f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
     arms = {arm: digest(loaded[arm][1], horizon[arm]) for arm in ARMS}
     c = on_result["config"]
-    seeds = sorted({run["seed"] for arm in ARMS for run in arms[arm]["runs"]})
+    seeds = seeds["on"]
     result = {
         "config": {"env": c["env"], "size": c["size"], "env_kwargs": c["env_kwargs"],
                    "steps": c["steps"], "seeds": seeds, "config": c["config"],

@@ -1313,8 +1313,8 @@ def test_ablation_runs_both_arms_on_the_same_seeds_and_real_budget(rig_main, cap
         "ablation.png", "results.json"]  # fmt: skip
 
 
-def _arm_folder(root, name: str, horizon: int, steps: int = 16, **variant) -> str:
-    """A finished learning-benchmark folder as --on/--off read it, runs left out."""
+def _arm_folder(root, name: str, horizon: int, steps: int = 16, seeds=(0,), **variant) -> str:
+    """A finished learning-benchmark folder as --on/--off read it, each run only its seed."""
     folder = root / name
     folder.mkdir()
     config = {"env": "rig/Catch-v0", "size": 32, "env_kwargs": {}, "steps": steps,
@@ -1322,8 +1322,9 @@ def _arm_folder(root, name: str, horizon: int, steps: int = 16, **variant) -> st
               "rig_variant": {"imagination.horizon": horizon,
                               "imagination.num_starts": 8 if horizon else 64,
                               "ppo.epochs": 4, **variant}}  # fmt: skip
+    runs = [{"seed": seed} for seed in seeds]
     (folder / "results.json").write_text(json.dumps({"config": config,
-                                                     "methods": {"rig": {"runs": []}}}))  # fmt: skip
+                                                     "methods": {"rig": {"runs": runs}}}))  # fmt: skip
     return str(folder)
 
 
@@ -1336,6 +1337,8 @@ def _arm_folder(root, name: str, horizon: int, steps: int = 16, **variant) -> st
         (lambda r: (_arm_folder(r, "a", 2), _arm_folder(r, "b", 0, steps=32)), "has steps 16"),
         (lambda r: (_arm_folder(r, "a", 2), _arm_folder(r, "b", 0, **{"ppo.epochs": 10})),
          "differ beyond imagination (ppo.epochs 4 / 10)"),
+        (lambda r: (_arm_folder(r, "a", 2, seeds=(0, 1)), _arm_folder(r, "b", 0)),
+         "ran seeds [0, 1], --off"),
     ],
 )  # fmt: skip
 def test_ablation_of_finished_folders_checks_they_differ_in_imagination_alone(
