@@ -232,8 +232,8 @@ def ablation_from_folders(on: str | Path, off: str | Path, out: str | Path | Non
         path = folder / "results.json"
         try:
             result = json.loads(path.read_text())
-            config, rig = result["config"], result["methods"]["rig"]
-            rig["runs"]  # noqa: B018 (the shape check)
+            config, runs = result["config"], result["methods"]["rig"]["runs"]
+            [run["seed"] for run in runs]  # the shape the comparison reads
         except FileNotFoundError:
             raise UserError(f"--{arm} {folder}: no results.json (give a folder that `rig bench "
                             "learning --only rig --out` wrote)") from None  # fmt: skip
@@ -265,20 +265,18 @@ def ablation_from_folders(on: str | Path, off: str | Path, out: str | Path | Non
     if outside:
         raise UserError(f"--on {on_dir} and --off {off_dir} differ beyond imagination "
                         f"({outside}): the ablation compares imagination alone")  # fmt: skip
-    seeds = {arm: sorted(run["seed"] for run in loaded[arm][1]["methods"]["rig"]["runs"])
-             for arm in ARMS}  # fmt: skip
-    if seeds["on"] != seeds["off"]:
-        raise UserError(f"--on {on_dir} ran seeds {seeds['on']}, --off {off_dir} "
-                        f"{seeds['off']}: compare arms run on the same seeds (merge or run "
-                        "the missing ones)")  # fmt: skip
+    ran = {arm: sorted(run["seed"] for run in loaded[arm][1]["methods"]["rig"]["runs"])
+           for arm in ARMS}  # fmt: skip
+    if ran["on"] != ran["off"]:
+        raise UserError(f"--on {on_dir} ran seeds {ran['on']}, --off {off_dir} {ran['off']}: "
+                        "compare arms run on the same seeds (merge or run the missing ones)")
     out = learning._fresh_out(out or f"runs/bench-imagination-ablation-"
                                      f"{time.strftime('%Y%m%d-%H%M%S')}")  # fmt: skip
     arms = {arm: digest(loaded[arm][1], horizon[arm]) for arm in ARMS}
     c = on_result["config"]
-    seeds = seeds["on"]
     result = {
         "config": {"env": c["env"], "size": c["size"], "env_kwargs": c["env_kwargs"],
-                   "steps": c["steps"], "seeds": seeds, "config": c["config"],
+                   "steps": c["steps"], "seeds": ran["on"], "config": c["config"],
                    "overrides": c["overrides"], "threshold": c["threshold"],
                    "window": c["window"], "threads": c.get("threads"),
                    "gate": on_variant.get("imagination.gate"), "out": str(out),
