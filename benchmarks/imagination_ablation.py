@@ -229,17 +229,13 @@ def ablation_from_folders(on: str | Path, off: str | Path, out: str | Path | Non
     Bad input is a ``UserError`` before ``out`` is made."""
     loaded = {}
     for arm, folder in (("on", Path(on)), ("off", Path(off))):
-        path = folder / "results.json"
+        result = learning.read_results(folder, f"--{arm}")
+        config = result["config"]
         try:
-            result = json.loads(path.read_text())
-            config, runs = result["config"], result["methods"]["rig"]["runs"]
-            [run["seed"] for run in runs]  # the shape the comparison reads
-        except FileNotFoundError:
-            raise UserError(f"--{arm} {folder}: no results.json (give a folder that `rig bench "
-                            "learning --only rig --out` wrote)") from None  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"--{arm} {path}: not a learning benchmark's results with rig "
-                            "runs") from None  # fmt: skip
+            [run["seed"] for run in result["methods"]["rig"]["runs"]]  # what the comparison reads
+        except (KeyError, TypeError):
+            raise UserError(f"--{arm} {folder}: its results hold no rig runs (give a `rig "
+                            "bench learning --only rig` folder)") from None  # fmt: skip
         variant = learning._folder_variant(folder, config)
         if variant is None:
             raise UserError(f"--{arm} {folder}: its rig runs' resolved config is gone (no "

@@ -902,6 +902,21 @@ def _variant_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
     return None
 
 
+def read_results(folder: Path, flag: str) -> dict[str, Any]:
+    """A finished benchmark folder's ``results.json`` (with its ``config`` and ``methods``);
+    a ``UserError`` naming ``flag`` and the folder if it has none or it is not one."""
+    path = folder / "results.json"
+    try:
+        result = json.loads(path.read_text())
+        result["config"], result["methods"]  # noqa: B018 (the keys every reader needs)
+    except FileNotFoundError:
+        raise UserError(f"{flag} {folder}: no results.json (give a folder that "
+                        "`rig bench learning --out` wrote)") from None  # fmt: skip
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{flag} {path}: not a learning benchmark's results") from None
+    return result
+
+
 def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes: int = 0,
                   eval_seed: int = EVAL_SEED) -> dict[str, Any]:  # fmt: skip
     """One result from the ``results.json`` of several finished benchmark folders (seeds or
@@ -919,16 +934,8 @@ def merge_results(folders: Sequence[str | Path], out: str | Path, eval_episodes:
     _check_eval(eval_episodes, eval_seed)
     loaded = []
     for folder in map(Path, folders):
-        path = folder / "results.json"
-        try:
-            result = json.loads(path.read_text())
-            config, methods = result["config"], result["methods"]
-        except FileNotFoundError:
-            raise UserError(f"--merge {folder}: no results.json (give folders that "
-                            "`rig bench learning --out` wrote)") from None  # fmt: skip
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"--merge {path}: not a learning benchmark's results") from None
-        loaded.append((folder, config, methods))
+        result = read_results(folder, "--merge")
+        loaded.append((folder, result["config"], result["methods"]))
     first_folder, first, _ = loaded[0]
     for folder, config, _ in loaded[1:]:
         for key in MERGE_SAME:
